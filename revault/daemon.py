@@ -1,0 +1,216 @@
+"""What every revault daemon shares: config, keys, data dir, logs, listen, sd_notify, signals.
+
+A daemon module provides two things to `run_daemon`: a function that reads its own
+config keys from the TOML table (next to the common ones read here), and a coroutine
+that builds its `Service` (dispatcher, peers and roles, storage). Everything else
+(parsing `--config`, refusing bad configs before anything starts, the data directory,
+the Noise server, READY=1, a clean stop on SIGTERM/SIGINT) lives here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol, TypeVar
+
+from revault.config import ConfigError, ConfigTable, load_config_file
+from revault.keys import KeyFileError, noise_public_key, read_key_file
+from revault.rpc import Caller, Dispatcher, serve_connection
+from revault.storage import StorageError
+from revault.transport import NoiseConnection, ServerLimits, start_server
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EXIT_CONFIG = 2   # the config or a key file is unusable: fix it, restarting will not help
+EXIT_FAILURE = 1  # failed at run time (port taken, database refused)
+
+log = logging.getLogger("revault.daemon")
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """The keys every daemon's config has."""
+
+    listen_host: str
+    listen_port: int
+    data_dir: Path
+    noise_key_file: Path
+    idle_timeout: float
+    max_connections: int
+    log_level: str
+
+    @classmethod
+    def read(cls, table: ConfigTable, base: Path) -> CommonConfig:
+        host, port = table.listen("listen")
+        log_level = table.string("log_level", "info")
+        if log_level not in LOG_LEVELS:
+            raise table.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        return cls(
+            listen_host=host,
+            listen_port=port,
+            data_dir=table.path("data_dir", base),
+            noise_key_file=table.path("noise_key_file", base),
+            idle_timeout=table.number("idle_timeout", minimum=1, maximum=86400, default=300),
+            max_connections=table.integer("max_connections", minimum=1, maximum=100_000,
+                                          default=1024),
+            log_level=log_level,
+        )
+
+
+class Service(Protocol):
+    """What a daemon serves. Built once the config is valid; closed on stop."""
+
+    dispatcher: Dispatcher
+    known_peers: list[bytes]
+    requests_per_second: float | None
+
+    def roles_of(self, peer_public: bytes) -> frozenset[str]: ...
+
+    async def close(self) -> None: ...
+
+
+class HasCommon(Protocol):
+    common: CommonConfig
+
+
+AppConfig = TypeVar("AppConfig", bound=HasCommon)
+
+
+def key_prefix(public_key: bytes) -> str:
+    """How a peer is named in logs: enough to tell peers apart, short to read."""
+    return public_key[:4].hex()
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", state, e)
+
+
+def ensure_data_dir(path: Path) -> None:
+    """Create the data directory 0700 if missing; refuse one others can reach."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot create {path}: {e.strerror}") from None
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"data_dir: {path} is not a directory")
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"data_dir: {path} is open to group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 700 on it")
+
+
+def load_app_config(
+    name: str, config_path: Path, read_config: Callable[[ConfigTable, Path], AppConfig],
+) -> AppConfig:
+    table = load_config_file(config_path)
+    base = Path(config_path).resolve().parent
+    problems: list[str] = []
+    try:
+        config = read_config(table, base)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    # Unknown keys are reported even when a known one is bad: one round trip to fix all.
+    problems.extend(f"{key}: unknown key" for key in table.unknown_keys())
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def run_daemon(
+    name: str,
+    argv: list[str] | None,
+    read_config: Callable[[ConfigTable, Path], AppConfig],
+    make_service: Callable[[AppConfig, bytes], Awaitable[Service]],
+) -> int:
+    """Entry point body of `revault-<name>`; returns the process exit status."""
+    prog = f"revault-{name}"
+    parser = argparse.ArgumentParser(prog=prog, description=f"Revault {name} daemon.")
+    parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_app_config(name, args.config, read_config)
+        ensure_data_dir(config.common.data_dir)
+        noise_private = read_key_file(config.common.noise_key_file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"{prog}: config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyFileError as e:
+        print(f"{prog}: noise_key_file: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    setup_logging(config.common.log_level)
+    try:
+        return asyncio.run(_serve(name, config, noise_private, make_service))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+async def _serve(name: str, config: HasCommon, noise_private: bytes,
+                 make_service: Callable[[AppConfig, bytes], Awaitable[Service]]) -> int:
+    common = config.common
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    try:
+        service = await make_service(config, noise_private)
+    except (StorageError, KeyFileError, ConfigError, OSError) as e:
+        log.error("cannot start %s: %s", name, e)
+        return EXIT_FAILURE
+
+    async def handle(conn: NoiseConnection) -> None:
+        caller = Caller(public_key=conn.peer_public, roles=service.roles_of(conn.peer_public))
+        await serve_connection(conn, service.dispatcher, caller,
+                               requests_per_second=service.requests_per_second)
+
+    limits = ServerLimits(idle_timeout=common.idle_timeout,
+                          max_connections=common.max_connections)
+    try:
+        server = await start_server(common.listen_host, common.listen_port, noise_private,
+                                    service.known_peers, handle, limits)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", common.listen_host, common.listen_port, e)
+        await service.close()
+        return EXIT_FAILURE
+
+    log.info("%s listening on %s:%d, noise public key %s", name, common.listen_host,
+             server.port, noise_public_key(noise_private).hex())
+    # STATUS carries the bound port: with `listen = "HOST:0"` it is the only way to learn it.
+    sd_notify(f"READY=1\nSTATUS=listening on {common.listen_host}:{server.port}")
+    await stop.wait()
+    log.info("%s stopping", name)
+    sd_notify("STOPPING=1")
+    await server.close()
+    await service.close()
+    log.info("%s stopped", name)
+    return 0
