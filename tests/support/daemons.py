@@ -20,6 +20,7 @@ from pathlib import Path
 from revault.keys import create_key_file, generate_noise_key, noise_public_key
 
 READY_TIMEOUT = 30.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_TIMEOUT = 15.0
 
 
@@ -70,6 +71,7 @@ class DaemonProcess:
     name: str
     config_path: Path
     workdir: Path
+    module: str = ""  # default: revault.<name>
     proc: subprocess.Popen | None = None
     port: int = 0
     stderr_path: Path = field(init=False)
@@ -85,10 +87,13 @@ class DaemonProcess:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(notify_path))
         sock.setblocking(False)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                            os.environ.get("PYTHONPATH")])))
+        module = self.module or f"revault.{self.name.replace('-', '_')}"
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"revault.{self.name.replace('-', '_')}",
+            [sys.executable, "-m", module,
              "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         stderr.close()
