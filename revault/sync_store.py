@@ -1,0 +1,434 @@
+"""What the sync server keeps: signatures by tx uid, spend requests, watchtower opinions.
+
+Handlers see only the `SyncStore` protocol, so another backend can be added without
+touching them. `SqliteSyncStore` is the one shipped: a single database file in the
+daemon's data_dir, WAL with synchronous=FULL, one transaction per logical write, and a
+method that returns only once that transaction is committed durably; the caller may
+acknowledge as soon as it returns.
+
+Everything here is transient: rows expire (`Retention`) and are filtered out on read
+before the periodic purge deletes them. Every table is bounded (`Quotas`) so that no
+peer, however many requests it sends, can grow the database without limit; a write over
+a bound raises `QuotaExceeded` and stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import aiosqlite
+
+from revault.storage import Transaction, open_database
+
+DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each kind of row is kept after it was last written, in seconds."""
+
+    # A vault's revocation signatures are gathered within hours of the deposit; a month
+    # covers stakeholders who are away for a while, and every wallet keeps its own copy.
+    signatures: int = 30 * DAY
+    # A spend request is about an unvault that happens within days; a week is generous.
+    spend_requests: int = 7 * DAY
+    spend_opinions: int = 7 * DAY
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Upper bounds on stored rows; the names are the config keys under [quotas]."""
+
+    signatures_per_id: int = 100            # pubkeys with a signature for one tx uid
+    ids_per_peer: int = 20_000              # tx uids one stakeholder has signatures under
+    total_signatures: int = 1_000_000
+    spend_requests_per_vault: int = 16      # distinct spend transactions for one vault
+    spend_requests_per_manager: int = 1_000
+    total_spend_requests: int = 10_000
+    opinions_per_vault: int = 256           # (spend txid, opinion key) pairs for one vault
+    opinions_per_watchtower: int = 10_000
+    total_opinions: int = 100_000
+
+
+class QuotaExceeded(Exception):
+    """A write refused because it would take a table over one of its `Quotas`."""
+
+    def __init__(self, quota: str, limit: int):
+        self.quota = quota
+        self.limit = limit
+        super().__init__(f"quota {quota} reached ({limit})")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSpendRequest:
+    vault_id: str
+    txid: str
+    transaction: str
+    timestamp: int
+    stored_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOpinion:
+    vault_id: str
+    txid: str
+    pubkey: str
+    accepted: bool
+    reason: str
+    sig: str
+    stored_at: int
+
+
+class SyncStore(Protocol):
+    """The sync server's storage. Every write method returns once the write is durable."""
+
+    async def put_signature(self, tx_id: str, pubkey: str, signature: str,
+                            submitter: bytes) -> None:
+        """Store or replace the signature of `pubkey` for `tx_id`."""
+
+    async def get_signatures(self, tx_id: str) -> dict[str, str]:
+        """Live signatures for `tx_id`, pubkey -> signature."""
+
+    async def erase_signatures(self, tx_id: str) -> int:
+        """Erase every signature stored for `tx_id`; returns how many were live."""
+
+    async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
+                                timestamp: int, submitter: bytes) -> None:
+        """Store a spend request; one for the same (vault_id, txid) is replaced."""
+
+    async def get_spend_requests(self, limit: int) -> list[StoredSpendRequest]:
+        """Live spend requests, most recently written first, at most `limit`."""
+
+    async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
+                          reason: str, sig: str, submitter: bytes) -> None:
+        """Store an opinion; one for the same (vault_id, txid, pubkey) is replaced."""
+
+    async def get_opinions(self, vault_id: str, limit: int) -> list[StoredOpinion]:
+        """Live opinions about `vault_id`, most recently written first, at most `limit`."""
+
+    async def purge_expired(self) -> int:
+        """Delete expired rows; returns how many."""
+
+    async def close(self) -> None: ...
+
+
+MIGRATIONS = [
+    # Rowid tables (not WITHOUT ROWID) so that the purge can delete in bounded batches.
+    """
+    CREATE TABLE signatures (
+        tx_id TEXT NOT NULL,
+        pubkey TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        submitter BLOB NOT NULL,
+        stored_at INTEGER NOT NULL,
+        UNIQUE (tx_id, pubkey)
+    );
+    CREATE INDEX signatures_by_submitter ON signatures (submitter, tx_id);
+    CREATE INDEX signatures_by_age ON signatures (stored_at);
+
+    CREATE TABLE spend_requests (
+        vault_id TEXT NOT NULL,
+        txid TEXT NOT NULL,
+        tx TEXT NOT NULL,
+        request_timestamp INTEGER NOT NULL,
+        submitter BLOB NOT NULL,
+        stored_at INTEGER NOT NULL,
+        UNIQUE (vault_id, txid)
+    );
+    CREATE INDEX spend_requests_by_submitter ON spend_requests (submitter);
+    CREATE INDEX spend_requests_by_age ON spend_requests (stored_at);
+
+    CREATE TABLE opinions (
+        vault_id TEXT NOT NULL,
+        txid TEXT NOT NULL,
+        pubkey TEXT NOT NULL,
+        accepted INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        sig TEXT NOT NULL,
+        submitter BLOB NOT NULL,
+        stored_at INTEGER NOT NULL,
+        UNIQUE (vault_id, txid, pubkey)
+    );
+    CREATE INDEX opinions_by_submitter ON opinions (submitter);
+    CREATE INDEX opinions_by_age ON opinions (stored_at);
+    """,
+]
+
+DATABASE_NAME = "sync-server.sqlite3"
+PURGE_BATCH = 5_000  # rows per purge transaction: keeps the write lock short
+
+_TABLES = ("signatures", "spend_requests", "opinions")
+
+
+class SqliteSyncStore:
+    """`SyncStore` on SQLite: one connection for writes, one for reads.
+
+    Writes are serialized by an asyncio lock held only around the database work (never
+    across network I/O), and run shielded from cancellation: a peer that hangs up while
+    its write is committing cannot leave a transaction half-open for the next writer.
+    Reads use their own connection, so in WAL mode they never wait for a commit's fsync.
+    """
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
+                 retention: Retention, quotas: Quotas, clock: Callable[[], float]):
+        self._writer = writer
+        self._reader = reader
+        self._retention = retention
+        self._quotas = quotas
+        self._clock = clock
+        self._write_lock = asyncio.Lock()
+        # Row counts per table, kept in memory so that the total quotas cost no COUNT(*)
+        # over a million rows per write. Only this object writes the file (one daemon
+        # per data_dir), and counts change only after a successful COMMIT.
+        self._totals: dict[str, int] = {}
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, retention: Retention = Retention(),
+                   quotas: Quotas = Quotas(),
+                   clock: Callable[[], float] = time.time) -> SqliteSyncStore:
+        writer = await open_database(path, MIGRATIONS)
+        try:
+            reader = await open_database(path, MIGRATIONS)
+        except BaseException:
+            await writer.close()
+            raise
+        store = cls(writer, reader, retention, quotas, clock)
+        try:
+            for table in _TABLES:
+                rows = await writer.execute_fetchall(f"SELECT COUNT(*) FROM {table}")
+                store._totals[table] = rows[0][0]
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _cutoff(self, table: str) -> int:
+        """Rows of `table` with stored_at at or below this are expired."""
+        ttl = {"signatures": self._retention.signatures,
+               "spend_requests": self._retention.spend_requests,
+               "opinions": self._retention.spend_opinions}[table]
+        return self._now() - ttl
+
+    async def _write(self, work) -> object:
+        """Run `work(db, deltas)` in one durable transaction, serialized with other writes.
+
+        `deltas` collects row-count changes, applied to the totals only after COMMIT.
+        """
+        async def run():
+            async with self._write_lock:
+                if self._closed:
+                    raise RuntimeError("store is closed")
+                deltas = dict.fromkeys(_TABLES, 0)
+                async with Transaction(self._writer) as db:
+                    result = await work(db, deltas)
+                for table, delta in deltas.items():
+                    self._totals[table] += delta
+                return result
+        return await asyncio.shield(run())
+
+    async def _one(self, db: aiosqlite.Connection, sql: str, args: tuple):
+        rows = await db.execute_fetchall(sql, args)
+        return rows[0] if rows else None
+
+    async def _check_total(self, db: aiosqlite.Connection, table: str, quota: str,
+                           limit: int, deltas: dict[str, int]) -> None:
+        if self._totals[table] + deltas[table] < limit:
+            return
+        # Expired rows may still be waiting for the periodic purge; they must not
+        # refuse a live write.
+        cursor = await db.execute(f"DELETE FROM {table} WHERE stored_at <= ?",
+                                  (self._cutoff(table),))
+        deltas[table] -= cursor.rowcount
+        await cursor.close()
+        if self._totals[table] + deltas[table] >= limit:
+            raise QuotaExceeded(quota, limit)
+
+    # --- signatures -----------------------------------------------------------
+
+    async def put_signature(self, tx_id: str, pubkey: str, signature: str,
+                            submitter: bytes) -> None:
+        q = self._quotas
+
+        async def work(db, deltas):
+            cutoff = self._cutoff("signatures")
+            existing = await self._one(
+                db, "SELECT submitter FROM signatures WHERE tx_id = ? AND pubkey = ?",
+                (tx_id, pubkey))
+            if existing is None:
+                await self._check_total(db, "signatures", "total_signatures",
+                                        q.total_signatures, deltas)
+                (count,) = await self._one(
+                    db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
+                    (tx_id, cutoff))
+                if count >= q.signatures_per_id:
+                    raise QuotaExceeded("signatures_per_id", q.signatures_per_id)
+            if existing is None or existing[0] != submitter:
+                known = await self._one(
+                    db, "SELECT 1 FROM signatures WHERE submitter = ? AND tx_id = ? "
+                        "AND stored_at > ? LIMIT 1", (submitter, tx_id, cutoff))
+                if known is None:
+                    (ids,) = await self._one(
+                        db, "SELECT COUNT(DISTINCT tx_id) FROM signatures "
+                            "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
+                    if ids >= q.ids_per_peer:
+                        raise QuotaExceeded("ids_per_peer", q.ids_per_peer)
+            await db.execute(
+                "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
+                "signature = excluded.signature, submitter = excluded.submitter, "
+                "stored_at = excluded.stored_at",
+                (tx_id, pubkey, signature, submitter, self._now()))
+            if existing is None:
+                deltas["signatures"] += 1
+
+        await self._write(work)
+
+    async def get_signatures(self, tx_id: str) -> dict[str, str]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT pubkey, signature FROM signatures WHERE tx_id = ? AND stored_at > ? "
+            "ORDER BY pubkey", (tx_id, self._cutoff("signatures")))
+        return {row[0]: row[1] for row in rows}
+
+    async def erase_signatures(self, tx_id: str) -> int:
+        async def work(db, deltas):
+            (live,) = await self._one(
+                db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
+                (tx_id, self._cutoff("signatures")))
+            cursor = await db.execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
+            deltas["signatures"] -= cursor.rowcount
+            await cursor.close()
+            return live
+
+        return await self._write(work)
+
+    # --- spend requests ---------------------------------------------------------
+
+    async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
+                                timestamp: int, submitter: bytes) -> None:
+        q = self._quotas
+
+        async def work(db, deltas):
+            cutoff = self._cutoff("spend_requests")
+            existing = await self._one(
+                db, "SELECT submitter FROM spend_requests WHERE vault_id = ? AND txid = ?",
+                (vault_id, txid))
+            if existing is None:
+                await self._check_total(db, "spend_requests", "total_spend_requests",
+                                        q.total_spend_requests, deltas)
+                (count,) = await self._one(
+                    db, "SELECT COUNT(*) FROM spend_requests "
+                        "WHERE vault_id = ? AND stored_at > ?", (vault_id, cutoff))
+                if count >= q.spend_requests_per_vault:
+                    raise QuotaExceeded("spend_requests_per_vault", q.spend_requests_per_vault)
+            if existing is None or existing[0] != submitter:
+                (mine,) = await self._one(
+                    db, "SELECT COUNT(*) FROM spend_requests "
+                        "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
+                if mine >= q.spend_requests_per_manager:
+                    raise QuotaExceeded("spend_requests_per_manager",
+                                        q.spend_requests_per_manager)
+            await db.execute(
+                "INSERT INTO spend_requests "
+                "(vault_id, txid, tx, request_timestamp, submitter, stored_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid) DO UPDATE SET "
+                "tx = excluded.tx, request_timestamp = excluded.request_timestamp, "
+                "submitter = excluded.submitter, stored_at = excluded.stored_at",
+                (vault_id, txid, transaction, timestamp, submitter, self._now()))
+            if existing is None:
+                deltas["spend_requests"] += 1
+
+        await self._write(work)
+
+    async def get_spend_requests(self, limit: int) -> list[StoredSpendRequest]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT vault_id, txid, tx, request_timestamp, stored_at FROM spend_requests "
+            "WHERE stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
+            (self._cutoff("spend_requests"), limit))
+        return [StoredSpendRequest(*row) for row in rows]
+
+    # --- opinions -----------------------------------------------------------------
+
+    async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
+                          reason: str, sig: str, submitter: bytes) -> None:
+        q = self._quotas
+
+        async def work(db, deltas):
+            cutoff = self._cutoff("opinions")
+            existing = await self._one(
+                db, "SELECT submitter FROM opinions "
+                    "WHERE vault_id = ? AND txid = ? AND pubkey = ?", (vault_id, txid, pubkey))
+            if existing is None:
+                await self._check_total(db, "opinions", "total_opinions",
+                                        q.total_opinions, deltas)
+                (count,) = await self._one(
+                    db, "SELECT COUNT(*) FROM opinions WHERE vault_id = ? AND stored_at > ?",
+                    (vault_id, cutoff))
+                if count >= q.opinions_per_vault:
+                    raise QuotaExceeded("opinions_per_vault", q.opinions_per_vault)
+            if existing is None or existing[0] != submitter:
+                (mine,) = await self._one(
+                    db, "SELECT COUNT(*) FROM opinions WHERE submitter = ? AND stored_at > ?",
+                    (submitter, cutoff))
+                if mine >= q.opinions_per_watchtower:
+                    raise QuotaExceeded("opinions_per_watchtower", q.opinions_per_watchtower)
+            await db.execute(
+                "INSERT INTO opinions "
+                "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid, pubkey) "
+                "DO UPDATE SET accepted = excluded.accepted, reason = excluded.reason, "
+                "sig = excluded.sig, submitter = excluded.submitter, "
+                "stored_at = excluded.stored_at",
+                (vault_id, txid, pubkey, int(accepted), reason, sig, submitter, self._now()))
+            if existing is None:
+                deltas["opinions"] += 1
+
+        await self._write(work)
+
+    async def get_opinions(self, vault_id: str, limit: int) -> list[StoredOpinion]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT vault_id, txid, pubkey, accepted, reason, sig, stored_at FROM opinions "
+            "WHERE vault_id = ? AND stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
+            (vault_id, self._cutoff("opinions"), limit))
+        return [StoredOpinion(vault_id=r[0], txid=r[1], pubkey=r[2], accepted=bool(r[3]),
+                              reason=r[4], sig=r[5], stored_at=r[6]) for r in rows]
+
+    # --- housekeeping ---------------------------------------------------------------
+
+    async def purge_expired(self) -> int:
+        purged = 0
+        for table in _TABLES:
+            while True:
+                async def work(db, deltas, table=table):
+                    cursor = await db.execute(
+                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                        f"WHERE stored_at <= ? LIMIT ?)", (self._cutoff(table), PURGE_BATCH))
+                    deltas[table] -= cursor.rowcount
+                    await cursor.close()
+                    return -deltas[table]
+
+                # One batch per transaction: writers queued behind the purge wait for one
+                # batch at most, not for the whole backlog.
+                deleted = await self._write(work)
+                purged += deleted
+                if deleted < PURGE_BATCH:
+                    break
+        return purged
+
+    def row_counts(self) -> dict[str, int]:
+        return dict(self._totals)
+
+    async def close(self) -> None:
+        async with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            await self._reader.close()
+            await self._writer.close()
