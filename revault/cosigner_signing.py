@@ -1,0 +1,206 @@
+"""The cosigner's signing core: check a PSBT input, compute its BIP 143 digest, sign it.
+
+Pure: no I/O, no asyncio, no storage. `CosignerKey.prepare()` turns `(psbt, index)` into
+a `SigningRequest` (the outpoint that keys the once-per-outpoint store, and the digest to
+sign) or raises `PsbtRefused` naming the reason; `CosignerKey.sign()` signs the digest.
+The daemon decides *whether* to sign (the store); this module only decides *what*.
+
+embit parses the PSBT container, but the transaction whose digest we sign is taken from
+the PSBT's global unsigned transaction exactly as serialized: embit's `PSBT.tx` rebuilds
+it with `sequence or 0xFFFFFFFF` and `version or 2`, which would silently sign a
+different transaction for an input with nSequence 0 or a version-0 transaction.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+from dataclasses import dataclass
+
+import coincurve
+from embit.psbt import PSBT
+from embit.script import Script
+from embit.transaction import Transaction, TransactionInput
+
+SIGHASH_ALL = 0x01
+PSBT_MAGIC = b"psbt\xff"
+
+
+class PsbtRefused(ValueError):
+    """A PSBT the cosigner will not sign. `str()` is `"<field>: <reason>"` (for -32602)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Outpoint:
+    txid: str  # 64 lowercase hex, display order
+    vout: int
+
+    def __str__(self) -> str:
+        return f"{self.txid}:{self.vout}"
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRequest:
+    """What the daemon needs to sign one input, and to log and audit it."""
+
+    outpoint: Outpoint
+    digest: bytes      # BIP 143 SIGHASH_ALL digest of the input
+    spend_txid: str    # txid of the unsigned transaction (for the audit trail)
+    amount: int        # satoshis of the spent output, as the PSBT claims
+
+
+class _UnsignedTxPSBT(PSBT):
+    """embit's PSBT, keeping the global unsigned transaction as parsed."""
+
+    unsigned_tx: Transaction | None = None
+
+    def parse_tx(self, tx):
+        self.unsigned_tx = tx
+        super().parse_tx(tx)
+
+
+def parse_psbt(tx_b64: str) -> _UnsignedTxPSBT:
+    """Decode base64 and parse a BIP 174 (version 0) PSBT, or refuse it."""
+    try:
+        raw = binascii.a2b_base64(tx_b64.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise PsbtRefused("tx", "not valid base64") from None
+    if not raw.startswith(PSBT_MAGIC):
+        raise PsbtRefused("tx", "not a PSBT (bad magic)")
+    try:
+        psbt = _UnsignedTxPSBT.parse(raw)
+    except Exception as e:  # noqa: BLE001 - embit raises anything from EmbitError to IndexError on garbage
+        raise PsbtRefused("tx", f"not a valid PSBT ({_short(e)})") from None
+    if psbt.version not in (None, 0):
+        raise PsbtRefused("tx", f"PSBT version {psbt.version} is not supported (only version 0)")
+    tx = psbt.unsigned_tx
+    if tx is None:
+        raise PsbtRefused("tx", "PSBT has no unsigned transaction")
+    for i, txin in enumerate(tx.vin):
+        # BIP 174: the global transaction is unsigned; a signed one means a confused client.
+        if txin.script_sig.data or txin.witness.items:
+            raise PsbtRefused("tx", f"input {i} of the unsigned transaction carries a scriptSig or witness")
+        scope = psbt.inputs[i]
+        # Version-0 PSBTs must not carry the v2 per-input outpoint fields; embit would let
+        # them override the global transaction's, and we would key the store by the wrong one.
+        # (Sequences are not compared: embit's own copy already turned nSequence 0 into
+        # 0xffffffff; the digest uses the unsigned transaction's.)
+        if (scope.txid, scope.vout) != (txin.txid, txin.vout):
+            raise PsbtRefused("tx", f"input {i} fields contradict the unsigned transaction")
+    return psbt
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def script_pushes(script: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, data) of every push in `script`; ValueError if a push runs past the end."""
+    pushes = []
+    i, n = 0, len(script)
+    while i < n:
+        op = script[i]
+        i += 1
+        if 0x01 <= op <= 0x4B:
+            size = op
+        elif op == 0x4C:
+            if i + 1 > n:
+                raise ValueError("truncated OP_PUSHDATA1")
+            size = script[i]
+            i += 1
+        elif op == 0x4D:
+            if i + 2 > n:
+                raise ValueError("truncated OP_PUSHDATA2")
+            size = int.from_bytes(script[i:i + 2], "little")
+            i += 2
+        elif op == 0x4E:
+            if i + 4 > n:
+                raise ValueError("truncated OP_PUSHDATA4")
+            size = int.from_bytes(script[i:i + 4], "little")
+            i += 4
+        else:
+            continue
+        if i + size > n:
+            raise ValueError("push runs past the end of the script")
+        pushes.append((op, script[i:i + size]))
+        i += size
+    return pushes
+
+
+def p2wsh_script_pubkey(witness_script: bytes) -> bytes:
+    return b"\x00\x20" + hashlib.sha256(witness_script).digest()
+
+
+def bip143_digest(tx: Transaction, index: int, witness_script: bytes, amount: int) -> bytes:
+    """The SIGHASH_ALL BIP 143 digest of input `index`, script code = the witness script."""
+    # A copy with plain inputs: the digest depends on prevouts, sequences, outputs,
+    # version and locktime only, never on scriptSigs or witnesses.
+    bare = Transaction(
+        version=tx.version,
+        locktime=tx.locktime,
+        vin=[TransactionInput(txin.txid, txin.vout, sequence=txin.sequence) for txin in tx.vin],
+        vout=list(tx.vout),
+    )
+    return bare.sighash_segwit(index, Script(witness_script), amount, SIGHASH_ALL)
+
+
+class CosignerKey:
+    """The cosigner's secp256k1 key; the secret never appears in repr or messages."""
+
+    __slots__ = ("_private", "public_key")
+
+    def __init__(self, secret: bytes):
+        self._private = coincurve.PrivateKey(secret)
+        self.public_key: bytes = self._private.public_key.format(compressed=True)
+
+    def __repr__(self) -> str:
+        return f"CosignerKey(public_key={self.public_key.hex()})"
+
+    def prepare(self, tx_b64: str, index: int) -> SigningRequest:
+        """Check input `index` of the PSBT and compute what to sign; PsbtRefused if not."""
+        psbt = parse_psbt(tx_b64)
+        tx = psbt.unsigned_tx
+        count = len(tx.vin)
+        if not 0 <= index < count:
+            plural = "input" if count == 1 else "inputs"
+            raise PsbtRefused("tx", f"index {index} out of range ({count} {plural})")
+        scope = psbt.inputs[index]
+        if scope.witness_utxo is None:
+            raise PsbtRefused("tx", f"input {index} has no witness_utxo")
+        if scope.witness_script is None:
+            raise PsbtRefused("tx", f"input {index} has no witness_script")
+        if scope.sighash_type is not None and scope.sighash_type != SIGHASH_ALL:
+            raise PsbtRefused(
+                "tx", f"input {index} asks for sighash type {scope.sighash_type:#x}; only ALL (0x1) is signed")
+        witness_script = scope.witness_script.data
+        script_pubkey = scope.witness_utxo.script_pubkey.data
+        if script_pubkey != p2wsh_script_pubkey(witness_script):
+            raise PsbtRefused(
+                "tx", f"input {index} witness_script does not match the witness_utxo scriptPubKey "
+                      "(expected P2WSH of the witness script)")
+        try:
+            pushes = script_pushes(witness_script)
+        except ValueError as e:
+            raise PsbtRefused("tx", f"input {index} witness_script is malformed ({e})") from None
+        if not any(op == 33 and data == self.public_key for op, data in pushes):
+            raise PsbtRefused("tx", f"input {index} witness_script does not contain the cosigner's key")
+        amount = scope.witness_utxo.value
+        txin = tx.vin[index]
+        return SigningRequest(
+            outpoint=Outpoint(txin.txid.hex(), txin.vout),
+            digest=bip143_digest(tx, index, witness_script, amount),
+            spend_txid=tx.txid().hex(),
+            amount=amount,
+        )
+
+    def sign(self, digest: bytes) -> bytes:
+        """DER ECDSA over a 32-byte digest; libsecp256k1 always yields low-S (RFC 6979 nonces)."""
+        if len(digest) != 32:
+            raise ValueError("a sighash digest is 32 bytes")
+        return self._private.sign(digest, hasher=None)

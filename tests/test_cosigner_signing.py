@@ -1,0 +1,329 @@
+"""The cosigner's pure signing core and its once-per-outpoint store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+
+import pytest
+
+from revault.cosigner_signing import CosignerKey, Outpoint, PsbtRefused, script_pushes
+from revault.cosigner_store import DATABASE_NAME, SignatureStore
+from tests.support.cosigner_psbt import (assert_valid_signature, b64, kv, make_spend,
+                                         p2wsh, pubkey, random_key, serialize_psbt)
+
+
+@pytest.fixture
+def key() -> CosignerKey:
+    return CosignerKey(random_key())
+
+
+def refusal(key: CosignerKey, psbt: str, index: int = 0) -> str:
+    with pytest.raises(PsbtRefused) as info:
+        key.prepare(psbt, index)
+    assert info.value.field == "tx"
+    return str(info.value)
+
+
+# --- digest and signature ------------------------------------------------------------
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_signature_verifies_against_independent_bip143_digest(key, index):
+    spend = make_spend(key.public_key, n_inputs=3)
+    spend.inputs[1].amount = 123_456_789
+    request = key.prepare(spend.psbt(), index)
+    digest = spend.digest(index)  # python-bitcoinlib, not embit
+    assert request.digest == digest
+    assert request.outpoint == Outpoint(spend.inputs[index].txid.hex(), spend.inputs[index].vout)
+    assert request.amount == spend.inputs[index].amount
+    assert request.spend_txid == spend.tx().GetTxid()[::-1].hex()
+    assert_valid_signature(key.sign(request.digest), digest, key.public_key)
+
+
+@pytest.mark.parametrize("sequence,version,locktime", [
+    (0, 2, 0),               # embit's PSBT.tx would turn sequence 0 into 0xffffffff
+    (0xFFFFFFFF, 1, 0),
+    (0xFFFFFFFE, 0, 800_000),  # ... and version 0 into 2
+    (6, 2, 0x7FFFFFFF),  # python-bitcoinlib packs nLockTime signed
+])
+def test_digest_commits_to_exact_sequence_version_locktime(key, sequence, version, locktime):
+    spend = make_spend(key.public_key, n_inputs=2, version=version, locktime=locktime)
+    for i in spend.inputs:
+        i.sequence = sequence
+    request = key.prepare(spend.psbt(), 1)
+    assert request.digest == spend.digest(1)
+
+
+def test_amount_is_committed(key):
+    spend = make_spend(key.public_key)
+    first = key.prepare(spend.psbt(), 0).digest
+    spend.inputs[0].amount += 1
+    assert key.prepare(spend.psbt(), 0).digest != first
+
+
+def test_signatures_are_low_s_der_over_many_digests(key):
+    for _ in range(200):
+        digest = os.urandom(32)
+        assert_valid_signature(key.sign(digest), digest, key.public_key)
+
+
+def test_sign_refuses_a_non_digest(key):
+    with pytest.raises(ValueError):
+        key.sign(b"\x00" * 31)
+
+
+def test_explicit_sighash_all_is_accepted(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].extra_fields.append((b"\x03", (1).to_bytes(4, "little")))
+    assert key.prepare(spend.psbt(), 0).digest == spend.digest(0)
+
+
+def test_repr_never_shows_the_secret():
+    secret = random_key()
+    key = CosignerKey(secret)
+    assert secret.hex() not in repr(key)
+    assert key.public_key.hex() in repr(key)
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("garbage,reason", [
+    ("", "not a PSBT"),
+    ("not base64 at all!", "not valid base64"),
+    ("cHNidP8", "not valid base64"),                      # unpadded
+    (b64(b"hello world"), "not a PSBT (bad magic)"),
+    (b64(b"psbt\xff"), "not a valid PSBT"),
+    (b64(b"psbt\xff\x01\x00\x05abcde\x00"), "not a valid PSBT"),
+    ("é", "not valid base64"),
+])
+def test_garbage_is_refused(key, garbage, reason):
+    assert reason in refusal(key, garbage)
+
+
+def test_truncated_and_trailing_bytes_are_refused(key):
+    raw = make_spend(key.public_key).psbt_bytes()
+    for cut in (5, len(raw) // 2, len(raw) - 1):
+        assert "not a valid PSBT" in refusal(key, b64(raw[:cut]))
+    assert "not a valid PSBT" in refusal(key, b64(raw + b"\x00"))
+
+
+def test_index_out_of_range(key):
+    spend = make_spend(key.public_key, n_inputs=2)
+    assert refusal(key, spend.psbt(), 3) == "tx: index 3 out of range (2 inputs)"
+    assert refusal(key, spend.psbt(), 2) == "tx: index 2 out of range (2 inputs)"
+    one = make_spend(key.public_key, n_inputs=1)
+    assert refusal(key, one.psbt(), 1) == "tx: index 1 out of range (1 input)"
+
+
+def test_missing_witness_utxo(key):
+    spend = make_spend(key.public_key, n_inputs=2)
+    spend.inputs[1].include_witness_utxo = False
+    assert refusal(key, spend.psbt(), 1) == "tx: input 1 has no witness_utxo"
+    key.prepare(spend.psbt(), 0)  # the other input is fine
+
+
+def test_non_witness_utxo_alone_is_not_enough(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].include_witness_utxo = False
+    prev = make_spend(key.public_key).tx().serialize()
+    spend.inputs[0].extra_fields.append((b"\x00", prev))
+    assert refusal(key, spend.psbt()) == "tx: input 0 has no witness_utxo"
+
+
+def test_missing_witness_script(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].include_witness_script = False
+    assert refusal(key, spend.psbt()) == "tx: input 0 has no witness_script"
+
+
+@pytest.mark.parametrize("bad_spk", [
+    "other_script", "p2sh_wrapped", "raw_script", "v1_program",
+])
+def test_witness_script_not_matching_script_pubkey(key, bad_spk):
+    spend = make_spend(key.public_key)
+    script = spend.inputs[0].witness_script
+    spk = {
+        "other_script": bytes(p2wsh(script + b"\x51")),
+        "p2sh_wrapped": b"\xa9\x14" + hashlib.new("ripemd160", hashlib.sha256(script).digest()).digest() + b"\x87",
+        "raw_script": script,
+        "v1_program": b"\x51\x20" + hashlib.sha256(script).digest(),
+    }[bad_spk]
+    spend.inputs[0].witness_utxo_script = spk
+    assert "does not match the witness_utxo scriptPubKey" in refusal(key, spend.psbt())
+
+
+def test_key_absent_from_witness_script(key):
+    other = pubkey(random_key())
+    spend = make_spend(other)
+    assert refusal(key, spend.psbt()) == \
+        "tx: input 0 witness_script does not contain the cosigner's key"
+
+
+def test_key_must_be_a_33_byte_push(key):
+    # The key's bytes inside a longer push, or behind a non-minimal OP_PUSHDATA1, are not
+    # a key the script checks a signature against.
+    for script in (b"\x22" + key.public_key + b"\x00" + b"\xac",
+                   b"\x4c\x21" + key.public_key + b"\xac"):
+        spend = make_spend(key.public_key)
+        spend.inputs[0].witness_script = script
+        assert "does not contain the cosigner's key" in refusal(key, spend.psbt())
+
+
+def test_malformed_witness_script(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].witness_script = b"\x21" + key.public_key + b"\x4d\xff"
+    assert "witness_script is malformed" in refusal(key, spend.psbt())
+
+
+@pytest.mark.parametrize("sighash_type", [0x81, 0x02, 0x03, 0x00, 0x41])
+def test_sighash_other_than_all_is_refused(key, sighash_type):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].extra_fields.append((b"\x03", sighash_type.to_bytes(4, "little")))
+    assert f"sighash type {sighash_type:#x}" in refusal(key, spend.psbt())
+
+
+def test_v2_outpoint_fields_in_a_v0_psbt_are_refused(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].extra_fields.append((b"\x0e", os.urandom(32)))
+    assert refusal(key, spend.psbt()) == "tx: input 0 fields contradict the unsigned transaction"
+
+
+def test_psbt_version_2_is_refused(key):
+    spend = make_spend(key.public_key)
+    tx = spend.tx().serialize()
+    version_2 = (b"\xfb", (2).to_bytes(4, "little"))
+    raw = serialize_psbt(tx, [[]], 1, global_extra=[version_2])
+    assert "not a valid PSBT" in refusal(key, b64(raw))
+    # A well-formed BIP 370 PSBT: no global transaction, outpoints in the input maps.
+    raw = (b"psbt\xff" + kv(b"\x02", (2).to_bytes(4, "little")) + kv(b"\x04", b"\x01")
+           + kv(b"\x05", b"\x01") + kv(*version_2) + b"\x00"
+           + kv(b"\x0e", os.urandom(32)) + kv(b"\x0f", b"\x00\x00\x00\x00")
+           + kv(b"\x05", spend.inputs[0].witness_script) + b"\x00"
+           + kv(b"\x03", (1000).to_bytes(8, "little")) + kv(b"\x04", b"\x51") + b"\x00")
+    assert refusal(key, b64(raw)) == "tx: PSBT version 2 is not supported (only version 0)"
+
+
+def test_signed_global_transaction_is_refused(key):
+    spend = make_spend(key.public_key)
+    tx = spend.tx()
+    tx.vin[0].scriptSig = b"\x51"
+    raw = serialize_psbt(tx.serialize(), [[(b"\x05", spend.inputs[0].witness_script)]], 1)
+    assert "carries a scriptSig or witness" in refusal(key, b64(raw))
+
+
+def test_script_pushes():
+    assert script_pushes(b"\x00\x51\x02ab\x4c\x01c\x4d\x01\x00d\x4e\x01\x00\x00\x00e") == [
+        (2, b"ab"), (0x4C, b"c"), (0x4D, b"d"), (0x4E, b"e")]
+    for bad in (b"\x02a", b"\x4c", b"\x4d\x01", b"\x4e\x01\x00\x00", b"\x4c\x05abc"):
+        with pytest.raises(ValueError):
+            script_pushes(bad)
+
+
+def test_psbt_with_other_inputs_lacking_metadata(key):
+    # Only input `index` needs its metadata; the others may belong to other signers.
+    spend = make_spend(key.public_key, n_inputs=3)
+    for i in (0, 2):
+        spend.inputs[i].include_witness_utxo = False
+        spend.inputs[i].include_witness_script = False
+    assert key.prepare(spend.psbt(), 1).digest == spend.digest(1)
+
+
+def test_unknown_fields_are_tolerated(key):
+    spend = make_spend(key.public_key)
+    spend.inputs[0].extra_fields.append((b"\xfc\x05hello", b"proprietary"))
+    assert key.prepare(spend.psbt(), 0).digest == spend.digest(0)
+
+
+# --- the store ----------------------------------------------------------------------------
+
+def rows(path) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT txid, vout, signature, spend_txid, manager FROM signatures").fetchall()
+
+
+async def test_store_signs_once_per_outpoint(tmp_path, key):
+    path = tmp_path / DATABASE_NAME
+    store = await SignatureStore.open(path, key.sign)
+    txid = os.urandom(32)
+    first = make_spend(key.public_key, txid=txid, vout=1)
+    second = make_spend(key.public_key, txid=txid, vout=1)
+    a = await store.sign_once(key.prepare(first.psbt(), 0), b"m" * 32)
+    b = await store.sign_once(key.prepare(second.psbt(), 0), b"n" * 32)
+    assert a.new and not b.new
+    assert a.stored == b.stored
+    assert_valid_signature(a.stored.signature, first.digest(0), key.public_key)
+    assert b.stored.manager == b"m" * 32
+    assert b.stored.spend_txid == first.tx().GetTxid()[::-1].hex()
+    other_vout = make_spend(key.public_key, txid=txid, vout=2)
+    c = await store.sign_once(key.prepare(other_vout.psbt(), 0), b"n" * 32)
+    assert c.new and c.stored.signature != a.stored.signature
+    await store.close()
+
+    # Survives a reopen, and the rule holds across it.
+    store = await SignatureStore.open(path, key.sign)
+    third = make_spend(key.public_key, txid=txid, vout=1)
+    d = await store.sign_once(key.prepare(third.psbt(), 0), b"o" * 32)
+    assert not d.new and d.stored.signature == a.stored.signature
+    assert await store.get(Outpoint(txid.hex(), 1)) == a.stored
+    assert await store.get(Outpoint(txid.hex(), 7)) is None
+    await store.close()
+    assert len(rows(path)) == 2
+
+
+async def test_store_concurrent_conflicting_requests_yield_one_signature(tmp_path, key):
+    calls = []
+
+    def counting_signer(digest: bytes) -> bytes:
+        calls.append(digest)
+        return key.sign(digest)
+
+    store = await SignatureStore.open(tmp_path / DATABASE_NAME, counting_signer)
+    txid = os.urandom(32)
+    requests = [key.prepare(make_spend(key.public_key, txid=txid).psbt(), 0) for _ in range(50)]
+    assert len({r.digest for r in requests}) == 50
+    outcomes = await asyncio.gather(*(store.sign_once(r, bytes([i]) * 32)
+                                      for i, r in enumerate(requests)))
+    await store.close()
+    assert len({o.stored.signature for o in outcomes}) == 1
+    assert sum(o.new for o in outcomes) == 1
+    assert len(calls) == 1
+
+
+async def test_store_failed_commit_returns_nothing_and_recovers(tmp_path, key):
+    path = tmp_path / DATABASE_NAME
+    store = await SignatureStore.open(path, key.sign)
+    # Another process holds the write lock past busy_timeout: the batch must fail, and
+    # no signature may come back for it.
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    await store._db.execute("PRAGMA busy_timeout=50")
+    spend = make_spend(key.public_key)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.sign_once(key.prepare(spend.psbt(), 0), b"m" * 32)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    outcome = await store.sign_once(key.prepare(spend.psbt(), 0), b"m" * 32)
+    assert outcome.new
+    await store.close()
+    assert len(rows(path)) == 1
+
+
+async def test_store_refuses_after_close(tmp_path, key):
+    from revault.cosigner_store import StoreClosed
+    store = await SignatureStore.open(tmp_path / DATABASE_NAME, key.sign)
+    await store.close()
+    with pytest.raises(StoreClosed):
+        await store.sign_once(key.prepare(make_spend(key.public_key).psbt(), 0), b"m" * 32)
+
+
+async def test_store_is_durable_full_wal(tmp_path, key):
+    store = await SignatureStore.open(tmp_path / DATABASE_NAME, key.sign)
+    async with store._db.execute("PRAGMA synchronous") as cursor:
+        assert (await cursor.fetchone())[0] == 2  # FULL
+    async with store._db.execute("PRAGMA journal_mode") as cursor:
+        assert (await cursor.fetchone())[0] == "wal"
+    await store.close()
+    assert (tmp_path / DATABASE_NAME).stat().st_mode & 0o077 == 0
+
