@@ -1,0 +1,892 @@
+"""Noise_KK_25519_ChaChaPoly_SHA256 channel: a sans-IO core and a thin asyncio adapter.
+
+Wire format (see DESIGN.md, "Transport"):
+
+* act one, initiator -> responder, 67 bytes: ``e`` (32) + AEAD(``practical_revault_0``) (19 + 16);
+* act two, responder -> initiator, 48 bytes: ``e`` (32) + AEAD(empty) (16);
+* then frames: ``encrypt(u16_be(L))`` (18 bytes) followed by ``encrypt(plaintext)`` (L bytes),
+  ``L = len(plaintext) + 16``.
+
+The handshake runs on the ``noiseprotocol`` package's SymmetricState/CipherState and its
+X25519 functions. The token processing of the two KK messages is written out here rather
+than driven through ``noise.connection.NoiseConnection`` so that a responder knowing many
+peers pays for the ``es`` DH once per act one (not once per candidate key) and for each
+``ss`` DH once per server (not once per handshake): trying N keys then costs N hashes and
+AEAD checks instead of 3N X25519 operations, which matters because anyone can send act one.
+Transport messages use ChaCha20-Poly1305 from ``cryptography`` directly (the same primitive
+the package's default backend wraps) so that a frame is sealed into one buffer without
+intermediate copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.backends.default import noise_backend
+from noise.backends.default.keypairs import KeyPair25519
+from noise.constants import Empty
+from noise.exceptions import NoiseValueError
+from noise.noise_protocol import NoiseProtocol
+from noise.state import CipherState, SymmetricState
+
+__all__ = [
+    "MAX_PLAINTEXT", "ACT_ONE_LEN", "ACT_TWO_LEN", "HANDSHAKE_TIMEOUT",
+    "TransportError", "ConnectionClosed", "public_key",
+    "InitiatorHandshake", "ResponderHandshake", "FrameCodec",
+    "NoiseConnection", "ServerLimits", "NoiseServer", "start_server", "connect",
+]
+
+logger = logging.getLogger("revault.transport")
+
+PROTOCOL_NAME = b"Noise_KK_25519_ChaChaPoly_SHA256"
+ACT_ONE_PAYLOAD = b"practical_revault_0"
+MAX_PLAINTEXT = 65501
+ACT_ONE_LEN, ACT_TWO_LEN = 67, 48
+HANDSHAKE_TIMEOUT = 10.0
+
+KEY_LEN = 32
+TAG_LEN = 16
+HEADER_LEN = 2 + TAG_LEN                      # encrypt(u16_be(L))
+MIN_BODY_LEN = TAG_LEN                        # empty plaintext
+MAX_BODY_LEN = MAX_PLAINTEXT + TAG_LEN        # 65517
+MAX_FRAME_LEN = HEADER_LEN + MAX_BODY_LEN     # 65535: one frame fits a u16 on the reference side
+
+# Noise reserves nonce 2**64-1; a frame spends two nonces.
+_NONCE_LIMIT = 2**64 - 1
+_nonce = struct.Struct("<4xQ").pack           # ChaChaPoly nonce: 32 zero bits + 64-bit LE counter
+_u16 = struct.Struct(">H").pack
+
+# One protocol object serves as the provider of hash, HKDF, DH and cipher functions.
+# Handshake states are created fresh per handshake (and per candidate key), never shared.
+_PROTO = NoiseProtocol(protocol_name=PROTOCOL_NAME, backend=noise_backend)
+_DH = _PROTO.dh_fn
+_BASE = SymmetricState.initialize_symmetric(_PROTO)
+_H0, _CK0 = _BASE.h, _BASE.ck
+del _BASE
+
+
+class TransportError(Exception):
+    """Bad handshake, broken or tampered frame, size violation."""
+
+
+class ConnectionClosed(TransportError):
+    """The peer went away, we closed, the connection timed out idle, or a frame was bad."""
+
+
+def _check_key(name: str, key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
+        raise ValueError(f"{name} must be {KEY_LEN} bytes")
+    return bytes(key)
+
+
+def _private_keypair(private: bytes, name: str = "private key") -> KeyPair25519:
+    return KeyPair25519.from_private_bytes(_check_key(name, private))
+
+
+def _public_keypair(public: bytes, name: str = "public key") -> KeyPair25519:
+    return KeyPair25519.from_public_bytes(_check_key(name, public))
+
+
+def public_key(private_key: bytes) -> bytes:
+    """X25519 public key of a 32-byte private key."""
+    return _private_keypair(private_key).public_bytes
+
+
+def _dh(private: KeyPair25519, public: KeyPair25519) -> bytes:
+    try:
+        return _DH.dh(private.private, public.public)
+    except (ValueError, NoiseValueError):
+        # cryptography refuses an all-zero shared secret (low-order point from the peer).
+        raise TransportError("invalid ephemeral key") from None
+
+
+def _remote_ephemeral(data: bytes) -> KeyPair25519:
+    try:
+        return KeyPair25519.from_public_bytes(bytes(data[:KEY_LEN]))
+    except (ValueError, NoiseValueError):
+        raise TransportError("invalid ephemeral key") from None
+
+
+def _symmetric(h: bytes, ck: bytes) -> SymmetricState:
+    state = SymmetricState()
+    state.noise_protocol = _PROTO
+    state.h = h
+    state.ck = ck
+    state.cipher_state = CipherState(_PROTO)
+    state.cipher_state.initialize_key(Empty())
+    return state
+
+
+def _premessage_hash(prologue: bytes, initiator_static: bytes, responder_static: bytes) -> bytes:
+    # KK pre-messages: "-> s" then "<- s", hashed after the prologue.
+    state = _symmetric(_H0, _CK0)
+    state.mix_hash(prologue)
+    state.mix_hash(initiator_static)
+    state.mix_hash(responder_static)
+    return state.h
+
+
+def _split(state: SymmetricState) -> tuple[bytes, bytes]:
+    k1, k2 = _PROTO.hkdf(state.ck, b"", 2)
+    return k1, k2
+
+
+def _decrypt_and_hash(state: SymmetricState, ciphertext: bytes) -> bytes:
+    try:
+        return state.decrypt_and_hash(ciphertext)
+    except InvalidTag:
+        raise TransportError("handshake message failed authentication") from None
+
+
+# --------------------------------------------------------------------------------------
+# sans-IO core
+# --------------------------------------------------------------------------------------
+
+class FrameCodec:
+    """Both directions of an established channel. Pure: bytes in, bytes out."""
+
+    __slots__ = ("_enc", "_dec", "_send_n", "_recv_n", "_buf", "_need", "_in_body",
+                 "_failed")
+
+    def __init__(self, send_key: bytes, recv_key: bytes):
+        self._enc = ChaCha20Poly1305(send_key)
+        self._dec = ChaCha20Poly1305(recv_key)
+        self._send_n = 0
+        self._recv_n = 0
+        self._buf = bytearray()
+        self._need = HEADER_LEN
+        self._in_body = False
+        self._failed = False
+
+    # One Noise transport message each; frames are made of two. Also the hook the
+    # cacophony vectors are checked through, as they carry unframed transport messages.
+    def _encrypt_message(self, plaintext: bytes) -> bytes:
+        n = self._send_n
+        if n >= _NONCE_LIMIT:
+            raise TransportError("send nonce exhausted")
+        out = self._enc.encrypt(_nonce(n), plaintext, None)
+        self._send_n = n + 1
+        return out
+
+    def _decrypt_message(self, ciphertext: bytes) -> bytes:
+        n = self._recv_n
+        if n >= _NONCE_LIMIT:
+            raise TransportError("receive nonce exhausted")
+        try:
+            out = self._dec.decrypt(_nonce(n), ciphertext, None)
+        except InvalidTag:
+            raise TransportError("message failed authentication") from None
+        self._recv_n = n + 1
+        return out
+
+    def _seal(self, plaintext: bytes) -> bytearray:
+        """One frame as a fresh bytearray, sealed in place (no concatenation copy)."""
+        size = len(plaintext)
+        if size > MAX_PLAINTEXT:
+            raise TransportError(f"plaintext of {size} bytes exceeds {MAX_PLAINTEXT}")
+        n = self._send_n
+        if n >= _NONCE_LIMIT - 1:
+            raise TransportError("send nonce exhausted")
+        body_len = size + TAG_LEN
+        out = bytearray(HEADER_LEN + body_len)
+        view = memoryview(out)
+        enc = self._enc
+        enc.encrypt_into(_nonce(n), _u16(body_len), None, view[:HEADER_LEN])
+        enc.encrypt_into(_nonce(n + 1), plaintext, None, view[HEADER_LEN:])
+        self._send_n = n + 2
+        return out
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """A complete frame: 18 + len(plaintext) + 16 bytes."""
+        return bytes(self._seal(plaintext))
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Decrypt every frame completed by ``data``; keep at most one partial unit.
+
+        Any failure is final: the receive nonce cannot be resynchronised, so every later
+        call raises too.
+        """
+        out: list[bytes] = []
+        self._feed_into(data, out)
+        return out
+
+    def _feed_into(self, data: bytes, out: list[bytes]) -> None:
+        """feed(), appending to ``out`` as frames complete, so that a caller still has the
+        messages authenticated before a failure in the same chunk."""
+        if self._failed:
+            raise TransportError("frame stream already failed")
+        buf = self._buf
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        dec = self._dec
+        try:
+            while pos < end:
+                need = self._need
+                if buf:
+                    take = need - len(buf)
+                    if end - pos < take:
+                        buf += view[pos:end]
+                        break
+                    buf += view[pos:pos + take]
+                    pos += take
+                    unit = buf
+                else:
+                    if end - pos < need:
+                        buf += view[pos:end]
+                        break
+                    unit = view[pos:pos + need]
+                    pos += need
+                n = self._recv_n
+                if n >= _NONCE_LIMIT:
+                    raise TransportError("receive nonce exhausted")
+                plain = dec.decrypt(_nonce(n), unit, None)
+                self._recv_n = n + 1
+                if buf:
+                    buf.clear()
+                if self._in_body:
+                    out.append(plain)
+                    self._need = HEADER_LEN
+                    self._in_body = False
+                else:
+                    body_len = (plain[0] << 8) | plain[1]
+                    if body_len < MIN_BODY_LEN or body_len > MAX_BODY_LEN:
+                        raise TransportError(f"frame length {body_len} out of range")
+                    self._need = body_len
+                    self._in_body = True
+        except InvalidTag:
+            self._fail()
+            raise TransportError("frame failed authentication") from None
+        except TransportError:
+            self._fail()
+            raise
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._buf = bytearray()
+
+    @property
+    def _buffered(self) -> int:
+        return len(self._buf)
+
+
+class InitiatorHandshake:
+    """Client side of KK: writes act one, reads act two."""
+
+    def __init__(self, local_private: bytes, remote_public: bytes):
+        self._setup(local_private, remote_public, b"", None)
+
+    @classmethod
+    def _for_testing(cls, local_private: bytes, remote_public: bytes, *, prologue: bytes,
+                     ephemeral_private: bytes | None) -> InitiatorHandshake:
+        """Test vectors fix the prologue and the ephemeral key; nothing else may."""
+        self = cls.__new__(cls)
+        self._setup(local_private, remote_public, prologue, ephemeral_private)
+        return self
+
+    def _setup(self, local_private: bytes, remote_public: bytes, prologue: bytes,
+               ephemeral_private: bytes | None) -> None:
+        self._s = _private_keypair(local_private, "local_private")
+        self._rs = _public_keypair(remote_public, "remote_public")
+        self._e = None if ephemeral_private is None else _private_keypair(ephemeral_private)
+        self._state = _symmetric(
+            _premessage_hash(prologue, self._s.public_bytes, self._rs.public_bytes), _CK0)
+        self._step = 0
+        self._handshake_hash: bytes | None = None
+
+    def _write_act_one(self, payload: bytes) -> bytes:
+        if self._step != 0:
+            raise TransportError("act one already written")
+        self._step = 1
+        st = self._state
+        e = self._e if self._e is not None else _DH.generate_keypair()
+        self._e = e
+        st.mix_hash(e.public_bytes)
+        st.mix_key(_dh(e, self._rs))           # es
+        st.mix_key(_dh(self._s, self._rs))     # ss
+        return e.public_bytes + st.encrypt_and_hash(payload)
+
+    def act_one(self) -> bytes:
+        return self._write_act_one(ACT_ONE_PAYLOAD)
+
+    def _read_act_two(self, data: bytes) -> tuple[bytes, FrameCodec]:
+        if self._step != 1:
+            raise TransportError("act two read out of order")
+        self._step = 2
+        if len(data) < KEY_LEN + TAG_LEN:
+            raise TransportError("act two too short")
+        st = self._state
+        re = _remote_ephemeral(data)
+        st.mix_hash(re.public_bytes)
+        st.mix_key(_dh(self._e, re))           # ee
+        st.mix_key(_dh(self._s, re))           # se
+        payload = _decrypt_and_hash(st, bytes(data[KEY_LEN:]))
+        self._handshake_hash = st.h
+        k1, k2 = _split(st)
+        self._state = self._e = None
+        return payload, FrameCodec(k1, k2)
+
+    def read_act_two(self, data: bytes) -> FrameCodec:
+        if len(data) != ACT_TWO_LEN:
+            self._step = 2
+            raise TransportError(f"act two must be {ACT_TWO_LEN} bytes, got {len(data)}")
+        payload, codec = self._read_act_two(data)
+        if payload:
+            raise TransportError("act two carries an unexpected payload")
+        return codec
+
+
+class _ResponderKeys:
+    """What a responder can compute once for all its handshakes: the static key, each
+    candidate's pre-message hash and, lazily, each ``ss`` shared secret."""
+
+    __slots__ = ("static", "peers", "_h", "_ss")
+
+    def __init__(self, local_private: bytes, known_peers: Iterable[bytes], prologue: bytes = b""):
+        self.static = _private_keypair(local_private, "local_private")
+        seen: set[bytes] = set()
+        self.peers: list[KeyPair25519] = []
+        for i, peer in enumerate(known_peers):
+            pair = _public_keypair(peer, f"known_peers[{i}]")
+            if pair.public_bytes not in seen:
+                seen.add(pair.public_bytes)
+                self.peers.append(pair)
+        self._h = [_premessage_hash(prologue, p.public_bytes, self.static.public_bytes)
+                   for p in self.peers]
+        self._ss: list[bytes | None] = [None] * len(self.peers)
+
+    def ss(self, index: int) -> bytes:
+        value = self._ss[index]
+        if value is None:
+            value = self._ss[index] = _dh(self.static, self.peers[index])
+        return value
+
+    def h(self, index: int) -> bytes:
+        return self._h[index]
+
+
+class ResponderHandshake:
+    """Server side of KK: reads act one (identifying the peer), writes act two."""
+
+    def __init__(self, local_private: bytes, known_peers: Iterable[bytes]):
+        self._setup(_ResponderKeys(local_private, known_peers), None)
+
+    @classmethod
+    def _with_keys(cls, keys: _ResponderKeys,
+                   ephemeral_private: bytes | None = None) -> ResponderHandshake:
+        self = cls.__new__(cls)
+        self._setup(keys, ephemeral_private)
+        return self
+
+    @classmethod
+    def _for_testing(cls, local_private: bytes, known_peers: Iterable[bytes], *,
+                     prologue: bytes, ephemeral_private: bytes | None) -> ResponderHandshake:
+        return cls._with_keys(_ResponderKeys(local_private, known_peers, prologue),
+                              ephemeral_private)
+
+    def _setup(self, keys: _ResponderKeys, ephemeral_private: bytes | None) -> None:
+        self._keys = keys
+        self._e = None if ephemeral_private is None else _private_keypair(ephemeral_private)
+        self._state: SymmetricState | None = None
+        self._re: KeyPair25519 | None = None
+        self._rs: KeyPair25519 | None = None
+        self._step = 0
+        self._handshake_hash: bytes | None = None
+
+    def _read_act_one(self, data: bytes) -> tuple[bytes, bytes]:
+        if self._step != 0:
+            raise TransportError("act one already read")
+        self._step = 1
+        if len(data) < KEY_LEN + TAG_LEN:
+            raise TransportError("act one too short")
+        keys = self._keys
+        re = _remote_ephemeral(data)
+        ciphertext = bytes(data[KEY_LEN:])
+        es = _dh(keys.static, re)
+        for index, peer in enumerate(keys.peers):
+            # A fresh Noise state per candidate: the candidate's static key is part of h.
+            st = _symmetric(keys.h(index), _CK0)
+            st.mix_hash(re.public_bytes)
+            st.mix_key(es)
+            st.mix_key(keys.ss(index))
+            try:
+                payload = st.decrypt_and_hash(ciphertext)
+            except InvalidTag:
+                continue
+            self._state, self._re, self._rs = st, re, peer
+            return peer.public_bytes, payload
+        raise TransportError("act one matches no known peer")
+
+    def read_act_one(self, data: bytes) -> bytes:
+        if len(data) != ACT_ONE_LEN:
+            self._step = 1
+            raise TransportError(f"act one must be {ACT_ONE_LEN} bytes, got {len(data)}")
+        peer, payload = self._read_act_one(data)
+        if payload != ACT_ONE_PAYLOAD:
+            self._state = None
+            raise TransportError("act one carries an unexpected payload")
+        return peer
+
+    def _write_act_two(self, payload: bytes) -> tuple[bytes, FrameCodec]:
+        if self._step != 1 or self._state is None:
+            raise TransportError("act two written out of order")
+        self._step = 2
+        st = self._state
+        e = self._e if self._e is not None else _DH.generate_keypair()
+        st.mix_hash(e.public_bytes)
+        st.mix_key(_dh(e, self._re))           # ee
+        st.mix_key(_dh(e, self._rs))           # se
+        message = e.public_bytes + st.encrypt_and_hash(payload)
+        self._handshake_hash = st.h
+        k1, k2 = _split(st)
+        self._state = self._e = None
+        return message, FrameCodec(k2, k1)
+
+    def act_two(self) -> tuple[bytes, FrameCodec]:
+        return self._write_act_two(b"")
+
+
+# --------------------------------------------------------------------------------------
+# asyncio adapter
+# --------------------------------------------------------------------------------------
+
+# Decrypted but not yet received bytes that make us stop reading the socket; the extra
+# per-message charge bounds a flood of tiny frames as well.
+_READ_HIGH = 1 << 20
+_READ_LOW = 1 << 18
+_MESSAGE_OVERHEAD = 64
+_CLOSE_GRACE = 5.0
+
+
+def _fingerprint(public: bytes) -> str:
+    return public[:8].hex()
+
+
+class NoiseConnection:
+    """An established channel. One task may recv while any number send."""
+
+    def __init__(self, transport: asyncio.Transport, codec: FrameCodec, peer_public: bytes,
+                 idle_timeout: float | None, loop: asyncio.AbstractEventLoop,
+                 lost: asyncio.Future):
+        self.peer_public = peer_public
+        self._transport = transport
+        self._codec = codec
+        self._idle_timeout = idle_timeout
+        self._loop = loop
+        self._lost = lost
+        self._messages: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._reading_paused = False
+        self._waiter: asyncio.Future | None = None
+        self._error: ConnectionClosed | None = None
+        self._closing = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._error is not None
+
+    # -- events from the protocol --
+    def _data(self, data: bytes) -> None:
+        if self._closing or self._error is not None:
+            return
+        messages: list[bytes] = []
+        try:
+            self._codec._feed_into(data, messages)
+        except TransportError as e:
+            logger.info("closing connection with peer %s: %s",
+                        _fingerprint(self.peer_public), e)
+            self._set_error(ConnectionClosed(f"bad frame: {e}"))
+            self._transport.abort()
+        if messages:
+            queue = self._messages
+            for m in messages:
+                queue.append(m)
+                self._queued += len(m) + _MESSAGE_OVERHEAD
+            if self._queued > _READ_HIGH and not self._reading_paused and self._error is None:
+                self._reading_paused = True
+                self._transport.pause_reading()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _set_error(self, error: ConnectionClosed) -> None:
+        if self._error is None:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    def _eof(self) -> None:
+        self._set_error(ConnectionClosed("peer closed the connection"))
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        self._set_error(ConnectionClosed("connection lost" if exc is None else f"connection lost: {exc}"))
+
+    def _pause_writing(self) -> None:
+        self._write_paused = True
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- public API --
+    async def send(self, plaintext: bytes) -> None:
+        if self._error is not None:
+            raise ConnectionClosed(*self._error.args)
+        # Sealing and writing without an await in between keeps frames whole and in
+        # nonce order when several tasks send at once.
+        self._transport.write(self._codec._seal(plaintext))
+        if self._write_paused:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+            if self._error is not None:
+                raise ConnectionClosed(*self._error.args)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        while True:
+            if self._messages:
+                message = self._messages.popleft()
+                self._queued -= len(message) + _MESSAGE_OVERHEAD
+                if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
+                    self._reading_paused = False
+                    self._transport.resume_reading()
+                return message
+            if self._error is not None:
+                raise ConnectionClosed(*self._error.args)
+            if self._waiter is not None:
+                raise RuntimeError("another task is already receiving on this connection")
+            idle = timeout is None
+            limit = self._idle_timeout if idle else timeout
+            waiter = self._waiter = self._loop.create_future()
+            timer = None
+            if limit is not None:
+                timer = self._loop.call_later(limit, _expire, waiter)
+            try:
+                expired = await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if expired and not self._messages and self._error is None and not self._closing:
+                if idle:
+                    logger.info("closing idle connection from peer %s",
+                                _fingerprint(self.peer_public))
+                    self._set_error(ConnectionClosed("idle timeout"))
+                    self._closing = True
+                    self._transport.close()
+                    raise ConnectionClosed("idle timeout")
+                raise asyncio.TimeoutError()
+
+    async def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._messages.clear()
+            self._set_error(ConnectionClosed("connection closed"))
+            self._transport.close()
+        if not self._lost.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._lost), _CLOSE_GRACE)
+            except asyncio.TimeoutError:
+                # The peer does not read what is still buffered for it: stop waiting.
+                self._transport.abort()
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+@dataclass
+class ServerLimits:
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    idle_timeout: float = 300.0
+    max_connections: int = 1024
+
+
+class _ServerProtocol(asyncio.Protocol):
+    __slots__ = ("_server", "_transport", "_buf", "_conn", "_timer", "lost")
+
+    def __init__(self, server: NoiseServer):
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._conn: NoiseConnection | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.lost: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        server = self._server
+        if server._closing or len(server._protocols) >= server._limits.max_connections:
+            server._refused()
+            transport.abort()
+            return
+        self.lost = server._loop.create_future()
+        server._protocols.add(self)
+        self._timer = server._loop.call_later(server._limits.handshake_timeout,
+                                              self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self._conn is None:
+            logger.debug("handshake timed out with %s", self._peer())
+            self._transport.abort()
+
+    def _peer(self) -> str:
+        try:
+            return str(self._transport.get_extra_info("peername"))
+        except Exception:
+            return "?"
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn._data(data)
+            return
+        if self.lost is None or self._transport.is_closing():
+            return
+        buf = self._buf
+        buf += data
+        if len(buf) < ACT_ONE_LEN:
+            return
+        server = self._server
+        handshake = ResponderHandshake._with_keys(server._keys)
+        try:
+            peer = handshake.read_act_one(bytes(buf[:ACT_ONE_LEN]))
+            act_two, codec = handshake.act_two()
+        except TransportError as e:
+            logger.info("refused handshake from %s: %s", self._peer(), e)
+            self._transport.abort()
+            return
+        rest = bytes(buf[ACT_ONE_LEN:])
+        self._buf = bytearray()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.write(act_two)
+        conn = self._conn = NoiseConnection(self._transport, codec, peer,
+                                            server._limits.idle_timeout, server._loop, self.lost)
+        logger.debug("handshake done with peer %s from %s", _fingerprint(peer), self._peer())
+        server._start_handler(conn)
+        if rest:
+            conn._data(rest)
+
+    def eof_received(self) -> bool:
+        if self._conn is not None:
+            self._conn._eof()
+        return False
+
+    def pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._protocols.discard(self)
+        if self._conn is not None:
+            self._conn._connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class NoiseServer:
+    """A listening Noise KK server; see start_server."""
+
+    def __init__(self, keys: _ResponderKeys,
+                 handler: Callable[[NoiseConnection], Awaitable[None]],
+                 limits: ServerLimits, loop: asyncio.AbstractEventLoop):
+        self._keys = keys
+        self._handler = handler
+        self._limits = limits
+        self._loop = loop
+        self._protocols: set[_ServerProtocol] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._closing = False
+        self._last_refusal_log = float("-inf")
+        self.port = 0
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections, those still in their handshake included."""
+        return len(self._protocols)
+
+    def _refused(self) -> None:
+        # Logged at most once a minute: a flood must not flood the log too.
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 60.0:
+            self._last_refusal_log = now
+            logger.warning("connection refused: max_connections (%d) reached",
+                           self._limits.max_connections)
+
+    def _start_handler(self, conn: NoiseConnection) -> None:
+        task = self._loop.create_task(self._run_handler(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, conn: NoiseConnection) -> None:
+        try:
+            await self._handler(conn)
+        except ConnectionClosed as e:
+            logger.debug("peer %s: %s", _fingerprint(conn.peer_public), e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("handler failed for peer %s", _fingerprint(conn.peer_public),
+                           exc_info=True)
+        finally:
+            await conn.close()
+
+    async def close(self) -> None:
+        """Stop listening, cancel handlers, close every connection."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        protocols = list(self._protocols)
+        for proto in protocols:
+            proto._transport.abort()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        lost = [p.lost for p in protocols if p.lost is not None]
+        if lost:
+            await asyncio.gather(*lost, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def start_server(host: str, port: int, local_private: bytes,
+                       known_peers: Iterable[bytes],
+                       handler: Callable[[NoiseConnection], Awaitable[None]],
+                       limits: ServerLimits | None = None) -> NoiseServer:
+    """Listen on host:port; run ``handler(conn)`` for every peer that completes KK.
+
+    The connection is closed when the handler returns or raises.
+    """
+    limits = limits if limits is not None else ServerLimits()
+    loop = asyncio.get_running_loop()
+    keys = _ResponderKeys(local_private, known_peers)
+    for index in range(len(keys.peers)):
+        keys.ss(index)
+    server = NoiseServer(keys, handler, limits, loop)
+    server._server = await loop.create_server(lambda: _ServerProtocol(server), host, port)
+    server.port = server._server.sockets[0].getsockname()[1]
+    return server
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, handshake: InitiatorHandshake, remote_public: bytes,
+                 done: asyncio.Future, loop: asyncio.AbstractEventLoop):
+        self._handshake = handshake
+        self._remote = remote_public
+        self._done = done
+        self._loop = loop
+        self._buf = bytearray()
+        self._conn: NoiseConnection | None = None
+        self._transport: asyncio.Transport | None = None
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        transport.write(self._handshake.act_one())
+
+    def _fail(self, error: TransportError) -> None:
+        if not self._done.done():
+            self._done.set_exception(error)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn._data(data)
+            return
+        if self._done.done():
+            return
+        buf = self._buf
+        buf += data
+        if len(buf) < ACT_TWO_LEN:
+            return
+        try:
+            codec = self._handshake.read_act_two(bytes(buf[:ACT_TWO_LEN]))
+        except TransportError as e:
+            self._transport.abort()
+            self._fail(e)
+            return
+        rest = bytes(buf[ACT_TWO_LEN:])
+        self._buf = bytearray()
+        conn = self._conn = NoiseConnection(self._transport, codec, self._remote, None,
+                                            self._loop, self.lost)
+        self._done.set_result(conn)
+        if rest:
+            conn._data(rest)
+
+    def eof_received(self) -> bool:
+        if self._conn is not None:
+            self._conn._eof()
+        else:
+            self._fail(ConnectionClosed("server closed the connection during the handshake"))
+        return False
+
+    def pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._conn._connection_lost(exc)
+        else:
+            self._fail(ConnectionClosed("connection lost during the handshake"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def connect(host: str, port: int, local_private: bytes, remote_public: bytes,
+                  timeout: float = 10.0) -> NoiseConnection:
+    """Open a channel to a responder; ``timeout`` bounds TCP connect and handshake together
+    (asyncio.TimeoutError when it expires)."""
+    loop = asyncio.get_running_loop()
+    handshake = InitiatorHandshake(local_private, remote_public)
+    remote = bytes(remote_public)
+    done: asyncio.Future = loop.create_future()
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: _ClientProtocol(handshake, remote, done, loop), host, port)
+            return await done
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        if not done.done():
+            done.cancel()
+        raise
