@@ -1,0 +1,304 @@
+"""revault-sync-server: the untrusted relay between wallets and watchtowers.
+
+Stakeholders exchange revocation signatures through it (`sig`, `get_sigs`, `err_sig`),
+managers announce spend attempts (`request_spend`) that watchtowers poll
+(`get_spend_requests`) and judge (`spend_opinion`), and managers collect the signed
+opinions (`get_spend_opinions`). It verifies nothing it cannot: wallets check every
+signature they get; the one exception is an opinion's own signature, checked against
+the opinion's `pubkey` so that the relay never stores a forgery.
+
+Usage: `revault-sync-server --config /etc/revault/sync-server.toml`
+(see contrib/sync-server.sample.toml for every key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitcoin.core import CTransaction, b2lx
+
+from revault import rpc
+from revault.config import ConfigError, ConfigTable
+from revault.daemon import CommonConfig, run_daemon
+from revault.messages import (
+    AckResult, ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
+    GetSpendOpinionsResult, GetSpendRequestsParams, GetSpendRequestsResult, RelayedOpinion,
+    RequestSpendParams, SigParams, SpendOpinionParams, SpendRequest, verify_opinion,
+)
+from revault.rpc import INVALID_PARAMS, REFUSED, Caller, Dispatcher, RpcError
+from revault.sync_store import (
+    DATABASE_NAME, QuotaExceeded, Quotas, Retention, SqliteSyncStore, SyncStore,
+)
+from revault.transport import MAX_PLAINTEXT
+
+log = logging.getLogger("revault.sync_server")
+
+STAKEHOLDER, MANAGER, WATCHTOWER = "stakeholder", "manager", "watchtower"
+
+DEFAULT_REQUESTS_PER_SECOND = 50.0
+DEFAULT_PURGE_INTERVAL = 600.0
+
+# The response envelope around a list, and the caller's echoed `id`, must fit in the
+# frame too. Ids are ours to bound only here: a client using a string id longer than
+# this gets "response too large" from the dispatcher instead of a truncated list.
+ENVELOPE_RESERVE = 4096
+RESPONSE_BUDGET = MAX_PLAINTEXT - ENVELOPE_RESERVE
+# No serialized spend request is smaller than this (a 1-in 1-out transaction in base64
+# plus the vault id), so fetching more rows than budget/this could never be relayed.
+MIN_REQUEST_JSON = 200
+
+# One response must carry every signature of an id (about 220 bytes each).
+MAX_SIGNATURES_PER_ID = 250
+# GetSpendOpinionsResult refuses more than this many on the client side.
+MAX_OPINIONS_PER_VAULT = 1_000
+
+
+@dataclass(frozen=True)
+class SyncServerConfig:
+    common: CommonConfig
+    stakeholders: list[bytes]
+    managers: list[bytes]
+    watchtowers: list[bytes]
+    requests_per_second: float
+    purge_interval: float
+    retention: Retention
+    quotas: Quotas
+
+
+class _Problems:
+    """Reads keys one by one, collecting every bad one instead of stopping at the first.
+
+    A key never reached because an earlier one was bad would otherwise be reported as
+    unknown by run_daemon, which is wrong and sends the operator on a goose chase.
+    """
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def read(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            self.problems.extend(e.problems)
+            return None
+
+    def finish(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
+    """Every key of the sync server's config; unknown ones are reported by run_daemon."""
+    p = _Problems()
+    common = p.read(CommonConfig.read, table, base)
+    peers = p.read(table.table, "peers")
+    stakeholders = managers = watchtowers = None
+    if peers is not None:
+        stakeholders = p.read(peers.noise_keys, "stakeholders")
+        managers = p.read(peers.noise_keys, "managers")
+        watchtowers = p.read(peers.noise_keys, "watchtowers")
+    requests_per_second = p.read(table.number, "requests_per_second", minimum=0.1,
+                                 maximum=1_000_000, default=DEFAULT_REQUESTS_PER_SECOND)
+    purge_interval = p.read(table.number, "purge_interval", minimum=1, maximum=86_400,
+                            default=DEFAULT_PURGE_INTERVAL)
+
+    retention = quotas = None
+    expiry = p.read(table.table, "expiry", {})
+    if expiry is not None:
+        d = Retention()
+        longest = 3650 * 86_400
+        values = {key: p.read(expiry.integer, key, minimum=60, maximum=longest,
+                              default=getattr(d, key))
+                  for key in ("signatures", "spend_requests", "spend_opinions")}
+        retention = Retention(**values)
+    limits = p.read(table.table, "quotas", {})
+    if limits is not None:
+        d = Quotas()
+        maxima = {"signatures_per_id": MAX_SIGNATURES_PER_ID,
+                  "opinions_per_vault": MAX_OPINIONS_PER_VAULT}
+        values = {key: p.read(limits.integer, key, minimum=1,
+                              maximum=maxima.get(key, 1_000_000_000), default=getattr(d, key))
+                  for key in Quotas.__dataclass_fields__}
+        quotas = Quotas(**values)
+    p.finish()
+    return SyncServerConfig(
+        common=common, stakeholders=stakeholders, managers=managers, watchtowers=watchtowers,
+        requests_per_second=requests_per_second, purge_interval=purge_interval,
+        retention=retention, quotas=quotas)
+
+
+def _json_size(obj: dict) -> int:
+    # The same serialization rpc uses for responses, so the budget is exact.
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def fit_in_budget(items: list[dict], budget: int = RESPONSE_BUDGET) -> list[dict]:
+    """The longest prefix of `items` whose JSON array fits in `budget` bytes."""
+    used = 2  # the brackets
+    for i, item in enumerate(items):
+        used += _json_size(item) + (1 if i else 0)
+        if used > budget:
+            return items[:i]
+    return items
+
+
+def spend_txid(transaction_b64: str) -> str:
+    """Display-order txid of an already validated base64 transaction."""
+    return b2lx(CTransaction.deserialize(base64.b64decode(transaction_b64)).GetTxid())
+
+
+def _refuse_quota(e: QuotaExceeded, caller: Caller) -> RpcError:
+    # The dispatcher logs the refusal by code only; which quota is what an operator needs.
+    if e.quota.startswith("total_"):
+        # A full table refuses every peer, not only this one.
+        log.warning("%s: refusing new rows until some expire or the quota is raised (%s)",
+                    e, caller.describe())
+    else:
+        log.info("%s for %s", e, caller.describe())
+    return RpcError(REFUSED, str(e))
+
+
+class SyncServer:
+    """The `Service` run by run_daemon: roles, handlers, and the periodic purge."""
+
+    def __init__(self, config: SyncServerConfig, store: SyncStore):
+        self.store = store
+        self.requests_per_second = config.requests_per_second
+        self._purge_interval = config.purge_interval
+        self._opinion_fetch = config.quotas.opinions_per_vault
+        roles: dict[bytes, set[str]] = {}
+        for role, keys in ((STAKEHOLDER, config.stakeholders), (MANAGER, config.managers),
+                           (WATCHTOWER, config.watchtowers)):
+            for key in keys:
+                roles.setdefault(key, set()).add(role)
+        self._roles = {key: frozenset(r) for key, r in roles.items()}
+        self.known_peers = list(self._roles)
+        self.dispatcher = Dispatcher()
+        self._register()
+        self._purge_task: asyncio.Task | None = None
+
+    def roles_of(self, peer_public: bytes) -> frozenset[str]:
+        return self._roles.get(peer_public, frozenset())
+
+    def start(self) -> None:
+        self._purge_task = asyncio.get_running_loop().create_task(self._purge_loop())
+
+    async def _purge_loop(self) -> None:
+        while True:
+            try:
+                purged = await self.store.purge_expired()
+                if purged:
+                    log.info("purged %d expired rows", purged)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A purge that fails (disk full, say) must not stop the service; reads
+                # still filter expired rows and the next round tries again.
+                log.exception("purging expired rows failed")
+            await asyncio.sleep(self._purge_interval)
+
+    async def close(self) -> None:
+        if self._purge_task is not None:
+            self._purge_task.cancel()
+            await asyncio.gather(self._purge_task, return_exceptions=True)
+        await self.store.close()
+
+    def _register(self) -> None:
+        d = self.dispatcher
+        store = self.store
+
+        @d.method("sig", params=SigParams, roles=[STAKEHOLDER])
+        async def sig(caller: Caller, p: SigParams) -> AckResult:
+            try:
+                await store.put_signature(p.id, p.pubkey, p.signature, caller.public_key)
+            except QuotaExceeded as e:
+                raise _refuse_quota(e, caller) from None
+            return AckResult()
+
+        @d.method("get_sigs", params=GetSigsParams, roles=[STAKEHOLDER, MANAGER])
+        async def get_sigs(caller: Caller, p: GetSigsParams) -> GetSigsResult:
+            return GetSigsResult(signatures=await store.get_signatures(p.id))
+
+        @d.method("err_sig", params=ErrSigParams, roles=[STAKEHOLDER])
+        async def err_sig(caller: Caller, p: ErrSigParams) -> AckResult:
+            erased = await store.erase_signatures(p.id)
+            # Who asked matters when signatures keep vanishing: one stakeholder could be
+            # stalling everyone's signing round.
+            log.info("err_sig for id %s from %s: erased %d signatures", p.id,
+                     caller.describe(), erased)
+            return AckResult()
+
+        @d.method("request_spend", params=RequestSpendParams, roles=[MANAGER])
+        async def request_spend(caller: Caller, p: RequestSpendParams) -> AckResult:
+            try:
+                await store.put_spend_request(p.vault_id, spend_txid(p.transaction),
+                                              p.transaction, p.timestamp, caller.public_key)
+            except QuotaExceeded as e:
+                raise _refuse_quota(e, caller) from None
+            return AckResult()
+
+        @d.method("get_spend_requests", params=GetSpendRequestsParams, roles=[WATCHTOWER])
+        async def get_spend_requests(caller: Caller,
+                                     p: GetSpendRequestsParams) -> GetSpendRequestsResult:
+            rows = await store.get_spend_requests(RESPONSE_BUDGET // MIN_REQUEST_JSON)
+            requests = [SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
+                                     vault_id=r.vault_id) for r in rows]
+            kept = fit_in_budget([r.to_json() for r in requests])
+            if len(kept) < len(requests):
+                # Newest first, so what is left out is the oldest, soonest to expire.
+                log.info("get_spend_requests for %s: %d of %d pending requests fit in one "
+                         "response", caller.describe(), len(kept), len(requests))
+            return GetSpendRequestsResult(requests=requests[:len(kept)])
+
+        @d.method("spend_opinion", params=SpendOpinionParams, roles=[WATCHTOWER])
+        async def spend_opinion(caller: Caller, p: SpendOpinionParams) -> AckResult:
+            if not verify_opinion(p):
+                raise RpcError(INVALID_PARAMS, "sig: not a valid signature of this opinion "
+                                               "by pubkey")
+            try:
+                await store.put_opinion(p.vault_id, p.txid, p.pubkey, p.accept, p.reason,
+                                        p.sig, caller.public_key)
+            except QuotaExceeded as e:
+                raise _refuse_quota(e, caller) from None
+            return AckResult()
+
+        @d.method("get_spend_opinions", params=GetSpendOpinionsParams, roles=[MANAGER])
+        async def get_spend_opinions(caller: Caller,
+                                     p: GetSpendOpinionsParams) -> GetSpendOpinionsResult:
+            rows = await store.get_opinions(p.vault_id, self._opinion_fetch)
+            opinions = [RelayedOpinion(accepted=o.accepted, reason=o.reason, sig=o.sig,
+                                       pubkey=o.pubkey, txid=o.txid) for o in rows]
+            kept = fit_in_budget([o.to_json() for o in opinions],
+                                 RESPONSE_BUDGET - len(p.vault_id) - 16)
+            if len(kept) < len(opinions):
+                log.info("get_spend_opinions for %s: %d of %d opinions on vault %s fit in "
+                         "one response", caller.describe(), len(kept), len(opinions),
+                         p.vault_id)
+            return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=opinions[:len(kept)])
+
+
+async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncServer:
+    # aiosqlite logs every statement with its parameters at debug: at log_level=debug that
+    # would drown our own lines and copy every stored signature into the journal.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+    store = await SqliteSyncStore.open(config.common.data_dir / DATABASE_NAME,
+                                       config.retention, config.quotas)
+    server = SyncServer(config, store)
+    server.start()
+    log.info("peers: %d stakeholders, %d managers, %d watchtowers",
+             len(config.stakeholders), len(config.managers), len(config.watchtowers))
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon("sync-server", argv, read_config, make_service)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,718 @@
+"""revault-sync-server end to end: a real daemon subprocess over real Noise sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import coincurve
+import pytest
+import pytest_asyncio
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, b2lx
+
+from revault import transport
+from revault.messages import RelayedOpinion, sign_opinion, verify_opinion
+from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
+from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
+
+HOST = "127.0.0.1"
+
+
+# --- test data ----------------------------------------------------------------------
+
+def h(text: str) -> str:
+    """A 64-hex id, distinct per text: tx uids and vault ids in these tests."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def btc_key(n: int) -> coincurve.PrivateKey:
+    return coincurve.PrivateKey(n.to_bytes(32, "big"))
+
+
+def pubkey(n: int) -> str:
+    return btc_key(n).public_key.format(compressed=True).hex()
+
+
+def der(n: int, message: str = "m") -> str:
+    """A DER low-S signature (coincurve normalizes S) without a sighash byte."""
+    return btc_key(n).sign(hashlib.sha256(message.encode()).digest(), hasher=None).hex()
+
+
+def high_s(sig_hex: str) -> str:
+    """The same signature with S replaced by n - S: valid DER, but high-S."""
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    sig = bytes.fromhex(sig_hex)
+    r_len = sig[3]
+    r = sig[4:4 + r_len]
+    s = int.from_bytes(sig[6 + r_len:], "big")
+    s_bytes = (n - s).to_bytes(33, "big").lstrip(b"\0")
+    if s_bytes[0] & 0x80:
+        s_bytes = b"\0" + s_bytes
+    body = b"\x02" + bytes([len(r)]) + r + b"\x02" + bytes([len(s_bytes)]) + s_bytes
+    return (b"\x30" + bytes([len(body)]) + body).hex()
+
+
+def spend_tx(seed: str, outputs: int = 1) -> tuple[str, str]:
+    """(base64 transaction, txid) of a distinct, well-formed spend transaction."""
+    tx = CMutableTransaction(
+        [CMutableTxIn(COutPoint(hashlib.sha256(seed.encode()).digest(), 0),
+                      nSequence=0xFFFFFFFD)],
+        [CMutableTxOut(10_000 + i, CScript([0, hashlib.sha256(f"{seed}{i}".encode()).digest()]))
+         for i in range(outputs)],
+        nVersion=2)
+    return base64.b64encode(tx.serialize()).decode(), b2lx(tx.GetTxid())
+
+
+WATCHTOWER_KEY = (0x11).to_bytes(1, "big") * 32
+
+
+# --- daemons --------------------------------------------------------------------------
+
+@dataclass
+class Peers:
+    server: NoiseIdentity
+    stakeholder: NoiseIdentity
+    stakeman: NoiseIdentity       # stakeholder and manager
+    manager: NoiseIdentity
+    watchtower: NoiseIdentity
+    everything: NoiseIdentity     # all three roles: bad-input tests reach parsing
+    stranger: NoiseIdentity       # in no list
+
+
+def make_peers(tmp: Path) -> Peers:
+    return Peers(**{name: NoiseIdentity.create(tmp / f"{name}.key")
+                    for name in Peers.__dataclass_fields__})
+
+
+def sync_config(peers: Peers, **extra) -> dict:
+    config = {
+        "listen": f"{HOST}:0",
+        "data_dir": "data",
+        "noise_key_file": "server.key",
+        "log_level": "debug",
+        "requests_per_second": 10_000,
+        "peers": {
+            "stakeholders": [p.public.hex() for p in
+                             (peers.stakeholder, peers.stakeman, peers.everything)],
+            "managers": [p.public.hex() for p in
+                         (peers.stakeman, peers.manager, peers.everything)],
+            "watchtowers": [p.public.hex() for p in (peers.watchtower, peers.everything)],
+        },
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return config
+
+
+class Sync:
+    """A running sync server and a way to talk to it as any of the peers."""
+
+    def __init__(self, tmp: Path, peers: Peers, config: dict):
+        self.peers = peers
+        self.daemon = DaemonProcess("sync-server", write_config(tmp / "sync.toml", config), tmp)
+
+    async def client(self, who: NoiseIdentity) -> RpcClient:
+        return await RpcClient.connect(HOST, self.daemon.port, who.private,
+                                       self.peers.server.public, timeout=10)
+
+    async def call(self, who: NoiseIdentity, method: str, params: dict) -> dict:
+        async with await self.client(who) as rpc:
+            return await rpc.call(method, params, timeout=10)
+
+
+async def started(tmp: Path, **extra) -> Sync:
+    peers = make_peers(tmp)
+    sync = Sync(tmp, peers, sync_config(peers, **extra))
+    await sync.daemon.start()
+    return sync
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("sync")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sync(module_tmp):
+    sync = await started(module_tmp)
+    try:
+        yield sync
+        assert await sync.daemon.stop() == 0
+        logs = sync.daemon.stderr()
+        assert sync.peers.server.private.hex() not in logs
+        assert "Traceback" not in logs
+    finally:
+        sync.daemon.ensure_dead()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_sync(tmp_path):
+    """A daemon of the test's own, for restarts and kills."""
+    syncs = []
+
+    async def make(**extra) -> Sync:
+        s = await started(tmp_path, **extra)
+        syncs.append(s)
+        return s
+
+    yield make
+    for s in syncs:
+        s.daemon.ensure_dead()
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def poll(check, timeout: float = 5.0):
+    """Re-run `check` until it returns a truthy value, for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+async def rpc_error(coro) -> RpcError:
+    with pytest.raises(RpcError) as e:
+        await coro
+    return e.value
+
+
+# --- signatures -----------------------------------------------------------------------
+
+async def test_sig_get_sigs_replace_and_err_sig(sync):
+    p = sync.peers
+    tx = h("sigs-1")
+    assert await sync.call(p.stakeholder, "sig",
+                           {"pubkey": pubkey(1), "signature": der(1), "id": tx}) == {"ack": True}
+    # The stakeholder who is also a manager signs too, ACK-less as in the seed.
+    async with await sync.client(p.stakeman) as rpc:
+        await rpc.notify("sig", {"pubkey": pubkey(2), "signature": der(2), "id": tx})
+
+    async def both_present():
+        got = await sync.call(p.manager, "get_sigs", {"id": tx})
+        return got if len(got["signatures"]) == 2 else None
+
+    assert await poll(both_present) == {"signatures": {pubkey(1): der(1), pubkey(2): der(2)}}
+
+    # A new signature for the same (id, pubkey) replaces the old one.
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(1), "signature": der(1, "again"),
+                                           "id": tx})
+    got = await sync.call(p.stakeman, "get_sigs", {"id": tx})
+    assert got == {"signatures": {pubkey(1): der(1, "again"), pubkey(2): der(2)}}
+
+    other = h("sigs-1-other")
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(1), "signature": der(1), "id": other})
+    assert await sync.call(p.stakeman, "err_sig", {"id": tx}) == {"ack": True}
+    assert await sync.call(p.stakeholder, "get_sigs", {"id": tx}) == {"signatures": {}}
+    assert await sync.call(p.stakeholder, "get_sigs", {"id": other}) == {
+        "signatures": {pubkey(1): der(1)}}
+    # Who asked is in the log, by role and key prefix.
+    line = next(l for l in sync.daemon.stderr().splitlines() if f"err_sig for id {tx}" in l)
+    assert "INFO" in line and p.stakeman.public.hex()[:8] in line
+    assert "manager,stakeholder" in line and "erased 2 signatures" in line
+    # Signing again after err_sig works.
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(1), "signature": der(1), "id": tx})
+    assert await sync.call(p.manager, "get_sigs", {"id": tx}) == {
+        "signatures": {pubkey(1): der(1)}}
+
+
+async def test_requests_are_logged_at_debug_with_role_and_key(sync):
+    p = sync.peers
+    await sync.call(p.watchtower, "get_spend_requests", {})
+    lines = [l for l in sync.daemon.stderr().splitlines()
+             if "DEBUG" in l and "'get_spend_requests'" in l
+             and p.watchtower.public.hex()[:8] in l]
+    assert lines and "watchtower" in lines[-1]
+
+
+# --- spend requests and opinions --------------------------------------------------------
+
+async def test_spend_requests_batching_and_replace(sync):
+    p = sync.peers
+    v1, v2 = h("spend-vault-1"), h("spend-vault-2")
+    tx_a, _ = spend_tx("batch-a")
+    tx_b, _ = spend_tx("batch-b")
+    # One transaction spending two vaults, and a second attempt on the first vault.
+    for who, tx, ts, vault in ((p.manager, tx_a, 100, v1), (p.manager, tx_a, 100, v2),
+                               (p.stakeman, tx_b, 101, v1), (p.manager, tx_a, 150, v1)):
+        assert await sync.call(who, "request_spend",
+                               {"transaction": tx, "timestamp": ts, "vault_id": vault}) == {
+            "ack": True}
+    got = await sync.call(p.watchtower, "get_spend_requests", {})
+    mine = sorted((r["vault_id"], r["transaction"], r["timestamp"]) for r in got["requests"]
+                  if r["vault_id"] in (v1, v2))
+    assert mine == sorted([(v1, tx_a, 150), (v2, tx_a, 100), (v1, tx_b, 101)])
+    assert all(set(r) == {"transaction", "timestamp", "vault_id"} for r in got["requests"])
+
+
+async def test_spend_opinions_verified_latest_wins_relayed_as_signed(sync):
+    p = sync.peers
+    vault = h("opinion-vault")
+    _, txid_a = spend_tx("opinion-a")
+    _, txid_b = spend_tx("opinion-b")
+    key2 = (0x22).to_bytes(1, "big") * 32
+    first = sign_opinion(WATCHTOWER_KEY, vault, False, "destination not allowed", txid_a)
+    later = sign_opinion(WATCHTOWER_KEY, vault, True, "allowed after review", txid_a)
+    other = sign_opinion(key2, vault, True, "", txid_a)
+    on_b = sign_opinion(WATCHTOWER_KEY, vault, False, "too large", txid_b)
+    for opinion in (first, other, on_b, later):
+        assert await sync.call(p.watchtower, "spend_opinion", opinion.to_json()) == {
+            "ack": True}
+
+    got = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault})
+    assert got["vault_id"] == vault
+    relayed = {(o["txid"], o["pubkey"]): o for o in got["opinions"]}
+    assert set(relayed) == {(txid_a, later.pubkey), (txid_a, other.pubkey),
+                            (txid_b, on_b.pubkey)}
+    assert relayed[(txid_a, later.pubkey)] == {
+        "accepted": True, "reason": "allowed after review", "sig": later.sig,
+        "pubkey": later.pubkey, "txid": txid_a}
+    # A wallet can rebuild and check every relayed opinion.
+    for o in got["opinions"]:
+        assert set(o) == {"accepted", "reason", "sig", "pubkey", "txid"}
+        assert verify_opinion(RelayedOpinion.parse(o).to_params(vault))
+    # The stakeholder-manager gets them too; an empty vault gives an empty list.
+    assert (await sync.call(p.stakeman, "get_spend_opinions", {"vault_id": vault})) == got
+    assert await sync.call(p.manager, "get_spend_opinions", {"vault_id": h("none")}) == {
+        "vault_id": h("none"), "opinions": []}
+
+
+async def test_forged_or_altered_opinion_refused(sync):
+    p = sync.peers
+    vault = h("forged-vault")
+    _, txid = spend_tx("forged")
+    good = sign_opinion(WATCHTOWER_KEY, vault, False, "destination not allowed", txid).to_json()
+    altered = [
+        dict(good, accept=True),
+        dict(good, reason="something else"),
+        dict(good, txid=h("another")),
+        dict(good, vault_id=h("another vault")),
+        dict(good, pubkey=pubkey(5)),
+        dict(good, sig=der(7)),
+    ]
+    for params in altered:
+        e = await rpc_error(sync.call(p.watchtower, "spend_opinion", params))
+        assert e.code == INVALID_PARAMS and e.message.startswith("sig:"), (params, e)
+    assert await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault}) == {
+        "vault_id": vault, "opinions": []}
+
+
+async def test_design_test_vector_accepted_and_relayed_byte_for_byte(sync):
+    p = sync.peers
+    vector = {"accept": False,
+              "pubkey": "034f355bdcb7cc0af728ef3cceb9615d90684bb5b2ca5f859ab0f0b704075871aa",
+              "reason": "destination not allowed",
+              "sig": "3044022036c532872f1ca4867e95bed71baf7f0e8ad41a3fb9b22d29bd7c3f7b81cf3b41"
+                     "02203437122e5766910afb78d335a9ae74d99dfe89e86bf66e684296ba442fda3894",
+              "txid": "bb" * 32,
+              "vault_id": "e0e77a507412b120f6ede61f62295b1a7b2ff19d3dcc8f7253e51663470c888e"}
+    assert await sync.call(p.watchtower, "spend_opinion", vector) == {"ack": True}
+    got = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vector["vault_id"]})
+    assert got["opinions"] == [{"accepted": False, "reason": vector["reason"],
+                                "sig": vector["sig"], "pubkey": vector["pubkey"],
+                                "txid": vector["txid"]}]
+
+
+# --- roles -------------------------------------------------------------------------------
+
+ALLOWED = {
+    "sig": {"stakeholder"},
+    "get_sigs": {"stakeholder", "manager"},
+    "err_sig": {"stakeholder"},
+    "request_spend": {"manager"},
+    "get_spend_requests": {"watchtower"},
+    "spend_opinion": {"watchtower"},
+    "get_spend_opinions": {"manager"},
+}
+ROLES_OF = {"stakeholder": {"stakeholder"}, "manager": {"manager"},
+            "watchtower": {"watchtower"}, "stakeman": {"stakeholder", "manager"}}
+
+
+def valid_params(method: str) -> dict:
+    tx, txid = spend_tx("roles")
+    return {
+        "sig": {"pubkey": pubkey(3), "signature": der(3), "id": h("roles")},
+        "get_sigs": {"id": h("roles")},
+        "err_sig": {"id": h("roles-err")},
+        "request_spend": {"transaction": tx, "timestamp": 1, "vault_id": h("roles")},
+        "get_spend_requests": {},
+        "spend_opinion": sign_opinion(WATCHTOWER_KEY, h("roles"), True, "", txid).to_json(),
+        "get_spend_opinions": {"vault_id": h("roles")},
+    }[method]
+
+
+@pytest.mark.parametrize("peer", sorted(ROLES_OF))
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+async def test_role_table(sync, method, peer):
+    who = getattr(sync.peers, peer)
+    call = sync.call(who, method, valid_params(method))
+    if ROLES_OF[peer] & ALLOWED[method]:
+        assert isinstance(await call, dict)
+    else:
+        e = await rpc_error(call)
+        assert e.code == FORBIDDEN, e
+        assert method in e.message
+
+
+async def test_forbidden_even_with_bad_params(sync):
+    # The role is checked first: a forbidden caller learns nothing about validation.
+    e = await rpc_error(sync.call(sync.peers.watchtower, "sig", {"id": 5}))
+    assert e.code == FORBIDDEN
+
+
+async def test_unknown_noise_key_is_dropped(sync):
+    with pytest.raises((transport.TransportError, ConnectionError, asyncio.TimeoutError)):
+        rpc = await sync.client(sync.peers.stranger)
+        await rpc.call("get_sigs", {"id": h("x")}, timeout=5)
+    # And the server is unharmed.
+    assert await sync.call(sync.peers.stakeholder, "get_sigs", {"id": h("x")}) == {
+        "signatures": {}}
+
+
+async def test_unknown_method(sync):
+    e = await rpc_error(sync.call(sync.peers.everything, "get_everything", {}))
+    assert e.code == METHOD_NOT_FOUND
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _bad_hex_id(field: str) -> list[tuple[object, str]]:
+    return [(None, field), (5, field), ("ab" * 31, field), ("AB" * 32, field),
+            ("zz" * 32, field), ("ab" * 33, field)]
+
+
+def _bad_pubkey(field: str) -> list:
+    return [(None, field), (7, field), ("02" + "zz" * 32, field), (pubkey(1).upper(), field),
+            ("04" + "11" * 32, field), ("02" + "ff" * 32, field),
+            (coincurve.PrivateKey((1).to_bytes(32, "big")).public_key.format(False).hex(), field)]
+
+
+def _bad_der(field: str) -> list:
+    return [(None, field), (True, field), ("30" * 2, field), ("xyz", field),
+            (der(1) + "01", field), (high_s(der(1)), field), (der(1).upper(), field),
+            ("30" + "00" * 80, field)]
+
+
+def bad_cases() -> list[tuple[str, dict, str]]:
+    """(method, params, field the error must name); None means "leave the member out"."""
+    good_tx, txid = spend_tx("bad-input")
+    base = {
+        "sig": {"pubkey": pubkey(1), "signature": der(1), "id": h("bad")},
+        "get_sigs": {"id": h("bad")},
+        "err_sig": {"id": h("bad")},
+        "request_spend": {"transaction": good_tx, "timestamp": 5, "vault_id": h("bad")},
+        "spend_opinion": sign_opinion(WATCHTOWER_KEY, h("bad"), False, "no", txid).to_json(),
+        "get_spend_opinions": {"vault_id": h("bad")},
+    }
+    variants = {
+        ("sig", "pubkey"): _bad_pubkey("pubkey"),
+        ("sig", "signature"): _bad_der("signature"),
+        ("sig", "id"): _bad_hex_id("id"),
+        ("get_sigs", "id"): _bad_hex_id("id"),
+        ("err_sig", "id"): _bad_hex_id("id"),
+        ("request_spend", "transaction"): [
+            (None, "transaction"), (12, "transaction"), ("not base64!", "transaction"),
+            ("aGVsbG8=", "transaction"), (good_tx.rstrip("="), "transaction"),
+            ("", "transaction")],
+        ("request_spend", "timestamp"): [
+            (None, "timestamp"), ("5", "timestamp"), (-1, "timestamp"), (True, "timestamp"),
+            (1.5, "timestamp"), (2**64, "timestamp")],
+        ("request_spend", "vault_id"): _bad_hex_id("vault_id"),
+        ("spend_opinion", "vault_id"): _bad_hex_id("vault_id"),
+        ("spend_opinion", "accept"): [(None, "accept"), ("false", "accept"), (0, "accept")],
+        ("spend_opinion", "reason"): [(None, "reason"), (3, "reason"), ("", "reason"),
+                                      ("x" * 5000, "reason")],
+        ("spend_opinion", "sig"): _bad_der("sig") + [(der(9), "sig")],
+        ("spend_opinion", "pubkey"): _bad_pubkey("pubkey"),
+        ("spend_opinion", "txid"): _bad_hex_id("txid"),
+        ("get_spend_opinions", "vault_id"): _bad_hex_id("vault_id"),
+    }
+    cases = []
+    for (method, member), values in variants.items():
+        for value, field in values:
+            params = dict(base[method])
+            if value is None:
+                del params[member]
+            else:
+                params[member] = value
+            cases.append((method, params, field))
+    for method in list(base) + ["get_spend_requests"]:
+        cases.append((method, [1, 2], "params"))
+    return cases
+
+
+async def test_bad_input_table(sync):
+    """Every field of every method, each bad in several ways, on one connection."""
+    failures = []
+    async with await sync.client(sync.peers.everything) as rpc:
+        for method, params, field in bad_cases():
+            try:
+                result = await rpc.call(method, params, timeout=10)
+                failures.append((method, params, f"accepted: {result}"))
+            except RpcError as e:
+                if e.code != INVALID_PARAMS or not e.message.startswith(f"{field}:"):
+                    failures.append((method, params, f"{e.code} {e.message}"))
+    assert not failures, "\n".join(map(str, failures))
+    # Nothing bad was stored.
+    assert await sync.call(sync.peers.stakeholder, "get_sigs", {"id": h("bad")}) == {
+        "signatures": {}}
+    assert await sync.call(sync.peers.manager, "get_spend_opinions",
+                           {"vault_id": h("bad")}) == {"vault_id": h("bad"), "opinions": []}
+
+
+async def test_garbage_frames_answered_and_connection_survives(sync):
+    conn = await transport.connect(HOST, sync.daemon.port, sync.peers.stakeholder.private,
+                                   sync.peers.server.public)
+    try:
+        for frame, code in ((b"\xff\xfe", -32700), (b"[]", -32600), (b'"x"', -32600),
+                            (b'{"method":"get_sigs","params":{"id":"%s"},"id":1,"id":2}'
+                             % h("z").encode(), -32700)):
+            await conn.send(frame)
+            answer = json.loads(await conn.recv(timeout=5))
+            assert answer["error"]["code"] == code and answer["id"] is None
+        await conn.send(json.dumps({"jsonrpc": "2.0", "method": "get_sigs",
+                                    "params": {"id": h("z"), "future": 1}, "id": "s"}).encode())
+        assert json.loads(await conn.recv(timeout=5)) == {
+            "jsonrpc": "2.0", "result": {"signatures": {}}, "id": "s"}
+    finally:
+        await conn.close()
+
+
+# --- limits: quotas, rate, response size -----------------------------------------------------
+
+async def test_quotas_refused_with_quota_named(own_sync):
+    sync = await own_sync(quotas={"signatures_per_id": 2, "spend_requests_per_vault": 1,
+                                  "opinions_per_vault": 1})
+    p = sync.peers
+    tx = h("quota")
+    for n in (1, 2):
+        await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(n), "signature": der(n), "id": tx})
+    e = await rpc_error(sync.call(p.stakeholder, "sig",
+                                  {"pubkey": pubkey(3), "signature": der(3), "id": tx}))
+    assert e.code == REFUSED and "signatures_per_id" in e.message
+    # Replacing is still allowed at the bound.
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(2), "signature": der(4), "id": tx})
+
+    vault = h("quota-vault")
+    tx_a, txid_a = spend_tx("quota-a")
+    tx_b, txid_b = spend_tx("quota-b")
+    await sync.call(p.manager, "request_spend",
+                    {"transaction": tx_a, "timestamp": 1, "vault_id": vault})
+    e = await rpc_error(sync.call(p.manager, "request_spend",
+                                  {"transaction": tx_b, "timestamp": 1, "vault_id": vault}))
+    assert e.code == REFUSED and "spend_requests_per_vault" in e.message
+
+    await sync.call(p.watchtower, "spend_opinion",
+                    sign_opinion(WATCHTOWER_KEY, vault, True, "", txid_a).to_json())
+    e = await rpc_error(sync.call(p.watchtower, "spend_opinion",
+                                  sign_opinion(WATCHTOWER_KEY, vault, True, "", txid_b).to_json()))
+    assert e.code == REFUSED and "opinions_per_vault" in e.message
+    logs = sync.daemon.stderr()
+    assert "INFO revault.sync_server: quota opinions_per_vault reached (1) for roles=watchtower" \
+        f" key={p.watchtower.public.hex()[:8]}" in logs, logs
+    assert await sync.daemon.stop() == 0
+
+
+async def test_rate_limit_per_connection(own_sync):
+    sync = await own_sync(requests_per_second=5)
+    p = sync.peers
+    codes = []
+    async with await sync.client(p.stakeholder) as rpc:
+        for _ in range(30):
+            try:
+                await rpc.call("get_sigs", {"id": h("rate")})
+                codes.append(0)
+            except RpcError as e:
+                codes.append(e.code)
+    assert codes[:5] == [0] * 5  # the burst
+    assert REFUSED in codes
+    # Another connection has its own budget.
+    assert await sync.call(p.stakeholder, "get_sigs", {"id": h("rate")}) == {"signatures": {}}
+    assert await sync.daemon.stop() == 0
+
+
+async def test_spend_requests_response_fits_in_one_frame(own_sync):
+    sync = await own_sync()
+    p = sync.peers
+    big = [spend_tx(f"big-{i}", outputs=600) for i in range(4)]
+    assert all(25_000 < len(tx) < 60_000 for tx, _ in big)
+    async with await sync.client(p.manager) as rpc:
+        for i, (tx, _) in enumerate(big):
+            await rpc.call("request_spend",
+                           {"transaction": tx, "timestamp": i, "vault_id": h(f"big-{i}")})
+    got = await sync.call(p.watchtower, "get_spend_requests", {})
+    # Newest first; what does not fit is left out rather than failing the whole answer.
+    assert [r["timestamp"] for r in got["requests"]] == [3]
+    assert "1 of 4 pending requests fit" in sync.daemon.stderr()
+    assert await sync.daemon.stop() == 0
+
+
+# --- durability ------------------------------------------------------------------------------
+
+async def test_everything_persists_across_restart(own_sync):
+    sync = await own_sync()
+    p = sync.peers
+    tx_id, vault = h("persist"), h("persist-vault")
+    tx, txid = spend_tx("persist")
+    opinion = sign_opinion(WATCHTOWER_KEY, vault, True, "ok", txid)
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(1), "signature": der(1), "id": tx_id})
+    await sync.call(p.manager, "request_spend", {"transaction": tx, "timestamp": 9,
+                                                 "vault_id": vault})
+    await sync.call(p.watchtower, "spend_opinion", opinion.to_json())
+    assert await sync.daemon.stop(signal.SIGTERM) == 0
+    await sync.daemon.start()
+    assert await sync.call(p.manager, "get_sigs", {"id": tx_id}) == {
+        "signatures": {pubkey(1): der(1)}}
+    assert await sync.call(p.watchtower, "get_spend_requests", {}) == {
+        "requests": [{"transaction": tx, "timestamp": 9, "vault_id": vault}]}
+    got = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault})
+    assert got["opinions"] == [RelayedOpinion.from_params(opinion).to_json()]
+    assert await sync.daemon.stop() == 0
+
+
+async def test_every_acked_sig_survives_kill_9(own_sync):
+    sync = await own_sync()
+    p = sync.peers
+    writers, kill_after = 40, 400
+    acked: list[tuple[str, str, str]] = []
+    in_flight = 0
+    killed = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        nonlocal in_flight
+        key = pubkey(100 + w)
+        async with await sync.client(p.stakeholder) as rpc:
+            n = 0
+            while not killed.is_set():
+                tx_id, sig = h(f"kill-{w}-{n}"), der(100 + w, f"{n}")
+                in_flight += 1
+                try:
+                    await rpc.call("sig", {"pubkey": key, "signature": sig, "id": tx_id},
+                                   timeout=10)
+                except (transport.TransportError, ConnectionError, asyncio.TimeoutError):
+                    return
+                finally:
+                    in_flight -= 1
+                acked.append((tx_id, key, sig))
+                n += 1
+
+    tasks = [asyncio.create_task(writer(w)) for w in range(writers)]
+
+    async def enough():
+        return len(acked) >= kill_after or any(t.done() for t in tasks)
+
+    await poll(enough, timeout=60)
+    assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+    pending_at_kill = in_flight
+    sync.daemon.proc.send_signal(signal.SIGKILL)
+    acked_before_kill = len(acked)
+    killed.set()
+    await asyncio.gather(*tasks)
+    assert await sync.daemon.stop() == -signal.SIGKILL
+    total_acked = len(acked)  # answers already on the wire when the kill landed count too
+
+    await sync.daemon.start()
+    missing = []
+    async with await sync.client(p.manager) as rpc:
+        for tx_id, key, sig in acked:
+            got = await rpc.call("get_sigs", {"id": tx_id})
+            if got["signatures"].get(key) != sig:
+                missing.append(tx_id)
+    print(f"\nkill -9: {acked_before_kill} acked when SIGKILL was sent, {total_acked} acked "
+          f"in all, {pending_at_kill} in flight; {total_acked - len(missing)} of "
+          f"{total_acked} present after restart")
+    assert total_acked >= kill_after
+    assert not missing, f"{len(missing)} acknowledged signatures lost"
+    assert await sync.daemon.stop() == 0
+
+
+# --- many peers, slow peers -------------------------------------------------------------------
+
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        if target < needed:
+            pytest.skip(f"file-descriptor hard limit {hard} is below {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+async def test_500_concurrent_connections(sync):
+    raise_fd_limit(2048)
+    p = sync.peers
+    who = [p.stakeholder, p.stakeman, p.everything]
+    connect_slots = asyncio.Semaphore(50)  # stay within the listen backlog
+
+    async def connect(i: int) -> RpcClient:
+        async with connect_slots:
+            return await sync.client(who[i % 3])
+
+    clients = await asyncio.gather(*(connect(i) for i in range(500)))
+    try:
+        start = asyncio.Event()
+
+        async def work(i: int, rpc: RpcClient) -> dict:
+            await start.wait()
+            tx_id = h(f"many-{i}")
+            await rpc.call("sig", {"pubkey": pubkey(1000 + i), "signature": der(1000 + i),
+                                   "id": tx_id}, timeout=30)
+            return await rpc.call("get_sigs", {"id": tx_id}, timeout=30)
+
+        jobs = [asyncio.create_task(work(i, rpc)) for i, rpc in enumerate(clients)]
+        start.set()  # all 500 are open at once when the requests start
+        results = await asyncio.gather(*jobs)
+        assert results == [{"signatures": {pubkey(1000 + i): der(1000 + i)}}
+                           for i in range(500)]
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_stalled_handshakes_do_not_delay_a_good_client(sync):
+    raise_fd_limit(1024)
+    stalled = []
+    try:
+        for i in range(50):
+            reader, writer = await asyncio.open_connection(HOST, sync.daemon.port)
+            if i % 2:
+                writer.write(b"\x00" * 30)  # part of act one, then nothing
+                await writer.drain()
+            stalled.append(writer)
+        t0 = time.monotonic()
+        assert await sync.call(sync.peers.stakeholder, "get_sigs", {"id": h("slow")}) == {
+            "signatures": {}}
+        elapsed = time.monotonic() - t0
+        # The handshake timeout is 10 s: a server that waited on any stalled peer would
+        # take that long at least.
+        assert elapsed < 1.5, f"round trip took {elapsed:.2f}s"
+        # The stalled peers were still connected while we were served.
+        assert all(not w.is_closing() for w in stalled)
+    finally:
+        for w in stalled:
+            w.close()
+
+
+async def test_idle_connected_peer_does_not_delay_others(sync):
+    idle = await sync.client(sync.peers.manager)
+    half = await transport.connect(HOST, sync.daemon.port, sync.peers.watchtower.private,
+                                   sync.peers.server.public)
+    try:
+        # Half a frame: the server has started reading a request that never completes.
+        half._transport.write(b"\x01" * 10)
+        t0 = time.monotonic()
+        await sync.call(sync.peers.stakeholder, "get_sigs", {"id": h("idle")})
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        await idle.close()
+        await half.close()
