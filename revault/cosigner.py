@@ -1,0 +1,154 @@
+"""`revault-cosigner`: signs one input of a manager's spend, once per outpoint, ever.
+
+A cosigning server is run by each non-manager participant; its key is in the manager
+branch of every unvault script, so managers cannot spend without it. It signs whatever
+a manager asks (policy is the watchtowers' business) but only once per outpoint: the
+first request for an outpoint gets a fresh signature, every later one gets that same
+signature back, whatever transaction it carries. That is what stops a compromised
+manager set from double-spending a vault: a second, conflicting spend of the same
+unvault output cannot be completed.
+
+Only the managers' Noise keys are known peers, so anyone else is dropped at the
+handshake. The signing rules are in `cosigner_signing` (pure), the once-per-outpoint
+guarantee in `cosigner_store` (durable, serialized); this module wires them to the
+daemon scaffolding and logs every outpoint signed.
+
+Config (TOML; see contrib/cosigner.sample.toml):
+
+    listen = "127.0.0.1:8383"
+    data_dir = "/var/lib/revault-cosigner"
+    noise_key_file = "noise.key"
+    bitcoin_key_file = "bitcoin.key"
+    managers = ["<64 hex>", ...]
+    # optional: requests_per_second (per connection, default 10), idle_timeout,
+    # max_connections, log_level
+
+The store grows by one row per outpoint signed and never shrinks (see cosigner_store).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from revault.config import ConfigError, ConfigTable
+from revault.cosigner_signing import CosignerKey, PsbtRefused
+from revault.cosigner_store import DATABASE_NAME, SignatureStore, StoreClosed
+from revault.daemon import CommonConfig, key_prefix, run_daemon
+from revault.keys import KeyFileError, read_key_file
+from revault.messages import SignParams, SignResult
+from revault.rpc import INVALID_PARAMS, REFUSED, Caller, Dispatcher, RpcError
+
+log = logging.getLogger("revault.cosigner")
+
+NAME = "cosigner"
+MANAGER = "manager"
+DEFAULT_REQUESTS_PER_SECOND = 10.0
+
+
+@dataclass(frozen=True)
+class CosignerConfig:
+    common: CommonConfig
+    bitcoin_key_file: Path
+    managers: tuple[bytes, ...]
+    requests_per_second: float
+
+
+def read_config(table: ConfigTable, base: Path) -> CosignerConfig:
+    """Read and check every key; ConfigError lists each bad one (files are not touched)."""
+    problems: list[str] = []
+    values: dict = {}
+
+    def attempt(name, read):
+        try:
+            values[name] = read()
+        except ConfigError as e:
+            problems.extend(e.problems)
+
+    attempt("common", lambda: CommonConfig.read(table, base))
+    attempt("bitcoin_key_file", lambda: table.path("bitcoin_key_file", base))
+    attempt("managers", lambda: table.noise_keys("managers"))
+    attempt("requests_per_second", lambda: table.number(
+        "requests_per_second", minimum=0.001, maximum=1_000_000,
+        default=DEFAULT_REQUESTS_PER_SECOND))
+    if "managers" in values and not values["managers"]:
+        problems.append("managers: must list at least one manager's Noise public key")
+    if problems:
+        raise ConfigError(problems)
+    return CosignerConfig(
+        common=values["common"],
+        bitcoin_key_file=values["bitcoin_key_file"],
+        managers=tuple(values["managers"]),
+        requests_per_second=values["requests_per_second"],
+    )
+
+
+class CosignerService:
+    """The daemon's Service: the `sign` method for managers, backed by the store."""
+
+    def __init__(self, config: CosignerConfig, key: CosignerKey, store: SignatureStore):
+        self._key = key
+        self._store = store
+        self._managers = frozenset(config.managers)
+        self.known_peers: list[bytes] = list(config.managers)
+        self.requests_per_second: float | None = config.requests_per_second
+        self.dispatcher = Dispatcher()
+        self.dispatcher.method("sign", params=SignParams, roles=[MANAGER])(self.sign)
+
+    def roles_of(self, peer_public: bytes) -> frozenset[str]:
+        return frozenset({MANAGER}) if peer_public in self._managers else frozenset()
+
+    async def sign(self, caller: Caller, params: SignParams) -> SignResult:
+        manager = key_prefix(caller.public_key)
+        try:
+            request = self._key.prepare(params.tx, params.index)
+        except PsbtRefused as e:
+            log.info("sign refused for manager %s: %s", manager, e)
+            raise RpcError(INVALID_PARAMS, str(e)) from None
+        try:
+            outcome = await self._store.sign_once(request, caller.public_key)
+        except StoreClosed:
+            raise RpcError(REFUSED, "cosigner is shutting down") from None
+        stored = outcome.stored
+        if outcome.new:
+            log.info("signed outpoint %s: new signature for manager %s (spend %s)",
+                     request.outpoint, manager, request.spend_txid)
+        elif stored.spend_txid == request.spend_txid:
+            log.info("signed outpoint %s: replayed stored signature to manager %s "
+                     "(same spend %s)", request.outpoint, manager, request.spend_txid)
+        else:
+            # A different transaction for an outpoint already signed: either a manager
+            # rebuilt its spend, or someone is attempting a conflicting one. Operators
+            # want to see this.
+            log.warning("signed outpoint %s: replayed stored signature to manager %s, who "
+                        "asked for spend %s; it was signed for spend %s (manager %s)",
+                        request.outpoint, manager, request.spend_txid, stored.spend_txid,
+                        key_prefix(stored.manager))
+        return SignResult(signature=stored.signature.hex())
+
+    async def close(self) -> None:
+        await self._store.close()
+
+
+async def make_service(config: CosignerConfig, noise_private: bytes) -> CosignerService:
+    try:
+        key = CosignerKey(read_key_file(config.bitcoin_key_file))
+    except KeyFileError as e:
+        raise KeyFileError(f"bitcoin_key_file: {e}") from None
+    except ValueError:  # 0 or >= the curve order: coincurve refuses it
+        raise KeyFileError(
+            f"bitcoin_key_file: {config.bitcoin_key_file}: not a valid secp256k1 secret key") from None
+    store = await SignatureStore.open(config.common.data_dir / DATABASE_NAME, key.sign)
+    log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per connection",
+             key.public_key.hex(), len(config.managers), f"{config.requests_per_second:g}")
+    return CosignerService(config, key, store)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(NAME, argv, read_config, make_service)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
