@@ -57,7 +57,7 @@ TAG_LEN = 16
 HEADER_LEN = 2 + TAG_LEN                      # encrypt(u16_be(L))
 MIN_BODY_LEN = TAG_LEN                        # empty plaintext
 MAX_BODY_LEN = MAX_PLAINTEXT + TAG_LEN        # 65517
-MAX_FRAME_LEN = HEADER_LEN + MAX_BODY_LEN     # 65535: one frame fits a u16 on the reference side
+MAX_FRAME_LEN = HEADER_LEN + MAX_BODY_LEN     # 65535
 
 # Noise reserves nonce 2**64-1; a frame spends two nonces.
 _NONCE_LIMIT = 2**64 - 1
@@ -409,12 +409,13 @@ class ResponderHandshake:
         keys = self._keys
         re = _remote_ephemeral(data)
         ciphertext = bytes(data[KEY_LEN:])
-        es = _dh(keys.static, re)
+        # MixKey(es) acts on ck alone, which no candidate has touched yet, so it is done
+        # once; the cipher key it would set is replaced by MixKey(ss) before any use.
+        ck_es, _ = _PROTO.hkdf(_CK0, _dh(keys.static, re), 2)
         for index, peer in enumerate(keys.peers):
             # A fresh Noise state per candidate: the candidate's static key is part of h.
-            st = _symmetric(keys.h(index), _CK0)
+            st = _symmetric(keys.h(index), ck_es)
             st.mix_hash(re.public_bytes)
-            st.mix_key(es)
             st.mix_key(keys.ss(index))
             try:
                 payload = st.decrypt_and_hash(ciphertext)
