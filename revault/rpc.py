@@ -1,0 +1,439 @@
+"""JSON-RPC 2.0 envelope, dispatch by method with role checks, error codes.
+
+The envelope is pure (bytes in, parsed request or error out; response objects in,
+bytes out) so it can be tested and fuzzed without sockets; `serve_connection` and
+`RpcClient` are thin asyncio loops around it and a transport.NoiseConnection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable
+
+from revault import transport
+from revault.messages import ParamsError
+
+log = logging.getLogger("revault.rpc")
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+FORBIDDEN, REFUSED, INTERNAL_ERROR = -32001, -32002, -32603
+
+# Untrusted method names end up in error messages and log lines: echo only a prefix.
+MAX_METHOD_ECHO = 64
+MAX_LOGGED_MESSAGE = 200
+
+
+class RpcError(Exception):
+    """An error response: raised by handlers to answer one, and by RpcClient on receiving one."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code})"
+
+
+class ProtocolError(Exception):
+    """The server sent something that is not a JSON-RPC response to our call."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    public_key: bytes                 # the peer's Noise static key
+    roles: frozenset[str]             # e.g. {"stakeholder", "manager"}
+
+    def describe(self) -> str:
+        """Roles and key prefix: enough to tell peers apart in a log, nothing more."""
+        roles = ",".join(sorted(self.roles)) or "-"
+        return f"roles={roles} key={self.public_key.hex()[:8]}"
+
+
+# --- pure envelope ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    params: Any                       # the raw params member; {} when absent
+    id: int | str | None              # None only for a notification
+    notification: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeError:
+    """A frame that is not a request we can identify: answered with "id":null."""
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: int | str | None
+    result: Any = None
+    error: RpcError | None = None
+
+
+class _JsonRefused(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _JsonRefused(f"{name} is not JSON")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    # Two parsers that keep different duplicates would read one signed opinion two ways.
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _JsonRefused("duplicate member name")
+        obj[key] = value
+    return obj
+
+
+def _loads(raw: bytes) -> Any:
+    """Strict JSON from UTF-8 bytes; ValueError with a message safe to send back."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant,
+                          object_pairs_hook=_unique_members)
+    except _JsonRefused as e:
+        raise ValueError(str(e)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:
+        # json's own messages are fine but say nothing the client can act on.
+        raise ValueError("not JSON") from None
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (sent to us as a "\ud800" escape, e.g. in a string id) has
+        # no UTF-8 form; ASCII escapes carry it back unchanged.
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True,
+                          allow_nan=False).encode("ascii")
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _echo(name: str) -> str:
+    return name if len(name) <= MAX_METHOD_ECHO else name[:MAX_METHOD_ECHO] + "..."
+
+
+def decode_request(raw: bytes) -> Request | EnvelopeError:
+    """Parse one frame into a request, or the -32700/-32600 error that answers it."""
+    try:
+        obj = _loads(raw)
+    except ValueError as e:
+        return EnvelopeError(PARSE_ERROR, f"parse error: {e}")
+    if isinstance(obj, list):
+        return EnvelopeError(INVALID_REQUEST, "invalid request: batches are not supported")
+    if not isinstance(obj, dict):
+        return EnvelopeError(INVALID_REQUEST, "invalid request: not an object")
+    if "jsonrpc" in obj and obj["jsonrpc"] != "2.0":
+        return EnvelopeError(INVALID_REQUEST, 'invalid request: jsonrpc must be "2.0"')
+    method = obj.get("method")
+    if not isinstance(method, str):
+        return EnvelopeError(INVALID_REQUEST, "invalid request: method must be a string")
+    notification = "id" not in obj
+    request_id = obj.get("id")
+    if not notification and not _valid_id(request_id):
+        return EnvelopeError(INVALID_REQUEST,
+                             "invalid request: id must be an integer or a string")
+    params = obj.get("params", {})
+    # An array is valid JSON-RPC (by-position params) that our methods do not take:
+    # that is the params parser's -32602. Anything else is not JSON-RPC at all.
+    if not isinstance(params, (dict, list)):
+        return EnvelopeError(INVALID_REQUEST, "invalid request: params must be an object")
+    return Request(method=method, params=params, id=request_id, notification=notification)
+
+
+def encode_result(request_id: int | str | None, result: dict) -> bytes:
+    return _dumps({"jsonrpc": "2.0", "result": result, "id": request_id})
+
+
+def encode_error(request_id: int | str | None, code: int, message: str) -> bytes:
+    return _dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message},
+                   "id": request_id})
+
+
+def encode_request(method: str, params: dict, request_id: int | str | None = None) -> bytes:
+    """A request, or a notification when request_id is None."""
+    obj: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params}
+    if request_id is not None:
+        obj["id"] = request_id
+    return _dumps(obj)
+
+
+def decode_response(raw: bytes) -> Response:
+    """Parse a response frame; ProtocolError if it is not a well-formed response."""
+    try:
+        obj = _loads(raw)
+    except ValueError as e:
+        raise ProtocolError(f"response: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("response: not an object")
+    if "jsonrpc" in obj and obj["jsonrpc"] != "2.0":
+        raise ProtocolError('response: jsonrpc is not "2.0"')
+    if "id" not in obj or not (obj["id"] is None or _valid_id(obj["id"])):
+        raise ProtocolError("response: missing or invalid id")
+    if ("result" in obj) == ("error" in obj):
+        raise ProtocolError("response: needs exactly one of result and error")
+    if "result" in obj:
+        return Response(id=obj["id"], result=obj["result"])
+    error = obj["error"]
+    if (not isinstance(error, dict) or not isinstance(error.get("message"), str)
+            or not isinstance(error.get("code"), int) or isinstance(error.get("code"), bool)):
+        raise ProtocolError("response: malformed error")
+    return Response(id=obj["id"], error=RpcError(error["code"], error["message"]))
+
+
+# --- dispatch -------------------------------------------------------------------------
+
+Handler = Callable[[Caller, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Method:
+    params: type
+    roles: frozenset[str]
+    handler: Handler
+
+
+def _log_internal(method: str, caller: Caller, exc: BaseException) -> None:
+    # The frames say where it failed; the exception's message is left out because it
+    # may quote params values (signatures) or worse.
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error("internal error in %r for %s: %s\n%s", _echo(method), caller.describe(),
+              type(exc).__qualname__, frames)
+
+
+def _log_refusal(method: str, code: int, message: str, caller: Caller) -> None:
+    # Error messages are what the peer is told anyway (never params values), but may
+    # echo a hostile map key or method name: repr keeps a log record on one line.
+    log.info("refused %r (%d %r) for %s", _echo(method), code, message[:MAX_LOGGED_MESSAGE],
+             caller.describe())
+
+
+class Dispatcher:
+    def __init__(self, *, max_response: int | None = None):
+        self._methods: dict[str, _Method] = {}
+        # A response the transport cannot carry would otherwise kill the connection.
+        self.max_response = transport.MAX_PLAINTEXT if max_response is None else max_response
+
+    def method(self, name: str, params: type, roles: Iterable[str]):
+        """Decorator: register `async def handler(caller, params_obj)` returning a dict or
+        an object with to_json(). `params` is a messages.py class whose `parse(obj)` raises
+        messages.ParamsError."""
+        if isinstance(roles, str):
+            raise TypeError("roles must be an iterable of role names, not one string")
+        allowed = frozenset(roles)
+        if not allowed:
+            raise ValueError(f"method {name!r} needs at least one role")
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is already registered")
+
+        def register(handler: Handler) -> Handler:
+            self._methods[name] = _Method(params=params, roles=allowed, handler=handler)
+            return handler
+
+        return register
+
+    def refuse(self, caller: Caller, raw: bytes, code: int, message: str) -> bytes | None:
+        """Answer a frame with an error without running it (a notification gets nothing)."""
+        request = decode_request(raw)
+        if isinstance(request, EnvelopeError):
+            return self._envelope_error(caller, request)
+        _log_refusal(request.method, code, message, caller)
+        return None if request.notification else encode_error(request.id, code, message)
+
+    async def handle(self, caller: Caller, raw: bytes) -> bytes | None:
+        """Never raises. Returns the encoded response, or None for a notification.
+        Role is checked before params are parsed or the handler runs (-32001)."""
+        try:
+            request = decode_request(raw)
+            if isinstance(request, EnvelopeError):
+                return self._envelope_error(caller, request)
+            log.debug("request %r from %s", _echo(request.method), caller.describe())
+            outcome = await self._run(caller, request)
+            if request.notification:
+                return None
+            return self._encode(caller, request, outcome)
+        except Exception as e:
+            # Only a bug in this module gets here: still answer, never crash the loop.
+            _log_internal("?", caller, e)
+            return encode_error(None, INTERNAL_ERROR, "internal error")
+
+    def _envelope_error(self, caller: Caller, error: EnvelopeError) -> bytes:
+        _log_refusal("", error.code, error.message, caller)
+        return encode_error(None, error.code, error.message)
+
+    async def _run(self, caller: Caller, request: Request) -> dict | RpcError:
+        """The result as a JSON object, or the error that answers the request."""
+        outcome = await self._call(caller, request)
+        if isinstance(outcome, RpcError) and outcome.code != INTERNAL_ERROR:
+            _log_refusal(request.method, outcome.code, outcome.message, caller)
+        return outcome
+
+    async def _call(self, caller: Caller, request: Request) -> dict | RpcError:
+        entry = self._methods.get(request.method)
+        if entry is None:
+            return RpcError(METHOD_NOT_FOUND, f"unknown method: {_echo(request.method)}")
+        if not caller.roles & entry.roles:
+            return RpcError(FORBIDDEN, f"{request.method} may only be called by: "
+                                       f"{', '.join(sorted(entry.roles))}")
+        try:
+            params = entry.params.parse(request.params)
+            result = await entry.handler(caller, params)
+            if hasattr(result, "to_json"):
+                result = result.to_json()
+            if not isinstance(result, dict):
+                raise TypeError(f"handler returned {type(result).__qualname__}, not a dict")
+            return result
+        except ParamsError as e:
+            # Raised by parse, or by a handler that validates deeper (e.g. a PSBT).
+            return RpcError(INVALID_PARAMS, str(e))
+        except RpcError as e:
+            return e
+        except Exception as e:
+            _log_internal(request.method, caller, e)
+            return RpcError(INTERNAL_ERROR, "internal error")
+
+    def _encode(self, caller: Caller, request: Request, outcome: dict | RpcError) -> bytes:
+        if isinstance(outcome, RpcError):
+            return encode_error(request.id, outcome.code, outcome.message)
+        try:
+            response = encode_result(request.id, outcome)
+        except (TypeError, ValueError) as e:
+            _log_internal(request.method, caller, e)
+            return encode_error(request.id, INTERNAL_ERROR, "internal error")
+        if len(response) > self.max_response:
+            _log_refusal(request.method, REFUSED, f"response of {len(response)} bytes", caller)
+            return encode_error(request.id, REFUSED, "response too large")
+        return response
+
+
+# --- asyncio adapters ----------------------------------------------------------------
+
+class TokenBucket:
+    """`rate` tokens per second, holding at most max(1, rate): short bursts pass, floods do not."""
+
+    def __init__(self, rate: float, now: float):
+        if not rate > 0:
+            raise ValueError("requests_per_second must be positive")
+        self.rate = float(rate)
+        self.capacity = max(1.0, self.rate)
+        self.tokens = self.capacity
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        elapsed = max(0.0, now - self.stamp)
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatcher,
+                           caller: Caller, requests_per_second: float | None = None) -> None:
+    """Answer requests on one connection until it closes; over-rate requests get -32002."""
+    try:
+        bucket = (None if requests_per_second is None
+                  else TokenBucket(requests_per_second, time.monotonic()))
+        while True:
+            raw = await conn.recv()
+            if bucket is not None and not bucket.take(time.monotonic()):
+                response = dispatcher.refuse(caller, raw, REFUSED, "rate limit exceeded")
+            else:
+                response = await dispatcher.handle(caller, raw)
+            if response is not None:
+                await conn.send(response)
+    except transport.TransportError as e:
+        # ConnectionClosed is the normal end; a broken frame ends this connection only.
+        log.debug("connection of %s ended: %s", caller.describe(), type(e).__name__)
+    finally:
+        await conn.close()
+
+
+class RpcClient:
+    """One connection to a daemon; calls are serialized (one in flight at a time)."""
+
+    def __init__(self, conn: transport.NoiseConnection):
+        self._conn = conn
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, host: str, port: int, local_private: bytes, remote_public: bytes,
+                      timeout: float = 10.0) -> RpcClient:
+        return cls(await transport.connect(host, port, local_private, remote_public,
+                                           timeout=timeout))
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    async def call(self, method: str, params: dict, timeout: float = 30.0) -> dict:
+        """The result object; RpcError on an error response, TimeoutError past `timeout`.
+        After a timeout or a malformed response the connection is closed."""
+        async with self._lock:
+            self._next_id += 1
+            request_id = self._next_id
+            raw = encode_request(method, _params_json(params), request_id)
+            try:
+                return await asyncio.wait_for(self._exchange(raw, request_id), timeout)
+            except RpcError:
+                raise
+            except BaseException:
+                # The answer may still be on its way: it would be read as the answer
+                # to the next call. Only a fresh connection is unambiguous.
+                await self._conn.close()
+                raise
+
+    async def _exchange(self, raw: bytes, request_id: int) -> dict:
+        await self._conn.send(raw)
+        response = decode_response(await self._conn.recv())
+        if response.error is not None:
+            # The server answers "id":null when it could not read our id at all.
+            if response.id is not None and response.id != request_id:
+                raise ProtocolError("response id does not match the request")
+            raise response.error
+        if type(response.id) is not int or response.id != request_id:
+            raise ProtocolError("response id does not match the request")
+        if not isinstance(response.result, dict):
+            raise ProtocolError("result is not an object")
+        return response.result
+
+    async def notify(self, method: str, params: dict) -> None:
+        async with self._lock:
+            await self._conn.send(encode_request(method, _params_json(params)))
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> RpcClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _params_json(params: Any) -> dict:
+    # Accept the messages.py objects as well as plain dicts.
+    return params.to_json() if hasattr(params, "to_json") else params
