@@ -61,6 +61,17 @@ MIGRATIONS = [
 ]
 
 
+def lookup_sql(count: int) -> str:
+    """The rows of `count` outpoints (bound as txid, vout pairs) in one statement.
+
+    A join on the primary key, not `(txid, vout) IN (VALUES ...)`: SQLite plans the
+    latter as a scan of the whole table, which grows forever."""
+    values = ",".join("(?, ?)" for _ in range(count))
+    return ("SELECT s.txid, s.vout, s.signature, s.digest, s.spend_txid, s.manager, "
+            f"s.created_at FROM (VALUES {values}) AS q "
+            "JOIN signatures AS s ON s.txid = q.column1 AND s.vout = q.column2")
+
+
 class StoreClosed(Exception):
     """The store is shutting down; the request was not signed."""
 
@@ -157,12 +168,10 @@ class SignatureStore:
                 return
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
-        results: list[SignOutcome | None] = []
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                results.append(await self._sign_in_transaction(job))
+            results = await self._sign_in_transaction(batch)
             await db.execute("COMMIT")
         except Exception as e:
             # Nothing of this batch leaves the process: a signature is sent only after
@@ -186,34 +195,48 @@ class SignatureStore:
             except Exception as e:
                 log.error("signature store rollback failed: %s", e)
 
-    async def _sign_in_transaction(self, job: _Job) -> SignOutcome | None:
-        db = self._db
-        outpoint = job.outpoint
-        async with db.execute(
-            "SELECT signature, digest, spend_txid, manager, created_at FROM signatures "
-            "WHERE txid = ? AND vout = ?", (outpoint.txid, outpoint.vout),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is not None:
-            return SignOutcome(
-                StoredSignature(outpoint, bytes(row[0]), bytes(row[1]), row[2], bytes(row[3]),
-                                row[4]),
-                new=False)
-        if job.request is None:
-            return None
-        request = job.request
-        stored = StoredSignature(
-            outpoint=outpoint,
-            signature=self._signer(request.digest),
-            digest=request.digest,
-            spend_txid=request.spend_txid,
-            manager=job.manager,
-            created_at=int(time.time()),
+    async def _sign_in_transaction(self, batch: list[_Job]) -> list[SignOutcome | None]:
+        """Inside BEGIN IMMEDIATE: read every outpoint of the batch, sign the absent ones
+        in arrival order (a second job for an outpoint signed earlier in the same batch
+        gets that signature), insert them. One read and one write per batch: each
+        statement is a hop to aiosqlite's thread, which costs more than signing."""
+        outpoints = list(dict.fromkeys(job.outpoint for job in batch))
+        rows = await self._db.execute_fetchall(
+            lookup_sql(len(outpoints)),
+            [value for op in outpoints for value in (op.txid, op.vout)],
         )
-        await db.execute(
-            "INSERT INTO signatures (txid, vout, signature, digest, spend_txid, manager, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (outpoint.txid, outpoint.vout, stored.signature, stored.digest, stored.spend_txid,
-             stored.manager, stored.created_at),
-        )
-        return SignOutcome(stored, new=True)
+        known: dict[Outpoint, StoredSignature] = {}
+        for txid, vout, signature, digest, spend_txid, manager, created_at in rows:
+            outpoint = Outpoint(txid, vout)
+            known[outpoint] = StoredSignature(outpoint, bytes(signature), bytes(digest),
+                                              spend_txid, bytes(manager), created_at)
+        results: list[SignOutcome | None] = []
+        fresh: list[StoredSignature] = []
+        now = int(time.time())
+        for job in batch:
+            stored = known.get(job.outpoint)
+            if stored is not None:
+                results.append(SignOutcome(stored, new=False))
+            elif job.request is None:
+                results.append(None)
+            else:
+                stored = StoredSignature(
+                    outpoint=job.outpoint,
+                    signature=self._signer(job.request.digest),
+                    digest=job.request.digest,
+                    spend_txid=job.request.spend_txid,
+                    manager=job.manager,
+                    created_at=now,
+                )
+                known[job.outpoint] = stored
+                fresh.append(stored)
+                results.append(SignOutcome(stored, new=True))
+        if fresh:
+            await self._db.executemany(
+                "INSERT INTO signatures "
+                "(txid, vout, signature, digest, spend_txid, manager, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(st.outpoint.txid, st.outpoint.vout, st.signature, st.digest, st.spend_txid,
+                  st.manager, st.created_at) for st in fresh],
+            )
+        return results

@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 
 from revault.cosigner_signing import CosignerKey, Outpoint, PsbtRefused, script_pushes
-from revault.cosigner_store import DATABASE_NAME, SignatureStore
+from revault.cosigner_store import DATABASE_NAME, MIGRATIONS, SignatureStore, lookup_sql
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, kv, make_spend,
                                          p2wsh, pubkey, random_key, serialize_psbt)
 
@@ -327,3 +327,35 @@ async def test_store_is_durable_full_wal(tmp_path, key):
     await store.close()
     assert (tmp_path / DATABASE_NAME).stat().st_mode & 0o077 == 0
 
+
+
+def test_batch_lookup_uses_the_primary_key():
+    # The table only grows: a lookup that scans it would slow every request down forever.
+    db = sqlite3.connect(":memory:")
+    db.execute(MIGRATIONS[0])
+    db.executemany("INSERT INTO signatures VALUES (?, ?, x'00', x'00', '', x'00', 0)",
+                   [(os.urandom(32).hex(), v) for v in range(2000) for _ in range(1)])
+    db.execute("ANALYZE")
+    for count in (1, 7, 256):
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {lookup_sql(count)}",
+                                             ["00" * 32, 0] * count)]
+        assert any("USING PRIMARY KEY (txid=? AND vout=?)" in step for step in plan), plan
+        assert not any(step.startswith("SCAN s") or step == "SCAN signatures" for step in plan), plan
+
+
+async def test_store_batch_with_repeats_and_lookups(tmp_path, key):
+    # One batch mixing: the same outpoint several times, a lookup of an outpoint signed
+    # earlier in that batch, and fresh outpoints. Submitted together, committed together.
+    store = await SignatureStore.open(tmp_path / DATABASE_NAME, key.sign)
+    txid = os.urandom(32)
+    same = [key.prepare(make_spend(key.public_key, txid=txid).psbt(), 0) for _ in range(5)]
+    fresh = [key.prepare(make_spend(key.public_key).psbt(), 0) for _ in range(5)]
+    jobs = [store.sign_once(same[0], b"a" * 32), store.get(Outpoint(txid.hex(), 0)),
+            *(store.sign_once(r, b"b" * 32) for r in same[1:] + fresh)]
+    first, looked_up, *rest = await asyncio.gather(*jobs)
+    await store.close()
+    # The lookup was queued after the first request: it sees it (in the same transaction).
+    assert looked_up == first.stored
+    assert first.new and all(not o.new for o in rest[:4]) and all(o.new for o in rest[4:])
+    assert {o.stored.signature for o in rest[:4]} == {first.stored.signature}
+    assert len(rows(tmp_path / DATABASE_NAME)) == 6
