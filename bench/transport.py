@@ -1,0 +1,418 @@
+"""Throughput of revault.transport against ceilings measured in the same run.
+
+    .venv/bin/python bench/transport.py [--quick]
+
+Loopback only (127.0.0.1). The servers run in this process; the load comes from a child
+process (this script with --client, parameters on stdin, result on stdout), so that the
+server measured has one core to itself and client CPU is not charged to it.
+
+Figures:
+  * server-side handshakes per second: clients send a precomputed act one, read the 48
+    bytes of act two and close, so the server does all of its handshake work and the
+    client none; also the rate of full connect()+close by real clients;
+  * request round trips per second (echo handler), over 1 and 100 connections, for
+    100 B, 1 KiB and 60 KiB payloads.
+Ceilings:
+  (a) X25519 primitives divided by the X25519 work of one server-side handshake;
+  (b) the same handshake done in-process by the sans-IO classes, no sockets;
+  (c) in-process FrameCodec round trip (client encrypt, server feed, server encrypt,
+      client feed) for each payload;
+  (d) a plain asyncio TCP echo with the same u16 length-prefixed framing, no crypto,
+      same connection counts and payloads, same client process layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from revault import transport as t  # noqa: E402
+
+HOST = "127.0.0.1"
+SIZES = [("100 B", 100), ("1 KiB", 1024), ("60 KiB", 60 * 1024)]
+CONNECTIONS = [1, 100]
+HANDSHAKE_CLIENTS = 32
+
+# X25519 work of one server-side KK handshake in revault.transport:
+#   act one: es = DH(s, re)                          1 DH
+#            ss = DH(s, rs)                          0 per handshake: computed once per
+#                                                    known peer when the server starts
+#   act two: generate e (random scalar + base-point multiplication)   1 key generation
+#            ee = DH(e, re)                          1 DH
+#            se = DH(e, rs)                          1 DH
+# so 3 DH + 1 key generation (textbook KK without the ss cache: 4 DH + 1 key generation).
+SERVER_DH_PER_HANDSHAKE = 3
+SERVER_KEYGEN_PER_HANDSHAKE = 1
+
+
+# ------------------------------------------------------------------------------ timing
+
+def per_second(fn, duration: float) -> float:
+    """Calls of fn per CPU-second of this process, over about `duration` seconds: CPU time,
+    not wall time, so that other load on the machine does not lower the ceilings."""
+    fn()
+    count, started = 0, time.process_time()
+    deadline = started + duration
+    batch = 1
+    while True:
+        for _ in range(batch):
+            fn()
+        count += batch
+        now = time.process_time()
+        if now >= deadline:
+            return count / (now - started)
+        batch = min(batch * 2, 256)
+
+
+# ------------------------------------------------------------------------------ ceilings
+
+def ceiling_x25519(duration: float) -> dict:
+    a, b = t._DH.generate_keypair(), t._DH.generate_keypair()
+    dh = per_second(lambda: t._DH.dh(a.private, b.public), duration)
+    gen = per_second(t._DH.generate_keypair, duration)
+    per_handshake = SERVER_DH_PER_HANDSHAKE / dh + SERVER_KEYGEN_PER_HANDSHAKE / gen
+    return {"dh": dh, "keygen": gen, "handshakes": 1.0 / per_handshake}
+
+
+def ceiling_sans_io_handshake(duration: float, server_private: bytes, client_private: bytes,
+                              peers: list[bytes]) -> float:
+    keys = t._ResponderKeys(server_private, peers)
+    for i in range(len(keys.peers)):
+        keys.ss(i)
+    server_public = t.public_key(server_private)
+    acts = [t.InitiatorHandshake(client_private, server_public).act_one() for _ in range(64)]
+    state = {"i": 0}
+
+    def one():
+        handshake = t.ResponderHandshake._with_keys(keys)
+        handshake.read_act_one(acts[state["i"] % len(acts)])
+        handshake.act_two()
+        state["i"] += 1
+
+    return per_second(one, duration)
+
+
+def ceiling_codec(duration: float, size: int) -> float:
+    ini = t.InitiatorHandshake(b"\x01" * 32, t.public_key(b"\x02" * 32))
+    resp = t.ResponderHandshake(b"\x02" * 32, [t.public_key(b"\x01" * 32)])
+    resp.read_act_one(ini.act_one())
+    act_two, server = resp.act_two()
+    client = ini.read_act_two(act_two)
+    payload = os.urandom(size)
+
+    def round_trip():
+        [request] = server.feed(client._seal(payload))
+        [reply] = client.feed(server._seal(request))
+        assert len(reply) == size
+
+    return per_second(round_trip, duration)
+
+
+# ------------------------------------------------------------------------------ servers
+
+async def noise_echo(conn: t.NoiseConnection) -> None:
+    while True:
+        await conn.send(await conn.recv())
+
+
+class PlainEchoServer(asyncio.Protocol):
+    """u16_be(len) + payload frames, echoed back in one write; no crypto at all."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data):
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            size = (buf[pos] << 8) | buf[pos + 1]
+            if end - pos - 2 < size:
+                break
+            self.transport.write(bytes(buf[pos:pos + 2 + size]))
+            pos += 2 + size
+        if pos:
+            del buf[:pos]
+
+
+# ------------------------------------------------------------------------------ client side
+
+class PlainConnection(asyncio.Protocol):
+    """Client counterpart of PlainEchoServer with NoiseConnection's shape (queue + waiter),
+    so that the two clients differ by the crypto and little else."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.messages: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            size = (buf[pos] << 8) | buf[pos + 1]
+            if end - pos - 2 < size:
+                break
+            self.messages.append(bytes(buf[pos + 2:pos + 2 + size]))
+            pos += 2 + size
+        if pos:
+            del buf[:pos]
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
+
+    def connection_lost(self, exc):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+    async def send(self, payload: bytes) -> None:
+        self.transport.write(struct.pack(">H", len(payload)) + payload)
+
+    async def recv(self) -> bytes:
+        while not self.messages:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        return self.messages.popleft()
+
+    async def close(self) -> None:
+        self.transport.close()
+
+
+async def client_round_trips(p: dict) -> dict:
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(p["size"])
+    conns = []
+    for i in range(p["connections"]):
+        if p["kind"] == "noise":
+            conns.append(await t.connect(HOST, p["port"], bytes.fromhex(p["client_key"]),
+                                         bytes.fromhex(p["server_public"])))
+        else:
+            _, proto = await loop.create_connection(PlainConnection, HOST, p["port"])
+            conns.append(proto)
+    state = {"measuring": False, "stop": False, "count": 0}
+
+    async def worker(conn):
+        while not state["stop"]:
+            await conn.send(payload)
+            reply = await conn.recv()
+            if len(reply) != len(payload):
+                raise RuntimeError("short echo")
+            if state["measuring"]:
+                state["count"] += 1
+
+    tasks = [asyncio.create_task(worker(c)) for c in conns]
+    count, elapsed = await measure_window(p, state)
+    await asyncio.gather(*tasks)
+    for c in conns:
+        await c.close()
+    return {"count": count, "elapsed": elapsed}
+
+
+async def measure_window(p: dict, state: dict) -> tuple[int, float]:
+    """Warm up, then count for p["duration"]; tells the server the window's edges on stdout
+    so that it can sample its own CPU time over exactly that window."""
+    await asyncio.sleep(p["warmup"])
+    print("start", flush=True)
+    state["measuring"] = True
+    started = time.perf_counter()
+    await asyncio.sleep(p["duration"])
+    count, elapsed = state["count"], time.perf_counter() - started
+    state["measuring"] = False
+    print("end", flush=True)
+    state["stop"] = True
+    return count, elapsed
+
+
+async def client_handshakes(p: dict) -> dict:
+    server_public = bytes.fromhex(p["server_public"])
+    client_key = bytes.fromhex(p["client_key"])
+    full = p["kind"] == "full"
+    acts = [t.InitiatorHandshake(client_key, server_public).act_one() for _ in range(256)]
+    state = {"measuring": False, "stop": False, "count": 0, "i": 0}
+
+    async def raw_probe():
+        reader, writer = await asyncio.open_connection(HOST, p["port"])
+        state["i"] += 1
+        writer.write(acts[state["i"] % len(acts)])
+        await reader.readexactly(t.ACT_TWO_LEN)
+        writer.close()
+
+    async def full_probe():
+        conn = await t.connect(HOST, p["port"], client_key, server_public)
+        await conn.close()
+
+    probe = full_probe if full else raw_probe
+
+    async def worker():
+        while not state["stop"]:
+            await probe()
+            if state["measuring"]:
+                state["count"] += 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(p["clients"])]
+    count, elapsed = await measure_window(p, state)
+    await asyncio.gather(*tasks)
+    return {"count": count, "elapsed": elapsed}
+
+
+def client_main() -> None:
+    params = json.loads(sys.stdin.read())
+    if params["kind"] in ("raw", "full"):
+        result = asyncio.run(client_handshakes(params))
+    else:
+        result = asyncio.run(client_round_trips(params))
+    print(json.dumps(result))
+
+
+class Figure:
+    """A loopback figure: operations per wall second, and server CPU time per operation."""
+
+    def __init__(self, count: int, elapsed: float, server_cpu: float):
+        self.rate = count / elapsed
+        self.cpu_us = server_cpu / count * 1e6 if count else float("inf")
+
+
+async def run_client(params: dict) -> Figure:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    proc.stdin.write(json.dumps(params).encode())
+    proc.stdin.close()
+    bound = params["warmup"] + params["duration"] + 120
+
+    async def window() -> tuple[float, dict]:
+        assert (await proc.stdout.readline()).strip() == b"start"
+        cpu = time.process_time()
+        assert (await proc.stdout.readline()).strip() == b"end"
+        cpu = time.process_time() - cpu
+        return cpu, json.loads(await proc.stdout.read())
+
+    try:
+        server_cpu, result = await asyncio.wait_for(window(), bound)
+        await asyncio.wait_for(proc.wait(), bound)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"client process failed ({params['kind']})")
+    return Figure(result["count"], result["elapsed"], server_cpu)
+
+
+# ------------------------------------------------------------------------------ report
+
+def fmt_rate(x: float) -> str:
+    return f"{x:>12,.0f}"
+
+
+def row(name: str, fig: Figure, unit: str, ceilings: list[tuple[str, float, float]]) -> str:
+    """Wall rate and its ratio to each ceiling's rate; then server CPU per operation and the
+    ratio of the ceiling's CPU per operation to it (1.00 = the server is as cheap as the
+    ceiling). Each ceiling is (label, rate, CPU microseconds per operation)."""
+    walls = "  ".join(f"{label} {fig.rate / rate:5.2f}" for label, rate, _ in ceilings)
+    cpus = "  ".join(f"{label} {us / fig.cpu_us:5.2f}" for label, _, us in ceilings)
+    return (f"  {name:<34}{fmt_rate(fig.rate)} {unit:<5} {walls}  |"
+            f" {fig.cpu_us:8.1f} us  {cpus}")
+
+
+async def main(quick: bool) -> None:
+    duration = 0.4 if quick else 3.0
+    warmup = 0.2 if quick else 0.5
+    prim_duration = 0.3 if quick else 2.0
+    server_key, client_key = os.urandom(32), os.urandom(32)
+    server_public = t.public_key(server_key)
+    # A realistic deployment knows a handful of peers; the bench client is the first one.
+    peers = [t.public_key(client_key)] + [t.public_key(os.urandom(32)) for _ in range(7)]
+
+    print(f"revault.transport bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs, "
+          f"loopback, load from a separate client process, {duration:g} s per figure, "
+          f"server knows {len(peers)} peers")
+    x = ceiling_x25519(prim_duration)
+    sans_io = ceiling_sans_io_handshake(prim_duration, server_key, client_key, peers)
+    codec = {size: ceiling_codec(prim_duration, size) for _, size in SIZES}
+
+    limits = t.ServerLimits(max_connections=4096)
+    noise = await t.start_server(HOST, 0, server_key, peers, noise_echo, limits)
+    loop = asyncio.get_running_loop()
+    plain = await loop.create_server(PlainEchoServer, HOST, 0)
+    plain_port = plain.sockets[0].getsockname()[1]
+    common = {"server_public": server_public.hex(), "client_key": client_key.hex(),
+              "duration": duration, "warmup": warmup}
+    try:
+        raw_hs = await run_client({**common, "kind": "raw", "port": noise.port,
+                                   "clients": HANDSHAKE_CLIENTS})
+        full_hs = await run_client({**common, "kind": "full", "port": noise.port,
+                                    "clients": HANDSHAKE_CLIENTS})
+        noise_rtt, plain_rtt = {}, {}
+        for conns in CONNECTIONS:
+            for _, size in SIZES:
+                for kind, port, into in (("noise", noise.port, noise_rtt),
+                                         ("plain", plain_port, plain_rtt)):
+                    into[conns, size] = await run_client(
+                        {**common, "kind": kind, "port": port, "connections": conns,
+                         "size": size})
+    finally:
+        await noise.close()
+        plain.close()
+        await plain.wait_closed()
+
+    print()
+    print("ceilings (in-process ones per CPU-second of one core)")
+    print(f"  {'X25519 DH (exchange)':<38}{fmt_rate(x['dh'])} /s")
+    print(f"  {'X25519 key generation':<38}{fmt_rate(x['keygen'])} /s")
+    print(f"  {'(a) X25519 bound on handshakes':<38}{fmt_rate(x['handshakes'])} /s    "
+          f"({SERVER_DH_PER_HANDSHAKE} DH + {SERVER_KEYGEN_PER_HANDSHAKE} keygen each)")
+    print(f"  {'(b) sans-IO responder handshake':<38}{fmt_rate(sans_io)} /s")
+    for label, size in SIZES:
+        print(f"  {'(c) FrameCodec round trip ' + label:<38}{fmt_rate(codec[size])} rt/s"
+              f"    (both ends' crypto)")
+    for conns in CONNECTIONS:
+        for label, size in SIZES:
+            fig = plain_rtt[conns, size]
+            print(f"  {f'(d) plain TCP echo {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
+                  f"  server {fig.cpu_us:6.1f} us CPU per rt")
+
+    print()
+    print(f"  {'':<34}{'wall rate':>12} {'':<5} {'wall rate / ceiling':<24}|"
+          f" {'server CPU/op':>11}  ceiling CPU/op / server CPU/op")
+    print("server-side handshakes (ceilings a, b)")
+    hs_ceilings = [("/a", x["handshakes"], 1e6 / x["handshakes"]),
+                   ("/b", sans_io, 1e6 / sans_io)]
+    print(row(f"act one/act two, {HANDSHAKE_CLIENTS} clients", raw_hs, "/s", hs_ceilings))
+    print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s", hs_ceilings))
+    print("request round trips, echo handler (ceilings c, d)")
+    for conns in CONNECTIONS:
+        for label, size in SIZES:
+            plain_fig = plain_rtt[conns, size]
+            print(row(f"{conns} conn, {label}", noise_rtt[conns, size], "rt/s",
+                      [("/c", codec[size], 1e6 / codec[size]),
+                       ("/d", plain_fig.rate, plain_fig.cpu_us)]))
+    print()
+    print("Clients run in a separate process; on a machine with other load the wall rates")
+    print("move a lot, the server CPU per operation much less. A server round trip does half")
+    print("of ceiling (c)'s crypto (one feed, one seal), so its CPU ratio to (c) can reach 2.")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        client_main()
+    else:
+        asyncio.run(main(args.quick))
