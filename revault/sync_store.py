@@ -2,9 +2,14 @@
 
 Handlers see only the `SyncStore` protocol, so another backend can be added without
 touching them. `SqliteSyncStore` is the one shipped: a single database file in the
-daemon's data_dir, WAL with synchronous=FULL, one transaction per logical write, and a
-method that returns only once that transaction is committed durably; the caller may
-acknowledge as soon as it returns.
+daemon's data_dir, WAL with synchronous=FULL, and write methods that return only once
+their write is committed durably; the caller may acknowledge as soon as one returns.
+
+Each logical write is atomic: its checks and changes run inside one SAVEPOINT, and a
+write that is refused or fails rolls back alone. Writes that arrive while a commit is
+being flushed are committed together by the next transaction (group commit), so that
+concurrent writers share one fsync instead of queueing for one each; none is
+acknowledged before the COMMIT holding it has returned.
 
 Everything here is transient: rows expire (`Retention`) and are filtered out on read
 before the periodic purge deletes them. Every table is bounded (`Quotas`) so that no
@@ -22,7 +27,7 @@ from typing import Callable, Protocol
 
 import aiosqlite
 
-from revault.storage import Transaction, open_database
+from revault.storage import open_database
 
 DAY = 86_400
 
@@ -159,7 +164,8 @@ MIGRATIONS = [
 ]
 
 DATABASE_NAME = "sync-server.sqlite3"
-PURGE_BATCH = 5_000  # rows per purge transaction: keeps the write lock short
+PURGE_BATCH = 5_000  # rows per purge write: bounds how long one write holds the writer
+MAX_GROUP = 256      # writes per transaction: bounds the wait of the writes behind them
 
 _TABLES = ("signatures", "spend_requests", "opinions")
 
@@ -167,10 +173,10 @@ _TABLES = ("signatures", "spend_requests", "opinions")
 class SqliteSyncStore:
     """`SyncStore` on SQLite: one connection for writes, one for reads.
 
-    Writes are serialized by an asyncio lock held only around the database work (never
-    across network I/O), and run shielded from cancellation: a peer that hangs up while
-    its write is committing cannot leave a transaction half-open for the next writer.
-    Reads use their own connection, so in WAL mode they never wait for a commit's fsync.
+    Writes go through a queue to a single writer task, which holds the write connection
+    and never waits on the network; a peer that hangs up while its write is queued or
+    committing changes nothing for that write or the others. Reads use their own
+    connection, so in WAL mode they never wait for a commit's fsync.
     """
 
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
@@ -180,11 +186,14 @@ class SqliteSyncStore:
         self._retention = retention
         self._quotas = quotas
         self._clock = clock
-        self._write_lock = asyncio.Lock()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._writer_task: asyncio.Task | None = None
         # Row counts per table, kept in memory so that the total quotas cost no COUNT(*)
         # over a million rows per write. Only this object writes the file (one daemon
-        # per data_dir), and counts change only after a successful COMMIT.
+        # per data_dir); counts change only after a successful COMMIT.
         self._totals: dict[str, int] = {}
+        # Changes by the earlier writes of the transaction being built.
+        self._group_deltas: dict[str, int] = dict.fromkeys(_TABLES, 0)
         self._closed = False
 
     @classmethod
@@ -203,8 +212,10 @@ class SqliteSyncStore:
                 rows = await writer.execute_fetchall(f"SELECT COUNT(*) FROM {table}")
                 store._totals[table] = rows[0][0]
         except BaseException:
-            await store.close()
+            await reader.close()
+            await writer.close()
             raise
+        store._writer_task = asyncio.get_running_loop().create_task(store._write_loop())
         return store
 
     def _now(self) -> int:
@@ -218,21 +229,77 @@ class SqliteSyncStore:
         return self._now() - ttl
 
     async def _write(self, work) -> object:
-        """Run `work(db, deltas)` in one durable transaction, serialized with other writes.
+        """Run `work(db, deltas)` atomically and return once it is durably committed.
 
-        `deltas` collects row-count changes, applied to the totals only after COMMIT.
+        `deltas` collects the row-count changes, applied to the totals after COMMIT.
         """
-        async def run():
-            async with self._write_lock:
-                if self._closed:
-                    raise RuntimeError("store is closed")
+        if self._closed:
+            raise RuntimeError("store is closed")
+        future = asyncio.get_running_loop().create_future()
+        # A caller cancelled while waiting (its peer went away) leaves the outcome to
+        # nobody: retrieve it so asyncio does not report it as lost.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.put_nowait((work, future))
+        return await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is None:
+                break
+            group = [item]
+            while len(group) < MAX_GROUP and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+            await self._commit_group(group)
+
+    async def _commit_group(self, group: list) -> None:
+        db = self._writer
+        self._group_deltas = dict.fromkeys(_TABLES, 0)
+        outcomes: list[tuple[asyncio.Future, BaseException | None, object]] = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for work, future in group:
                 deltas = dict.fromkeys(_TABLES, 0)
-                async with Transaction(self._writer) as db:
+                await db.execute("SAVEPOINT write")
+                try:
                     result = await work(db, deltas)
+                except Exception as e:
+                    await db.execute("ROLLBACK TO write")
+                    await db.execute("RELEASE write")
+                    outcomes.append((future, e, None))
+                    continue
+                await db.execute("RELEASE write")
                 for table, delta in deltas.items():
-                    self._totals[table] += delta
-                return result
-        return await asyncio.shield(run())
+                    self._group_deltas[table] += delta
+                outcomes.append((future, None, result))
+            await db.execute("COMMIT")
+        except Exception as e:
+            # Nothing of this group is durable: every write in it fails, none is acked.
+            try:
+                await db.execute("ROLLBACK")
+            except Exception:
+                pass  # a failed COMMIT may already have rolled back
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        finally:
+            committed = self._group_deltas
+            self._group_deltas = dict.fromkeys(_TABLES, 0)
+        for table, delta in committed.items():
+            self._totals[table] += delta
+        for future, error, result in outcomes:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
     async def _one(self, db: aiosqlite.Connection, sql: str, args: tuple):
         rows = await db.execute_fetchall(sql, args)
@@ -240,7 +307,10 @@ class SqliteSyncStore:
 
     async def _check_total(self, db: aiosqlite.Connection, table: str, quota: str,
                            limit: int, deltas: dict[str, int]) -> None:
-        if self._totals[table] + deltas[table] < limit:
+        def total() -> int:
+            return self._totals[table] + self._group_deltas[table] + deltas[table]
+
+        if total() < limit:
             return
         # Expired rows may still be waiting for the periodic purge; they must not
         # refuse a live write.
@@ -248,7 +318,7 @@ class SqliteSyncStore:
                                   (self._cutoff(table),))
         deltas[table] -= cursor.rowcount
         await cursor.close()
-        if self._totals[table] + deltas[table] >= limit:
+        if total() >= limit:
             raise QuotaExceeded(quota, limit)
 
     # --- signatures -----------------------------------------------------------
@@ -414,7 +484,7 @@ class SqliteSyncStore:
                     await cursor.close()
                     return -deltas[table]
 
-                # One batch per transaction: writers queued behind the purge wait for one
+                # One batch per write: writers queued behind the purge wait for one
                 # batch at most, not for the whole backlog.
                 deleted = await self._write(work)
                 purged += deleted
@@ -426,9 +496,12 @@ class SqliteSyncStore:
         return dict(self._totals)
 
     async def close(self) -> None:
-        async with self._write_lock:
-            if self._closed:
-                return
-            self._closed = True
-            await self._reader.close()
-            await self._writer.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer_task is not None:
+            # Writes already queued are committed (and acknowledged) before closing.
+            self._queue.put_nowait(None)
+            await self._writer_task
+        await self._reader.close()
+        await self._writer.close()

@@ -274,3 +274,66 @@ async def test_cancelled_writer_still_commits_and_frees_the_lock(store):
     await store.put_signature(ID1, PK2, "30bb", BOB)  # would fail if a transaction leaked
     assert await store.get_signatures(ID1) == {PK1: "30aa", PK2: "30bb"}
 
+
+
+async def test_group_commit_refuses_only_the_writes_over_quota(open_store):
+    store = await open_store(Quotas(signatures_per_id=3))
+    pubkeys = [f"02{i:064x}" for i in range(8)]
+    results = await asyncio.gather(
+        *(store.put_signature(ID1, pk, "30aa", ALICE) for pk in pubkeys),
+        store.put_signature(ID2, PK1, "30bb", BOB),
+        return_exceptions=True)
+    stored = await store.get_signatures(ID1)
+    accepted = [pk for pk, r in zip(pubkeys, results) if r is None]
+    assert sorted(accepted) == sorted(stored) and len(stored) == 3
+    assert all(isinstance(r, QuotaExceeded) for r in results[:8] if r is not None)
+    assert results[8] is None and await store.get_signatures(ID2) == {PK1: "30bb"}
+    assert store.row_counts()["signatures"] == 4
+
+
+class FailingCommit:
+    """The write connection, except that the next COMMIT fails (a full disk, say)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.fail_next_commit = True
+
+    async def execute(self, sql, *args):
+        if sql == "COMMIT" and self.fail_next_commit:
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return await self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+async def test_failed_commit_fails_every_write_of_the_group(store):
+    real = store._writer
+    store._writer = FailingCommit(real)
+    try:
+        results = await asyncio.gather(
+            *(store.put_signature(ID1, f"02{i:064x}", "30aa", ALICE) for i in range(5)),
+            return_exceptions=True)
+    finally:
+        store._writer = real
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert await store.get_signatures(ID1) == {}
+    assert store.row_counts()["signatures"] == 0
+    await store.put_signature(ID1, PK1, "30aa", ALICE)  # the writer is still healthy
+    assert await store.get_signatures(ID1) == {PK1: "30aa"}
+
+
+async def test_close_commits_writes_already_queued(tmp_path, clock):
+    path = tmp_path / "sync.sqlite3"
+    store = await SqliteSyncStore.open(path, clock=clock)
+    writes = [asyncio.create_task(store.put_signature(f"{i:064x}", PK1, "30aa", ALICE))
+              for i in range(20)]
+    await asyncio.sleep(0)  # let them queue
+    await store.close()
+    await asyncio.gather(*writes)  # each was acknowledged, so each must be on disk
+    store = await SqliteSyncStore.open(path, clock=clock)
+    try:
+        assert store.row_counts()["signatures"] == 20
+    finally:
+        await store.close()
