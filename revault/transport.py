@@ -803,9 +803,10 @@ async def start_server(host: str, port: int, local_private: bytes,
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, handshake: InitiatorHandshake, remote_public: bytes,
+    def __init__(self, handshake: InitiatorHandshake, act_one: bytes, remote_public: bytes,
                  done: asyncio.Future, loop: asyncio.AbstractEventLoop):
         self._handshake = handshake
+        self._act_one = act_one
         self._remote = remote_public
         self._done = done
         self._loop = loop
@@ -816,7 +817,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        transport.write(self._handshake.act_one())
+        transport.write(self._act_one)
 
     def _fail(self, error: TransportError) -> None:
         if not self._done.done():
@@ -877,13 +878,15 @@ async def connect(host: str, port: int, local_private: bytes, remote_public: byt
     (asyncio.TimeoutError when it expires)."""
     loop = asyncio.get_running_loop()
     handshake = InitiatorHandshake(local_private, remote_public)
+    # Before connecting: a key the DH refuses must fail here, not inside a protocol callback.
+    act_one = handshake.act_one()
     remote = bytes(remote_public)
     done: asyncio.Future = loop.create_future()
     transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
-                lambda: _ClientProtocol(handshake, remote, done, loop), host, port)
+                lambda: _ClientProtocol(handshake, act_one, remote, done, loop), host, port)
             return await done
     except BaseException:
         if transport is not None:

@@ -532,6 +532,11 @@ async def test_client_refuses_bad_act_two():
         await fake.wait_closed()
 
 
+async def test_connect_with_low_order_server_key_fails_fast():
+    with pytest.raises(TransportError):
+        await connect(HOST, 9, ALICE, bytes(32), timeout=BOUND)
+
+
 async def test_client_closes_on_bad_frame_from_server():
     async def forger(reader, writer):
         resp = ResponderHandshake(SERVER, PEERS)
