@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import sqlite3
+
 import aiosqlite
 
 from revault.storage import open_database
@@ -231,7 +233,8 @@ class SqliteSyncStore:
     async def _write(self, work) -> object:
         """Run `work(db, deltas)` atomically and return once it is durably committed.
 
-        `deltas` collects the row-count changes, applied to the totals after COMMIT.
+        `work` runs on the database thread with the write connection; `deltas` collects
+        its row-count changes, applied to the totals after COMMIT.
         """
         if self._closed:
             raise RuntimeError("store is closed")
@@ -255,58 +258,64 @@ class SqliteSyncStore:
                     stopping = True
                     break
                 group.append(item)
-            await self._commit_group(group)
-
-    async def _commit_group(self, group: list) -> None:
-        db = self._writer
-        self._group_deltas = dict.fromkeys(_TABLES, 0)
-        outcomes: list[tuple[asyncio.Future, BaseException | None, object]] = []
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            for work, future in group:
-                deltas = dict.fromkeys(_TABLES, 0)
-                await db.execute("SAVEPOINT write")
-                try:
-                    result = await work(db, deltas)
-                except Exception as e:
-                    await db.execute("ROLLBACK TO write")
-                    await db.execute("RELEASE write")
-                    outcomes.append((future, e, None))
-                    continue
-                await db.execute("RELEASE write")
-                for table, delta in deltas.items():
-                    self._group_deltas[table] += delta
-                outcomes.append((future, None, result))
-            await db.execute("COMMIT")
-        except Exception as e:
-            # Nothing of this group is durable: every write in it fails, none is acked.
             try:
-                await db.execute("ROLLBACK")
-            except Exception:
-                pass  # a failed COMMIT may already have rolled back
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(e)
-            return
-        finally:
-            committed = self._group_deltas
-            self._group_deltas = dict.fromkeys(_TABLES, 0)
-        for table, delta in committed.items():
-            self._totals[table] += delta
-        for future, error, result in outcomes:
-            if future.done():
+                # The whole group in one hop to the database thread: per-statement hops
+                # would each wait for the GIL while the event loop is busy serving peers.
+                outcomes, deltas = await self._writer._execute(
+                    self._run_group, self._writer._conn, [work for work, _ in group])
+            except Exception as e:
+                # Nothing of this group is durable: every write in it fails, none is acked.
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(e)
                 continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+            for table, delta in deltas.items():
+                self._totals[table] += delta
+            for (_, future), (error, result) in zip(group, outcomes):
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
 
-    async def _one(self, db: aiosqlite.Connection, sql: str, args: tuple):
-        rows = await db.execute_fetchall(sql, args)
-        return rows[0] if rows else None
+    def _run_group(self, db: sqlite3.Connection, works: list) -> tuple[list, dict[str, int]]:
+        """On the database thread: one transaction, one savepoint per write."""
+        self._group_deltas = group_deltas = dict.fromkeys(_TABLES, 0)
+        outcomes: list[tuple[Exception | None, object]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for work in works:
+                deltas = dict.fromkeys(_TABLES, 0)
+                db.execute("SAVEPOINT write")
+                try:
+                    result = work(db, deltas)
+                except Exception as e:
+                    db.execute("ROLLBACK TO write")
+                    db.execute("RELEASE write")
+                    outcomes.append((e, None))
+                    continue
+                db.execute("RELEASE write")
+                for table, delta in deltas.items():
+                    group_deltas[table] += delta
+                outcomes.append((None, result))
+            self._commit(db)
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes, group_deltas
 
-    async def _check_total(self, db: aiosqlite.Connection, table: str, quota: str,
-                           limit: int, deltas: dict[str, int]) -> None:
+    @staticmethod
+    def _commit(db: sqlite3.Connection) -> None:
+        db.execute("COMMIT")
+
+    @staticmethod
+    def _one(db: sqlite3.Connection, sql: str, args: tuple):
+        return db.execute(sql, args).fetchone()
+
+    def _check_total(self, db: sqlite3.Connection, table: str, quota: str,
+                     limit: int, deltas: dict[str, int]) -> None:
         def total() -> int:
             return self._totals[table] + self._group_deltas[table] + deltas[table]
 
@@ -314,10 +323,9 @@ class SqliteSyncStore:
             return
         # Expired rows may still be waiting for the periodic purge; they must not
         # refuse a live write.
-        cursor = await db.execute(f"DELETE FROM {table} WHERE stored_at <= ?",
+        cursor = db.execute(f"DELETE FROM {table} WHERE stored_at <= ?",
                                   (self._cutoff(table),))
         deltas[table] -= cursor.rowcount
-        await cursor.close()
         if total() >= limit:
             raise QuotaExceeded(quota, limit)
 
@@ -327,30 +335,30 @@ class SqliteSyncStore:
                             submitter: bytes) -> None:
         q = self._quotas
 
-        async def work(db, deltas):
+        def work(db, deltas):
             cutoff = self._cutoff("signatures")
-            existing = await self._one(
+            existing = self._one(
                 db, "SELECT submitter FROM signatures WHERE tx_id = ? AND pubkey = ?",
                 (tx_id, pubkey))
             if existing is None:
-                await self._check_total(db, "signatures", "total_signatures",
+                self._check_total(db, "signatures", "total_signatures",
                                         q.total_signatures, deltas)
-                (count,) = await self._one(
+                (count,) = self._one(
                     db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
                     (tx_id, cutoff))
                 if count >= q.signatures_per_id:
                     raise QuotaExceeded("signatures_per_id", q.signatures_per_id)
             if existing is None or existing[0] != submitter:
-                known = await self._one(
+                known = self._one(
                     db, "SELECT 1 FROM signatures WHERE submitter = ? AND tx_id = ? "
                         "AND stored_at > ? LIMIT 1", (submitter, tx_id, cutoff))
                 if known is None:
-                    (ids,) = await self._one(
+                    (ids,) = self._one(
                         db, "SELECT COUNT(DISTINCT tx_id) FROM signatures "
                             "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
                     if ids >= q.ids_per_peer:
                         raise QuotaExceeded("ids_per_peer", q.ids_per_peer)
-            await db.execute(
+            db.execute(
                 "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
                 "signature = excluded.signature, submitter = excluded.submitter, "
@@ -368,13 +376,12 @@ class SqliteSyncStore:
         return {row[0]: row[1] for row in rows}
 
     async def erase_signatures(self, tx_id: str) -> int:
-        async def work(db, deltas):
-            (live,) = await self._one(
+        def work(db, deltas):
+            (live,) = self._one(
                 db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
                 (tx_id, self._cutoff("signatures")))
-            cursor = await db.execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
+            cursor = db.execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
             deltas["signatures"] -= cursor.rowcount
-            await cursor.close()
             return live
 
         return await self._write(work)
@@ -385,27 +392,27 @@ class SqliteSyncStore:
                                 timestamp: int, submitter: bytes) -> None:
         q = self._quotas
 
-        async def work(db, deltas):
+        def work(db, deltas):
             cutoff = self._cutoff("spend_requests")
-            existing = await self._one(
+            existing = self._one(
                 db, "SELECT submitter FROM spend_requests WHERE vault_id = ? AND txid = ?",
                 (vault_id, txid))
             if existing is None:
-                await self._check_total(db, "spend_requests", "total_spend_requests",
+                self._check_total(db, "spend_requests", "total_spend_requests",
                                         q.total_spend_requests, deltas)
-                (count,) = await self._one(
+                (count,) = self._one(
                     db, "SELECT COUNT(*) FROM spend_requests "
                         "WHERE vault_id = ? AND stored_at > ?", (vault_id, cutoff))
                 if count >= q.spend_requests_per_vault:
                     raise QuotaExceeded("spend_requests_per_vault", q.spend_requests_per_vault)
             if existing is None or existing[0] != submitter:
-                (mine,) = await self._one(
+                (mine,) = self._one(
                     db, "SELECT COUNT(*) FROM spend_requests "
                         "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
                 if mine >= q.spend_requests_per_manager:
                     raise QuotaExceeded("spend_requests_per_manager",
                                         q.spend_requests_per_manager)
-            await db.execute(
+            db.execute(
                 "INSERT INTO spend_requests "
                 "(vault_id, txid, tx, request_timestamp, submitter, stored_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid) DO UPDATE SET "
@@ -430,26 +437,26 @@ class SqliteSyncStore:
                           reason: str, sig: str, submitter: bytes) -> None:
         q = self._quotas
 
-        async def work(db, deltas):
+        def work(db, deltas):
             cutoff = self._cutoff("opinions")
-            existing = await self._one(
+            existing = self._one(
                 db, "SELECT submitter FROM opinions "
                     "WHERE vault_id = ? AND txid = ? AND pubkey = ?", (vault_id, txid, pubkey))
             if existing is None:
-                await self._check_total(db, "opinions", "total_opinions",
+                self._check_total(db, "opinions", "total_opinions",
                                         q.total_opinions, deltas)
-                (count,) = await self._one(
+                (count,) = self._one(
                     db, "SELECT COUNT(*) FROM opinions WHERE vault_id = ? AND stored_at > ?",
                     (vault_id, cutoff))
                 if count >= q.opinions_per_vault:
                     raise QuotaExceeded("opinions_per_vault", q.opinions_per_vault)
             if existing is None or existing[0] != submitter:
-                (mine,) = await self._one(
+                (mine,) = self._one(
                     db, "SELECT COUNT(*) FROM opinions WHERE submitter = ? AND stored_at > ?",
                     (submitter, cutoff))
                 if mine >= q.opinions_per_watchtower:
                     raise QuotaExceeded("opinions_per_watchtower", q.opinions_per_watchtower)
-            await db.execute(
+            db.execute(
                 "INSERT INTO opinions "
                 "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid, pubkey) "
@@ -476,12 +483,11 @@ class SqliteSyncStore:
         purged = 0
         for table in _TABLES:
             while True:
-                async def work(db, deltas, table=table):
-                    cursor = await db.execute(
+                def work(db, deltas, table=table):
+                    cursor = db.execute(
                         f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
                         f"WHERE stored_at <= ? LIMIT ?)", (self._cutoff(table), PURGE_BATCH))
                     deltas[table] -= cursor.rowcount
-                    await cursor.close()
                     return -deltas[table]
 
                 # One batch per write: writers queued behind the purge wait for one

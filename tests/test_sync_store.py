@@ -291,33 +291,19 @@ async def test_group_commit_refuses_only_the_writes_over_quota(open_store):
     assert store.row_counts()["signatures"] == 4
 
 
-class FailingCommit:
-    """The write connection, except that the next COMMIT fails (a full disk, say)."""
+async def test_failed_commit_fails_every_write_of_the_group(store, monkeypatch):
+    failures = [sqlite3.OperationalError("database or disk is full")]
 
-    def __init__(self, db):
-        self.db = db
-        self.fail_next_commit = True
+    def commit(db):
+        if failures:
+            raise failures.pop()
+        db.execute("COMMIT")
 
-    async def execute(self, sql, *args):
-        if sql == "COMMIT" and self.fail_next_commit:
-            self.fail_next_commit = False
-            raise sqlite3.OperationalError("database or disk is full")
-        return await self.db.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.db, name)
-
-
-async def test_failed_commit_fails_every_write_of_the_group(store):
-    real = store._writer
-    store._writer = FailingCommit(real)
-    try:
-        results = await asyncio.gather(
-            *(store.put_signature(ID1, f"02{i:064x}", "30aa", ALICE) for i in range(5)),
-            return_exceptions=True)
-    finally:
-        store._writer = real
-    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    monkeypatch.setattr(store, "_commit", commit)
+    results = await asyncio.gather(
+        *(store.put_signature(ID1, f"02{i:064x}", "30aa", ALICE) for i in range(5)),
+        return_exceptions=True)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
     assert await store.get_signatures(ID1) == {}
     assert store.row_counts()["signatures"] == 0
     await store.put_signature(ID1, PK1, "30aa", ALICE)  # the writer is still healthy
