@@ -94,6 +94,9 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiosqlite logs every statement with its parameters at debug: that would copy every
+    # stored signature into the journal and drown the daemon's own lines.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
 def sd_notify(state: str) -> None:

@@ -95,6 +95,17 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
+async def run_in_database_thread(db: aiosqlite.Connection, function, *args):
+    """Run `function(sqlite3_connection, *args)` on aiosqlite's own database thread.
+
+    A group of statements in one hop instead of one hop per statement: each hop waits
+    for the GIL while the event loop is busy serving peers. aiosqlite has no public call
+    for this; its private `_execute`/`_conn` are used here only, with the version pinned
+    in pyproject.toml (0.22.1): check this function when upgrading aiosqlite.
+    """
+    return await db._execute(function, db._conn, *args)
+
+
 class Transaction:
     """`async with Transaction(db):` one logical write, committed durably on exit.
 

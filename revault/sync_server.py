@@ -284,9 +284,6 @@ class SyncServer:
 
 
 async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncServer:
-    # aiosqlite logs every statement with its parameters at debug: at log_level=debug that
-    # would drown our own lines and copy every stored signature into the journal.
-    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
     store = await SqliteSyncStore.open(config.common.data_dir / DATABASE_NAME,
                                        config.retention, config.quotas)
     server = SyncServer(config, store)

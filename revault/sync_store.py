@@ -29,7 +29,7 @@ import sqlite3
 
 import aiosqlite
 
-from revault.storage import open_database
+from revault.storage import open_database, run_in_database_thread
 
 DAY = 86_400
 
@@ -261,8 +261,8 @@ class SqliteSyncStore:
             try:
                 # The whole group in one hop to the database thread: per-statement hops
                 # would each wait for the GIL while the event loop is busy serving peers.
-                outcomes, deltas = await self._writer._execute(
-                    self._run_group, self._writer._conn, [work for work, _ in group])
+                outcomes, deltas = await run_in_database_thread(
+                    self._writer, self._run_group, [work for work, _ in group])
             except Exception as e:
                 # Nothing of this group is durable: every write in it fails, none is acked.
                 for _, future in group:
