@@ -1,0 +1,149 @@
+"""Bitcoin Core on regtest accepts a spend carrying the running cosigner's signatures.
+
+Deployment: 2 stakeholders, 2 managers (2-of-2), 1 cosigner = the `revault-cosigner`
+daemon under test (its bitcoin key is in every unvault script). Two vaults are
+deposited and unvaulted, then spent together in one batch: the managers sign, the
+daemon signs input 0 and input 1 (over real Noise connections, from the PSBT that
+revault.transactions produces), and Core takes the result once `unvault_csv` has passed.
+A conflicting spend of the same unvault output then gets the same, now useless,
+signature back, and Core refuses what a manager could build with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+import coincurve
+import pytest
+
+from revault.rpc import RpcClient
+from revault.transactions import (Coin, Deployment, OutPoint, SignatureError, TxOut,
+                                  build_spend, build_vault_transactions, fee_for_weight, p2wpkh,
+                                  script_pubkey_to_address)
+from tests.support.regtest import RegtestNode, sats
+from tests.test_cosigner import setup_cosigner
+
+CSV = 4
+DEPOSIT_SATS = 2_000_000
+
+
+def secret(label: str) -> bytes:
+    return hashlib.sha256(f"cosigner-regtest {label}".encode()).digest()
+
+
+def pub(sk: bytes) -> bytes:
+    return coincurve.PrivateKey(sk).public_key.format(compressed=True)
+
+
+async def fund(node: RegtestNode, address: str, amount: int) -> Coin:
+    txid = await node.rpc("sendtoaddress", address, Decimal(amount) / Decimal(10**8),
+                          wallet=node.MINER_WALLET)
+    tx = await node.rpc("getrawtransaction", txid, True)
+    for out in tx["vout"]:
+        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount:
+            return Coin(OutPoint(txid, out["n"]), amount, 0)
+    raise AssertionError(f"{txid} does not pay {address}")
+
+
+async def mempool_verdict(node: RegtestNode, tx) -> dict:
+    [result] = await node.rpc("testmempoolaccept", [tx.to_hex()])
+    return result
+
+
+@pytest.fixture
+async def cosigner(tmp_path):
+    c = setup_cosigner(tmp_path, n_managers=2)
+    await c.daemon.start()
+    try:
+        yield c
+    finally:
+        c.daemon.ensure_dead()
+
+
+async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: RegtestNode, cosigner):
+    stakeholders = [secret("stakeholder 0"), secret("stakeholder 1")]
+    managers = [secret("manager 0"), secret("manager 1")]
+    d = Deployment.from_dict({
+        "network": "regtest",
+        "stakeholders": [pub(s).hex() for s in stakeholders],
+        "managers": [pub(s).hex() for s in managers],
+        "cosigners": [cosigner.bitcoin_pub.hex()],
+        "unvault_csv": CSV,
+        "emergency_address": script_pubkey_to_address(p2wpkh(pub(secret("emergency"))),
+                                                      "regtest"),
+    })
+
+    # Two vaults, deposited then unvaulted (the stakeholders sign the unvaults).
+    deposits = [await fund(bitcoind, d.deposit_address(), DEPOSIT_SATS) for _ in range(2)]
+    bitcoind.mine(1)
+    unvault_coins = []
+    for deposit in deposits:
+        unvault = build_vault_transactions(d, deposit).unvault
+        for sk in stakeholders:
+            unvault.sign(0, sk)
+        tx = unvault.finalize()
+        assert await bitcoind.rpc("sendrawtransaction", tx.to_hex()) == tx.txid
+        unvault_coins.append(unvault.output_coin())
+    bitcoind.mine(1)
+    unvault_height = await bitcoind.rpc("getblockcount")
+
+    # The managers' batch spend of both unvault outputs.
+    payee = p2wpkh(pub(secret("payee")))
+    total = sum(c.value for c in unvault_coins)
+    draft = build_spend(d, unvault_coins, [TxOut(total - 10_000, payee)])
+    fee = fee_for_weight(draft.max_weight(), 1000)  # 1 sat/WU: a spend is not pre-signed
+    spend = build_spend(d, unvault_coins, [TxOut(total - fee, payee)])
+    for index in range(2):
+        for sk in managers:
+            spend.sign(index, sk)
+    assert spend.missing_signatures(0) == [cosigner.bitcoin_pub]
+
+    psbt = spend.to_psbt()
+    async with await cosigner.client(0) as client:
+        for index in range(2):
+            result = await client.call("sign", {"tx": psbt, "index": index})
+            # Checked against revault.transactions' own BIP 143 digest for this input.
+            spend.add_signature(index, cosigner.bitcoin_pub, bytes.fromhex(result["signature"]))
+    assert spend.is_complete()
+    signed = spend.finalize()
+
+    # BIP 68: refused until the unvault output is CSV blocks deep (next block counts).
+    tip = await bitcoind.rpc("getblockcount")
+    bitcoind.mine(unvault_height + CSV - 2 - tip)
+    verdict = await mempool_verdict(bitcoind, signed)
+    assert not verdict["allowed"] and verdict["reject-reason"] == "non-BIP68-final", verdict
+    bitcoind.mine(1)
+    verdict = await mempool_verdict(bitcoind, signed)
+    assert verdict["allowed"], verdict
+    assert sats(verdict["fees"]["base"]) == spend.fee
+
+    # A conflicting spend of unvault output 0, asked of the cosigner by the other manager:
+    # it gets the signature it already gave, which does not sign this transaction, so
+    # no valid conflicting spend can be completed.
+    thief = p2wpkh(pub(secret("thief")))
+    conflict = build_spend(d, unvault_coins[:1], [TxOut(unvault_coins[0].value - fee, thief)])
+    for sk in managers:
+        conflict.sign(0, sk)
+    async with await cosigner.client(1) as client:
+        result = await client.call("sign", {"tx": conflict.to_psbt(), "index": 0})
+    replayed = bytes.fromhex(result["signature"])
+    assert replayed == spend.signatures[0][cosigner.bitcoin_pub]
+    with pytest.raises(SignatureError):
+        conflict.add_signature(0, cosigner.bitcoin_pub, replayed)
+    conflict.signatures[0][cosigner.bitcoin_pub] = replayed  # what a thief would try
+    verdict = await mempool_verdict(bitcoind, conflict.finalize())
+    assert not verdict["allowed"]
+    assert "script-verify" in verdict["reject-reason"], verdict
+
+    # The honest spend goes through and confirms.
+    assert await bitcoind.rpc("sendrawtransaction", signed.to_hex()) == signed.txid
+    block = bitcoind.mine(1)[0]
+    info = await bitcoind.rpc("getrawtransaction", signed.txid, True)
+    assert info["blockhash"] == block
+
+    assert await cosigner.daemon.stop() == 0
+    log = cosigner.daemon.stderr()
+    for coin in unvault_coins:
+        assert f"signed outpoint {coin.outpoint}: new signature" in log
+    assert f"signed outpoint {unvault_coins[0].outpoint}: replayed stored signature" in log
