@@ -66,7 +66,7 @@ __all__ = [
     "build_spend", "build_vault_transactions", "select_fee_inputs", "bump_revocation",
     "address_to_script_pubkey", "script_pubkey_to_address", "p2wsh", "p2wpkh",
     "dust_threshold", "fee_for_weight", "sign_digest", "check_der_signature",
-    "tx_uid",
+    "tx_uid", "P2WPKH_INPUT_MAX_WEIGHT", "RBF_SEQUENCE", "TX_VERSION",
 ]
 
 FEERATE_SAT_PER_KWU = 253  # the seed's fixed feerate for pre-signed transactions
@@ -919,12 +919,17 @@ class RevaultTransaction:
     def fee(self) -> int:
         return sum(s.value for s in self.spent) - sum(o.value for o in self.tx.outputs)
 
-    def max_weight(self) -> int:
-        """Weight once fully signed with the largest possible signatures."""
+    def worst_case_signed(self) -> Tx:
+        """The transaction as large as it can be once signed: every signature at 72 + 1
+        bytes (placeholders, not valid). For size and fee bounds before signing."""
         inputs = tuple(
             TxIn(i.outpoint, i.sequence, s.max_witness()) for i, s in zip(self.tx.inputs, self.spent)
         )
-        return Tx(self.tx.version, inputs, self.tx.outputs, self.tx.locktime).weight
+        return Tx(self.tx.version, inputs, self.tx.outputs, self.tx.locktime)
+
+    def max_weight(self) -> int:
+        """Weight once fully signed with the largest possible signatures."""
+        return self.worst_case_signed().weight
 
     def output_coin(self, vout: int = 0) -> Coin:
         """The output `vout` as a coin of the chain (same vault index as the input 0)."""
