@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Callable
 import aiosqlite
 
 from revault.cosigner_signing import Outpoint, SigningRequest
-from revault.storage import open_database
+from revault.storage import open_database, run_in_database_thread
 
 log = logging.getLogger("revault.cosigner.store")
 
@@ -168,16 +169,17 @@ class SignatureStore:
                 return
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
-        db = self._db
+        work = [(job.outpoint, job.request, job.manager) for job in batch]
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            results = await self._sign_in_transaction(batch)
-            await db.execute("COMMIT")
+            # The whole transaction is one call on the database thread: once started it
+            # runs to COMMIT or ROLLBACK whatever happens to this task, and nothing of
+            # the event loop (a cancelled request, a closing connection) can interleave.
+            results = await run_in_database_thread(self._db, _transaction, work,
+                                                   self._signer, int(time.time()))
         except Exception as e:
             # Nothing of this batch leaves the process: a signature is sent only after
             # COMMIT returned. (If COMMIT did land, later requests get the stored rows.)
             log.error("signature store transaction failed (%d requests): %s", len(batch), e)
-            await self._rollback_quietly()
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(e)
@@ -186,25 +188,18 @@ class SignatureStore:
             if not job.future.done():
                 job.future.set_result(outcome)
 
-    async def _rollback_quietly(self) -> None:
-        # A failed COMMIT (SQLITE_BUSY, I/O error) can leave the transaction open; the next
-        # BEGIN IMMEDIATE would then fail forever.
-        if self._db.in_transaction:
-            try:
-                await self._db.execute("ROLLBACK")
-            except Exception as e:
-                log.error("signature store rollback failed: %s", e)
 
-    async def _sign_in_transaction(self, batch: list[_Job]) -> list[SignOutcome | None]:
-        """Inside BEGIN IMMEDIATE: read every outpoint of the batch, sign the absent ones
-        in arrival order (a second job for an outpoint signed earlier in the same batch
-        gets that signature), insert them. One read and one write per batch: each
-        statement is a hop to aiosqlite's thread, which costs more than signing."""
-        outpoints = list(dict.fromkeys(job.outpoint for job in batch))
-        rows = await self._db.execute_fetchall(
-            lookup_sql(len(outpoints)),
-            [value for op in outpoints for value in (op.txid, op.vout)],
-        )
+def _transaction(conn: sqlite3.Connection,
+                 work: list[tuple[Outpoint, SigningRequest | None, bytes]],
+                 signer: Signer, now: int) -> list[SignOutcome | None]:
+    """On the database thread: BEGIN IMMEDIATE, read every outpoint of the batch, sign
+    the absent ones in arrival order (a later job for an outpoint signed earlier in the
+    batch gets that signature), insert them, COMMIT. Rolled back on any failure."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        outpoints = list(dict.fromkeys(outpoint for outpoint, _, _ in work))
+        rows = conn.execute(lookup_sql(len(outpoints)),
+                            [v for op in outpoints for v in (op.txid, op.vout)]).fetchall()
         known: dict[Outpoint, StoredSignature] = {}
         for txid, vout, signature, digest, spend_txid, manager, created_at in rows:
             outpoint = Outpoint(txid, vout)
@@ -212,31 +207,33 @@ class SignatureStore:
                                               spend_txid, bytes(manager), created_at)
         results: list[SignOutcome | None] = []
         fresh: list[StoredSignature] = []
-        now = int(time.time())
-        for job in batch:
-            stored = known.get(job.outpoint)
+        for outpoint, request, manager in work:
+            stored = known.get(outpoint)
             if stored is not None:
                 results.append(SignOutcome(stored, new=False))
-            elif job.request is None:
+            elif request is None:
                 results.append(None)
             else:
-                stored = StoredSignature(
-                    outpoint=job.outpoint,
-                    signature=self._signer(job.request.digest),
-                    digest=job.request.digest,
-                    spend_txid=job.request.spend_txid,
-                    manager=job.manager,
-                    created_at=now,
-                )
-                known[job.outpoint] = stored
+                stored = StoredSignature(outpoint, signer(request.digest), request.digest,
+                                         request.spend_txid, manager, now)
+                known[outpoint] = stored
                 fresh.append(stored)
                 results.append(SignOutcome(stored, new=True))
         if fresh:
-            await self._db.executemany(
+            conn.executemany(
                 "INSERT INTO signatures "
                 "(txid, vout, signature, digest, spend_txid, manager, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(st.outpoint.txid, st.outpoint.vout, st.signature, st.digest, st.spend_txid,
-                  st.manager, st.created_at) for st in fresh],
-            )
-        return results
+                  st.manager, st.created_at) for st in fresh])
+        conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (SQLITE_BUSY, I/O error) can leave the transaction open; the
+        # next BEGIN IMMEDIATE would then fail forever.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                log.error("signature store rollback failed: %s", e)
+        raise
+    return results
