@@ -359,3 +359,28 @@ async def test_store_batch_with_repeats_and_lookups(tmp_path, key):
     assert first.new and all(not o.new for o in rest[:4]) and all(o.new for o in rest[4:])
     assert {o.stored.signature for o in rest[:4]} == {first.stored.signature}
     assert len(rows(tmp_path / DATABASE_NAME)) == 6
+
+
+async def test_store_failure_mid_transaction_leaks_nothing(tmp_path, key):
+    # The signature made inside a transaction that then fails must never come back:
+    # the caller gets the error, the row is not there, and the next request signs anew.
+    made = []
+
+    def failing_once(digest: bytes) -> bytes:
+        sig = key.sign(digest)
+        made.append(sig)
+        if len(made) == 1:
+            raise OSError("simulated failure between signing and COMMIT")
+        return sig
+
+    path = tmp_path / DATABASE_NAME
+    store = await SignatureStore.open(path, failing_once)
+    first = make_spend(key.public_key)
+    second = make_spend(key.public_key, txid=bytes.fromhex(first.inputs[0].txid.hex()))
+    with pytest.raises(OSError):
+        await store.sign_once(key.prepare(first.psbt(), 0), b"m" * 32)
+    assert rows(path) == []
+    outcome = await store.sign_once(key.prepare(second.psbt(), 0), b"m" * 32)
+    await store.close()
+    assert outcome.new and outcome.stored.signature == made[1] != made[0]
+    assert [r[2] for r in rows(path)] == [made[1]]
