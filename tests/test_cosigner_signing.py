@@ -376,7 +376,7 @@ async def test_store_failure_mid_transaction_leaks_nothing(tmp_path, key):
     path = tmp_path / DATABASE_NAME
     store = await SignatureStore.open(path, failing_once)
     first = make_spend(key.public_key)
-    second = make_spend(key.public_key, txid=bytes.fromhex(first.inputs[0].txid.hex()))
+    second = make_spend(key.public_key, txid=first.inputs[0].txid)
     with pytest.raises(OSError):
         await store.sign_once(key.prepare(first.psbt(), 0), b"m" * 32)
     assert rows(path) == []
