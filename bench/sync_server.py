@@ -23,10 +23,8 @@ import asyncio
 import base64
 import hashlib
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 

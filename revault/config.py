@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MISSING: Any = object()
 
@@ -70,12 +70,16 @@ class ConfigTable:
     def integer(self, key: str, *, minimum: int | None = None, maximum: int | None = None,
                 default: Any = MISSING) -> int:
         value = self._get(key, default, (int,), "an integer")
+        if value is None:  # TOML has no null: only a default of None gets here
+            return None
         self._check_range(key, value, minimum, maximum)
         return value
 
     def number(self, key: str, *, minimum: float | None = None, maximum: float | None = None,
                default: Any = MISSING) -> float:
         value = self._get(key, default, (int, float), "a number")
+        if value is None:  # TOML has no null: only a default of None gets here
+            return None
         self._check_range(key, value, minimum, maximum)
         return float(value)
 
@@ -153,6 +157,32 @@ class ConfigTable:
         unknown = self.unknown_keys()
         if unknown:
             raise ConfigError([f"{name}: unknown key" for name in unknown])
+
+
+class ProblemCollector:
+    """Reads keys one by one, collecting every bad one instead of stopping at the first.
+
+    An operator fixes a config in one round trip; and a key never reached because an
+    earlier one was bad is not misreported as unknown.
+    """
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def read(self, read: Callable[..., Any], *args, **kwargs) -> Any:
+        """`read(*args, **kwargs)`, or None (with the problem kept) if it raised ConfigError."""
+        try:
+            return read(*args, **kwargs)
+        except ConfigError as e:
+            self.problems.extend(e.problems)
+            return None
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def finish(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
 
 
 def parse_host_port(value: str, name: str) -> tuple[str, int]:

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from revault.config import ConfigError, ConfigTable
+from revault.config import ConfigTable, ProblemCollector
 from revault.cosigner_signing import CosignerKey, PsbtRefused
 from revault.cosigner_store import DATABASE_NAME, SignatureStore, StoreClosed
 from revault.daemon import CommonConfig, key_prefix, run_daemon
@@ -53,36 +53,20 @@ class CosignerConfig:
     common: CommonConfig
     bitcoin_key_file: Path
     managers: tuple[bytes, ...]
-    requests_per_second: float
 
 
 def read_config(table: ConfigTable, base: Path) -> CosignerConfig:
     """Read and check every key; ConfigError lists each bad one (files are not touched)."""
-    problems: list[str] = []
-    values: dict = {}
-
-    def attempt(name, read):
-        try:
-            values[name] = read()
-        except ConfigError as e:
-            problems.extend(e.problems)
-
-    attempt("common", lambda: CommonConfig.read(table, base))
-    attempt("bitcoin_key_file", lambda: table.path("bitcoin_key_file", base))
-    attempt("managers", lambda: table.noise_keys("managers"))
-    attempt("requests_per_second", lambda: table.number(
-        "requests_per_second", minimum=0.001, maximum=1_000_000,
-        default=DEFAULT_REQUESTS_PER_SECOND))
-    if "managers" in values and not values["managers"]:
-        problems.append("managers: must list at least one manager's Noise public key")
-    if problems:
-        raise ConfigError(problems)
-    return CosignerConfig(
-        common=values["common"],
-        bitcoin_key_file=values["bitcoin_key_file"],
-        managers=tuple(values["managers"]),
-        requests_per_second=values["requests_per_second"],
-    )
+    p = ProblemCollector()
+    common = p.read(CommonConfig.read, table, base,
+                    requests_per_second=DEFAULT_REQUESTS_PER_SECOND)
+    bitcoin_key_file = p.read(table.path, "bitcoin_key_file", base)
+    managers = p.read(table.noise_keys, "managers")
+    if managers == []:
+        p.add("managers: must list at least one manager's Noise public key")
+    p.finish()
+    return CosignerConfig(common=common, bitcoin_key_file=bitcoin_key_file,
+                          managers=tuple(managers))
 
 
 class CosignerService:
@@ -93,7 +77,6 @@ class CosignerService:
         self._store = store
         self._managers = frozenset(config.managers)
         self.known_peers: list[bytes] = list(config.managers)
-        self.requests_per_second: float | None = config.requests_per_second
         self.dispatcher = Dispatcher()
         self.dispatcher.method("sign", params=SignParams, roles=[MANAGER])(self.sign)
 
@@ -142,7 +125,7 @@ async def make_service(config: CosignerConfig, noise_private: bytes) -> Cosigner
             f"bitcoin_key_file: {config.bitcoin_key_file}: not a valid secp256k1 secret key") from None
     store = await SignatureStore.open(config.common.data_dir / DATABASE_NAME, key.sign)
     log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per connection",
-             key.public_key.hex(), len(config.managers), f"{config.requests_per_second:g}")
+             key.public_key.hex(), len(config.managers), f"{config.common.requests_per_second:g}")
     return CosignerService(config, key, store)
 
 

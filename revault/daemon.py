@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol, TypeVar
 
-from revault.config import ConfigError, ConfigTable, load_config_file
+from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
 from revault.keys import KeyFileError, noise_public_key, read_key_file
 from revault.rpc import Caller, Dispatcher, serve_connection
 from revault.storage import StorageError
@@ -45,23 +45,35 @@ class CommonConfig:
     idle_timeout: float
     max_connections: int
     log_level: str
+    requests_per_second: float | None  # per connection; None: no limit
 
     @classmethod
-    def read(cls, table: ConfigTable, base: Path) -> CommonConfig:
-        host, port = table.listen("listen")
-        log_level = table.string("log_level", "info")
-        if log_level not in LOG_LEVELS:
-            raise table.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
-        return cls(
-            listen_host=host,
-            listen_port=port,
-            data_dir=table.path("data_dir", base),
-            noise_key_file=table.path("noise_key_file", base),
-            idle_timeout=table.number("idle_timeout", minimum=1, maximum=86400, default=300),
-            max_connections=table.integer("max_connections", minimum=1, maximum=100_000,
-                                          default=1024),
+    def read(cls, table: ConfigTable, base: Path, *,
+             requests_per_second: float | None = None) -> CommonConfig:
+        """The common keys; `requests_per_second` is this daemon's default for that key.
+
+        Problems are collected, not raised one by one: see ProblemCollector.
+        """
+        p = ProblemCollector()
+        listen = p.read(table.listen, "listen")
+        log_level = p.read(table.string, "log_level", "info")
+        if log_level is not None and log_level not in LOG_LEVELS:
+            p.add(f"{table.key_name('log_level')}: must be one of {', '.join(LOG_LEVELS)}")
+        config = cls(
+            listen_host=listen[0] if listen else "",
+            listen_port=listen[1] if listen else 0,
+            data_dir=p.read(table.path, "data_dir", base),
+            noise_key_file=p.read(table.path, "noise_key_file", base),
+            idle_timeout=p.read(table.number, "idle_timeout", minimum=1, maximum=86400,
+                                default=300),
+            max_connections=p.read(table.integer, "max_connections", minimum=1,
+                                   maximum=100_000, default=1024),
             log_level=log_level,
+            requests_per_second=p.read(table.number, "requests_per_second", minimum=0.001,
+                                       maximum=1_000_000, default=requests_per_second),
         )
+        p.finish()
+        return config
 
 
 class Service(Protocol):
@@ -69,7 +81,6 @@ class Service(Protocol):
 
     dispatcher: Dispatcher
     known_peers: list[bytes]
-    requests_per_second: float | None
 
     def roles_of(self, peer_public: bytes) -> frozenset[str]: ...
 
@@ -194,7 +205,7 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
     async def handle(conn: NoiseConnection) -> None:
         caller = Caller(public_key=conn.peer_public, roles=service.roles_of(conn.peer_public))
         await serve_connection(conn, service.dispatcher, caller,
-                               requests_per_second=service.requests_per_second)
+                               requests_per_second=common.requests_per_second)
 
     limits = ServerLimits(idle_timeout=common.idle_timeout,
                           max_connections=common.max_connections)

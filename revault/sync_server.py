@@ -23,8 +23,7 @@ from pathlib import Path
 
 from bitcoin.core import CTransaction, b2lx
 
-from revault import rpc
-from revault.config import ConfigError, ConfigTable
+from revault.config import ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, run_daemon
 from revault.messages import (
     AckResult, ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
@@ -65,46 +64,22 @@ class SyncServerConfig:
     stakeholders: list[bytes]
     managers: list[bytes]
     watchtowers: list[bytes]
-    requests_per_second: float
     purge_interval: float
     retention: Retention
     quotas: Quotas
 
 
-class _Problems:
-    """Reads keys one by one, collecting every bad one instead of stopping at the first.
-
-    A key never reached because an earlier one was bad would otherwise be reported as
-    unknown by run_daemon, which is wrong and sends the operator on a goose chase.
-    """
-
-    def __init__(self):
-        self.problems: list[str] = []
-
-    def read(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            self.problems.extend(e.problems)
-            return None
-
-    def finish(self) -> None:
-        if self.problems:
-            raise ConfigError(self.problems)
-
-
 def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
     """Every key of the sync server's config; unknown ones are reported by run_daemon."""
-    p = _Problems()
-    common = p.read(CommonConfig.read, table, base)
+    p = ProblemCollector()
+    common = p.read(CommonConfig.read, table, base,
+                    requests_per_second=DEFAULT_REQUESTS_PER_SECOND)
     peers = p.read(table.table, "peers")
     stakeholders = managers = watchtowers = None
     if peers is not None:
         stakeholders = p.read(peers.noise_keys, "stakeholders")
         managers = p.read(peers.noise_keys, "managers")
         watchtowers = p.read(peers.noise_keys, "watchtowers")
-    requests_per_second = p.read(table.number, "requests_per_second", minimum=0.1,
-                                 maximum=1_000_000, default=DEFAULT_REQUESTS_PER_SECOND)
     purge_interval = p.read(table.number, "purge_interval", minimum=1, maximum=86_400,
                             default=DEFAULT_PURGE_INTERVAL)
 
@@ -129,7 +104,7 @@ def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
     p.finish()
     return SyncServerConfig(
         common=common, stakeholders=stakeholders, managers=managers, watchtowers=watchtowers,
-        requests_per_second=requests_per_second, purge_interval=purge_interval,
+        purge_interval=purge_interval,
         retention=retention, quotas=quotas)
 
 
@@ -169,7 +144,6 @@ class SyncServer:
 
     def __init__(self, config: SyncServerConfig, store: SyncStore):
         self.store = store
-        self.requests_per_second = config.requests_per_second
         self._purge_interval = config.purge_interval
         self._opinion_fetch = config.quotas.opinions_per_vault
         roles: dict[bytes, set[str]] = {}

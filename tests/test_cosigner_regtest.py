@@ -17,7 +17,6 @@ from decimal import Decimal
 import coincurve
 import pytest
 
-from revault.rpc import RpcClient
 from revault.transactions import (Coin, Deployment, OutPoint, SignatureError, TxOut,
                                   build_spend, build_vault_transactions, fee_for_weight, p2wpkh,
                                   script_pubkey_to_address)

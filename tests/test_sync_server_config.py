@@ -36,7 +36,7 @@ def test_every_commented_key_in_the_sample_is_known_and_shows_its_default():
     assert documented >= {"idle_timeout", "max_connections", "log_level",
                           "requests_per_second", "purge_interval"}
     assert config.quotas == Quotas() and config.retention == Retention()
-    assert (config.requests_per_second, config.purge_interval) == (50, 600)
+    assert (config.common.requests_per_second, config.purge_interval) == (50, 600)
     assert (config.common.idle_timeout, config.common.max_connections) == (300, 1024)
 
 

@@ -16,7 +16,6 @@ import pytest
 from embit.bip32 import HDKey
 
 from revault.transactions import (
-    FEERATE_SAT_PER_KWU,
     SIGHASH_ALL,
     SIGHASH_ALL_ANYONECANPAY,
     Coin,

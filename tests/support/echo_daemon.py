@@ -31,8 +31,6 @@ class EchoParams:
 
 
 class EchoService:
-    requests_per_second = None
-
     def __init__(self, config: EchoConfig):
         self.known_peers = list(config.clients)
         self.dispatcher = Dispatcher()
