@@ -45,12 +45,16 @@ import base64
 import enum
 import functools
 import hashlib
-import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import coincurve
+from bitcoin.core import (
+    COutPoint, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx,
+)
+from bitcoin.core import script
+from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
 from embit import base58, bech32
 from embit.bip32 import HDKey
 from embit.descriptor.checksum import add_checksum
@@ -96,12 +100,9 @@ NETWORKS: dict[str, tuple[str, int, int, bytes]] = {
 }
 _PRIVATE_XKEY_VERSIONS = {bytes.fromhex("0488ade4"), bytes.fromhex("04358394")}
 
-OP_0, OP_1NEGATE, OP_1 = 0x00, 0x4F, 0x51
-OP_IFDUP, OP_NOTIF, OP_ENDIF = 0x73, 0x64, 0x68
+OP_0, OP_1 = 0x00, 0x51
 OP_DUP, OP_HASH160, OP_EQUAL, OP_EQUALVERIFY = 0x76, 0xA9, 0x87, 0x88
-OP_CHECKSIG, OP_CHECKSIGVERIFY = 0xAC, 0xAD
-OP_CHECKMULTISIG, OP_CHECKMULTISIGVERIFY = 0xAE, 0xAF
-OP_CHECKSEQUENCEVERIFY = 0xB2
+OP_CHECKSIG = 0xAC
 
 _SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -147,92 +148,6 @@ def _hash256(data: bytes) -> bytes:
 
 def _hash160(data: bytes) -> bytes:
     return hashlib.new("ripemd160", _sha256(data)).digest()
-
-
-def _compact_size(n: int) -> bytes:
-    if n < 0xFD:
-        return bytes([n])
-    if n <= 0xFFFF:
-        return b"\xfd" + n.to_bytes(2, "little")
-    if n <= 0xFFFFFFFF:
-        return b"\xfe" + n.to_bytes(4, "little")
-    return b"\xff" + n.to_bytes(8, "little")
-
-
-def _var_bytes(data: bytes) -> bytes:
-    return _compact_size(len(data)) + data
-
-
-def _push_data(data: bytes) -> bytes:
-    if len(data) <= 75:
-        return bytes([len(data)]) + data
-    if len(data) <= 0xFF:
-        return b"\x4c" + bytes([len(data)]) + data
-    if len(data) <= 0xFFFF:
-        return b"\x4d" + len(data).to_bytes(2, "little") + data
-    return b"\x4e" + len(data).to_bytes(4, "little") + data
-
-
-def _script_num(n: int) -> bytes:
-    """Minimal CScriptNum encoding (what CHECKSEQUENCEVERIFY and CHECKMULTISIG read)."""
-    if n == 0:
-        return b""
-    negative, n = n < 0, abs(n)
-    out = bytearray()
-    while n:
-        out.append(n & 0xFF)
-        n >>= 8
-    if out[-1] & 0x80:
-        out.append(0x80 if negative else 0x00)
-    elif negative:
-        out[-1] |= 0x80
-    return bytes(out)
-
-
-def _push_int(n: int) -> bytes:
-    if n == 0:
-        return bytes([OP_0])
-    if n == -1:
-        return bytes([OP_1NEGATE])
-    if 1 <= n <= 16:
-        return bytes([OP_1 + n - 1])
-    return _push_data(_script_num(n))
-
-
-class _Reader:
-    def __init__(self, data: bytes):
-        self._s = io.BytesIO(data)
-        self._len = len(data)
-
-    def read(self, n: int) -> bytes:
-        b = self._s.read(n)
-        if len(b) != n:
-            raise TransactionError("truncated transaction")
-        return b
-
-    def u32(self) -> int:
-        return int.from_bytes(self.read(4), "little")
-
-    def u64(self) -> int:
-        return int.from_bytes(self.read(8), "little")
-
-    def compact_size(self) -> int:
-        first = self.read(1)[0]
-        if first < 0xFD:
-            return first
-        size = {0xFD: 2, 0xFE: 4, 0xFF: 8}[first]
-        n = int.from_bytes(self.read(size), "little")
-        if n < {2: 0xFD, 4: 0x10000, 8: 0x100000000}[size]:
-            raise TransactionError("non-canonical compact size")
-        if n > self._len:
-            raise TransactionError("length beyond the end of the transaction")
-        return n
-
-    def var_bytes(self) -> bytes:
-        return self.read(self.compact_size())
-
-    def at_end(self) -> bool:
-        return self._s.tell() == self._len
 
 
 # --------------------------------------------------------------------------------------
@@ -440,15 +355,20 @@ class VaultKeys:
     unvault_csv: int
 
     def deposit_script(self) -> bytes:
-        return _multisig(len(self.stakeholders), self.stakeholders, OP_CHECKMULTISIG)
+        return bytes(CScript(_multisig(len(self.stakeholders), self.stakeholders,
+                                       script.OP_CHECKMULTISIG)))
 
     def unvault_script(self) -> bytes:
-        script = self.deposit_script() + bytes([OP_IFDUP, OP_NOTIF])
-        script += _multisig(self.managers_threshold, self.managers, OP_CHECKMULTISIGVERIFY)
+        # or_d(multi(N,stk), and_v(v:multi(k,mgr), and_v(v:pk(cos)..., older(csv)))):
+        # the stakeholders' N-of-N, else (IFDUP NOTIF) the managers' k-of-M, every
+        # cosigner, and the relative timelock.
+        items = _multisig(len(self.stakeholders), self.stakeholders, script.OP_CHECKMULTISIG)
+        items += [script.OP_IFDUP, script.OP_NOTIF]
+        items += _multisig(self.managers_threshold, self.managers, script.OP_CHECKMULTISIGVERIFY)
         for key in self.cosigners:
-            script += _push_data(key) + bytes([OP_CHECKSIGVERIFY])
-        script += _push_int(self.unvault_csv) + bytes([OP_CHECKSEQUENCEVERIFY, OP_ENDIF])
-        return script
+            items += [key, script.OP_CHECKSIGVERIFY]
+        items += [self.unvault_csv, script.OP_CHECKSEQUENCEVERIFY, script.OP_ENDIF]
+        return bytes(CScript(items))
 
     def deposit_descriptor(self) -> str:
         return add_checksum(f"wsh(multi({len(self.stakeholders)},{_hexes(self.stakeholders)}))")
@@ -469,10 +389,9 @@ def _hexes(keys: Iterable[bytes]) -> str:
     return ",".join(k.hex() for k in keys)
 
 
-def _multisig(k: int, keys: Sequence[bytes], opcode: int) -> bytes:
-    return (
-        _push_int(k) + b"".join(_push_data(key) for key in keys) + _push_int(len(keys)) + bytes([opcode])
-    )
+def _multisig(k: int, keys: Sequence[bytes], opcode) -> list:
+    # CScript encodes 1..16 as OP_1..OP_16 and larger numbers minimally, as consensus wants.
+    return [k, *keys, len(keys), opcode]
 
 
 _DEPLOYMENT_KEYS = (
@@ -677,7 +596,7 @@ class TxOut:
     script_pubkey: bytes
 
     def serialize(self) -> bytes:
-        return self.value.to_bytes(8, "little") + _var_bytes(self.script_pubkey)
+        return CTxOut(self.value, CScript(self.script_pubkey)).serialize()
 
     @classmethod
     def to_address(cls, address: str, value: int, network: str) -> TxOut:
@@ -691,24 +610,17 @@ class Tx:
     outputs: tuple[TxOut, ...]
     locktime: int = 0
 
+    def to_bitcoinlib(self, with_witness: bool = True) -> CTransaction:
+        vin = [CTxIn(COutPoint(lx(i.outpoint.txid), i.outpoint.vout), CScript(), i.sequence)
+               for i in self.inputs]
+        vout = [CTxOut(o.value, CScript(o.script_pubkey)) for o in self.outputs]
+        witness = CTxWitness([CTxInWitness(CScriptWitness(list(i.witness)) if with_witness
+                                           else CScriptWitness())
+                              for i in self.inputs])
+        return CTransaction(vin, vout, self.locktime, self.version, witness)
+
     def serialize(self, with_witness: bool = True) -> bytes:
-        has_witness = with_witness and any(i.witness for i in self.inputs)
-        out = bytearray(self.version.to_bytes(4, "little"))
-        if has_witness:
-            out += b"\x00\x01"
-        out += _compact_size(len(self.inputs))
-        for i in self.inputs:
-            out += i.outpoint.serialize() + b"\x00" + i.sequence.to_bytes(4, "little")
-        out += _compact_size(len(self.outputs))
-        for o in self.outputs:
-            out += o.serialize()
-        if has_witness:
-            for i in self.inputs:
-                out += _compact_size(len(i.witness))
-                for item in i.witness:
-                    out += _var_bytes(item)
-        out += self.locktime.to_bytes(4, "little")
-        return bytes(out)
+        return self.to_bitcoinlib(with_witness).serialize()
 
     @property
     def txid(self) -> str:
@@ -734,35 +646,28 @@ class Tx:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Tx:
-        r = _Reader(data)
-        version = r.u32()
-        n_in = r.compact_size()
-        segwit = False
-        if n_in == 0:
-            if r.read(1) != b"\x01":
-                raise TransactionError("bad segwit flag")
-            segwit = True
-            n_in = r.compact_size()
-            if n_in == 0:
-                raise TransactionError("transaction without inputs")
-        raw_inputs = []
-        for _ in range(n_in):
-            prev = r.read(36)
-            script_sig = r.var_bytes()
-            if script_sig:
-                raise TransactionError("non-empty scriptSig (Revault transactions are native segwit)")
-            raw_inputs.append((OutPoint(prev[:32][::-1].hex(), int.from_bytes(prev[32:], "little")), r.u32()))
-        outputs = tuple(TxOut(r.u64(), r.var_bytes()) for _ in range(r.compact_size()))
-        witnesses: list[tuple[bytes, ...]] = [()] * n_in
-        if segwit:
-            witnesses = [tuple(r.var_bytes() for _ in range(r.compact_size())) for _ in range(n_in)]
-            if not any(witnesses):
-                raise TransactionError("segwit flag with an empty witness")
-        locktime = r.u32()
-        if not r.at_end():
-            raise TransactionError("trailing bytes after the transaction")
-        inputs = tuple(TxIn(op, seq, w) for (op, seq), w in zip(raw_inputs, witnesses))
-        return cls(version, inputs, outputs, locktime)
+        try:
+            ctx = CTransaction.deserialize(bytes(data))
+        except Exception as e:  # python-bitcoinlib raises several types for bad bytes
+            raise TransactionError(f"not a transaction: {e}") from None
+        if not ctx.vin:
+            raise TransactionError("transaction without inputs")
+        if any(txin.scriptSig for txin in ctx.vin):
+            raise TransactionError("non-empty scriptSig (Revault transactions are native segwit)")
+        witnesses = [tuple(bytes(item) for item in w.scriptWitness.stack) for w in ctx.wit.vtxinwit]
+        witnesses += [()] * (len(ctx.vin) - len(witnesses))
+        tx = cls(
+            ctx.nVersion,
+            tuple(TxIn(OutPoint(b2lx(txin.prevout.hash), txin.prevout.n), txin.nSequence, w)
+                  for txin, w in zip(ctx.vin, witnesses)),
+            tuple(TxOut(txout.nValue, bytes(txout.scriptPubKey)) for txout in ctx.vout),
+            ctx.nLockTime,
+        )
+        # One transaction, one encoding: refuse a segwit marker with no witness and any
+        # other form that would not serialize back to the same bytes.
+        if tx.serialize() != bytes(data):
+            raise TransactionError("non-canonical transaction serialization")
+        return tx
 
     @classmethod
     def from_hex(cls, text: str) -> Tx:
@@ -776,20 +681,9 @@ class Tx:
         """BIP 143 digest of input `index` (only ALL and ALL|ANYONECANPAY are used here)."""
         if sighash_type not in (SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY):
             raise TransactionError(f"unsupported sighash type 0x{sighash_type:02x}")
-        acp = bool(sighash_type & SIGHASH_ANYONECANPAY)
-        zero = b"\x00" * 32
-        txin = self.inputs[index]
-        prevouts = zero if acp else _hash256(b"".join(i.outpoint.serialize() for i in self.inputs))
-        sequences = zero if acp else _hash256(b"".join(i.sequence.to_bytes(4, "little") for i in self.inputs))
-        outputs = _hash256(b"".join(o.serialize() for o in self.outputs))
-        preimage = (
-            self.version.to_bytes(4, "little") + prevouts + sequences
-            + txin.outpoint.serialize() + _var_bytes(script_code)
-            + value.to_bytes(8, "little") + txin.sequence.to_bytes(4, "little")
-            + outputs + self.locktime.to_bytes(4, "little")
-            + sighash_type.to_bytes(4, "little")
-        )
-        return _hash256(preimage)
+        return SignatureHash(CScript(script_code), self.to_bitcoinlib(with_witness=False),
+                             index, sighash_type, amount=value,
+                             sigversion=SIGVERSION_WITNESS_V0)
 
 
 # --------------------------------------------------------------------------------------
@@ -1035,7 +929,15 @@ class RevaultTransaction:
             if s.path is not SpendPath.FEE_P2WPKH:
                 inp.witness_script = Script(s.witness_script)
             inp.sighash_type = s.sighash_type
-        return psbt.to_string()
+        encoded = psbt.to_string()
+        # embit rebuilds the unsigned transaction when writing, turning nSequence 0 into
+        # 0xFFFFFFFF and version 0 into 2. Revault transactions never use either, but a
+        # PSBT for a different transaction than ours must never leave this function.
+        unsigned = self.tx.serialize(with_witness=False)
+        if PSBT.from_string(encoded).tx.serialize() != unsigned:
+            raise TransactionError("this transaction cannot be written as a PSBT by embit "
+                                   "without changing it (nSequence 0 or version 0)")
+        return encoded
 
 
 def _revault_tx(

@@ -3,17 +3,18 @@ has Bitcoin Core judge the same transactions)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
 import coincurve
 import pytest
-from bitcoin.core import CMutableTransaction, CTransaction, b2lx
-from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
+from bitcoin.core import CTransaction, b2lx
 from embit.bip32 import HDKey
 from embit.descriptor import Descriptor
 from embit.psbt import PSBT
 from embit.script import Script
+from embit.transaction import Transaction as EmbitTransaction
 
 from revault.transactions import (
     FEERATE_SAT_PER_KWU,
@@ -28,6 +29,7 @@ from revault.transactions import (
     Kind,
     OutPoint,
     SignatureError,
+    RevaultTransaction,
     TransactionError,
     Tx,
     TxOut,
@@ -238,18 +240,18 @@ def test_unvault_script_layout(dep: Deployment) -> None:
 # --- serialization, sighash ------------------------------------------------------------
 
 
-def test_serialization_and_sighash_match_python_bitcoinlib(dep: Deployment) -> None:
+def test_serialization_and_sighash_match_an_independent_implementation(dep: Deployment) -> None:
+    # revault.transactions computes these with python-bitcoinlib; embit is a separate
+    # implementation of the same consensus rules (and Bitcoin Core judges on regtest).
     txs = build_vault_transactions(dep, DEPOSIT)
     for rtx in (txs.unvault, txs.cancel, txs.emergency, txs.unvault_emergency):
         unsigned = rtx.tx.serialize()
-        other = CTransaction.deserialize(unsigned)
-        assert b2lx(other.GetTxid()) == rtx.txid
+        other = EmbitTransaction.parse(unsigned)
+        assert other.txid().hex() == rtx.txid
         for flag in (SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY):
             ours = rtx.signature_hash(0, flag)
-            theirs = SignatureHash(
-                CScript(rtx.spent[0].witness_script), CMutableTransaction.from_tx(other), 0, flag,
-                amount=rtx.spent[0].value, sigversion=SIGVERSION_WITNESS_V0,
-            )
+            theirs = other.sighash_segwit(0, Script(rtx.spent[0].witness_script),
+                                          rtx.spent[0].value, flag)
             assert ours == theirs
         signed = sign_all(rtx).finalize()
         assert Tx.from_bytes(signed.serialize()) == signed
@@ -558,3 +560,15 @@ def test_bump_revocation_keeps_signatures_valid(dep: Deployment) -> None:
     assert signed.weight <= sel.max_weight
     assert 1000 * bumped.fee >= rate * signed.weight
     assert bumped.fee == cancel.fee + 7_000
+
+
+def test_psbt_is_refused_rather_than_written_for_another_transaction(dep: Deployment) -> None:
+    coin = build_unvault(dep, DEPOSIT).output_coin()
+    spend = build_spend(dep, [coin], [TxOut(coin.value - 5000, p2wpkh(pub(5)))])
+    assert PSBT.from_string(spend.to_psbt()).tx.serialize() == spend.tx.serialize(with_witness=False)
+    # embit would write nSequence 0 as 0xFFFFFFFF: a different transaction.
+    tx = dataclasses.replace(spend.tx, inputs=tuple(
+        dataclasses.replace(i, sequence=0) for i in spend.tx.inputs))
+    zero = RevaultTransaction(spend.kind, tx, spend.spent, spend.vault_index)
+    with pytest.raises(TransactionError, match="cannot be written as a PSBT"):
+        zero.to_psbt()
