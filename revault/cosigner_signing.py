@@ -14,13 +14,15 @@ different transaction for an input with nSequence 0 or a version-0 transaction.
 from __future__ import annotations
 
 import binascii
-import hashlib
 from dataclasses import dataclass
 
 import coincurve
+from bitcoin.core.script import CScript, CScriptInvalidError
 from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import Transaction, TransactionInput
+
+from revault.transactions import p2wsh
 
 SIGHASH_ALL = 0x01
 PSBT_MAGIC = b"psbt\xff"
@@ -102,39 +104,10 @@ def _short(e: Exception) -> str:
 
 def script_pushes(script: bytes) -> list[tuple[int, bytes]]:
     """(opcode, data) of every push in `script`; ValueError if a push runs past the end."""
-    pushes = []
-    i, n = 0, len(script)
-    while i < n:
-        op = script[i]
-        i += 1
-        if 0x01 <= op <= 0x4B:
-            size = op
-        elif op == 0x4C:
-            if i + 1 > n:
-                raise ValueError("truncated OP_PUSHDATA1")
-            size = script[i]
-            i += 1
-        elif op == 0x4D:
-            if i + 2 > n:
-                raise ValueError("truncated OP_PUSHDATA2")
-            size = int.from_bytes(script[i:i + 2], "little")
-            i += 2
-        elif op == 0x4E:
-            if i + 4 > n:
-                raise ValueError("truncated OP_PUSHDATA4")
-            size = int.from_bytes(script[i:i + 4], "little")
-            i += 4
-        else:
-            continue
-        if i + size > n:
-            raise ValueError("push runs past the end of the script")
-        pushes.append((op, script[i:i + size]))
-        i += size
-    return pushes
-
-
-def p2wsh_script_pubkey(witness_script: bytes) -> bytes:
-    return b"\x00\x20" + hashlib.sha256(witness_script).digest()
+    try:
+        return [(op, data) for op, data, _ in CScript(script).raw_iter() if data is not None]
+    except CScriptInvalidError as e:
+        raise ValueError(str(e) or "truncated push") from None
 
 
 def bip143_digest(tx: Transaction, index: int, witness_script: bytes, amount: int) -> bytes:
@@ -180,7 +153,7 @@ class CosignerKey:
                 "tx", f"input {index} asks for sighash type {scope.sighash_type:#x}; only ALL (0x1) is signed")
         witness_script = scope.witness_script.data
         script_pubkey = scope.witness_utxo.script_pubkey.data
-        if script_pubkey != p2wsh_script_pubkey(witness_script):
+        if script_pubkey != p2wsh(witness_script):
             raise PsbtRefused(
                 "tx", f"input {index} witness_script does not match the witness_utxo scriptPubKey "
                       "(expected P2WSH of the witness script)")

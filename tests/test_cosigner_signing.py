@@ -215,7 +215,7 @@ def test_signed_global_transaction_is_refused(key):
 
 def test_script_pushes():
     assert script_pushes(b"\x00\x51\x02ab\x4c\x01c\x4d\x01\x00d\x4e\x01\x00\x00\x00e") == [
-        (2, b"ab"), (0x4C, b"c"), (0x4D, b"d"), (0x4E, b"e")]
+        (0, b""), (2, b"ab"), (0x4C, b"c"), (0x4D, b"d"), (0x4E, b"e")]
     for bad in (b"\x02a", b"\x4c", b"\x4d\x01", b"\x4e\x01\x00\x00", b"\x4c\x05abc"):
         with pytest.raises(ValueError):
             script_pushes(bad)
