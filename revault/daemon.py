@@ -198,7 +198,10 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
 
     try:
         service = await make_service(config, noise_private)
-    except (StorageError, KeyFileError, ConfigError, OSError) as e:
+    except (KeyFileError, ConfigError) as e:  # e.g. a daemon's own key file: fix the config
+        log.error("cannot start %s: %s", name, e)
+        return EXIT_CONFIG
+    except (StorageError, OSError) as e:
         log.error("cannot start %s: %s", name, e)
         return EXIT_FAILURE
 

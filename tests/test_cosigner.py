@@ -375,7 +375,7 @@ def test_bad_bitcoin_key_file_stops_at_start(tmp_path):
         "bitcoin_key_file": "bitcoin.key", "managers": ["ab" * 32],
     }
     result = run_cosigner(write_config(tmp_path / "c.toml", config))
-    assert result.returncode != 0
+    assert result.returncode == 2  # a config problem, like every other
     assert "bitcoin_key_file" in result.stderr and "group or others" in result.stderr
     assert "Traceback" not in result.stderr
     assert secret.hex() not in result.stderr
@@ -384,7 +384,7 @@ def test_bad_bitcoin_key_file_stops_at_start(tmp_path):
     os.chmod(tmp_path / "zero.key", 0o600)
     config["bitcoin_key_file"] = "zero.key"
     result = run_cosigner(write_config(tmp_path / "c.toml", config))
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "not a valid secp256k1 secret key" in result.stderr
     assert "Traceback" not in result.stderr
 
