@@ -124,6 +124,20 @@ async def noise_echo(conn: t.NoiseConnection) -> None:
         await conn.send(await conn.recv())
 
 
+def take_plain_frames(buf: bytearray) -> list[bytes]:
+    """Remove every complete u16_be(len) + payload frame from `buf`; return them whole."""
+    frames, pos, end = [], 0, len(buf)
+    while end - pos >= 2:
+        size = (buf[pos] << 8) | buf[pos + 1]
+        if end - pos - 2 < size:
+            break
+        frames.append(bytes(buf[pos:pos + 2 + size]))
+        pos += 2 + size
+    if pos:
+        del buf[:pos]
+    return frames
+
+
 class PlainEchoServer(asyncio.Protocol):
     """u16_be(len) + payload frames, echoed back in one write; no crypto at all."""
 
@@ -132,17 +146,9 @@ class PlainEchoServer(asyncio.Protocol):
         self.buf = bytearray()
 
     def data_received(self, data):
-        buf = self.buf
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            size = (buf[pos] << 8) | buf[pos + 1]
-            if end - pos - 2 < size:
-                break
-            self.transport.write(bytes(buf[pos:pos + 2 + size]))
-            pos += 2 + size
-        if pos:
-            del buf[:pos]
+        self.buf += data
+        for frame in take_plain_frames(self.buf):
+            self.transport.write(frame)
 
 
 # ------------------------------------------------------------------------------ client side
@@ -160,17 +166,10 @@ class PlainConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data):
-        buf = self.buf
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            size = (buf[pos] << 8) | buf[pos + 1]
-            if end - pos - 2 < size:
-                break
-            self.messages.append(bytes(buf[pos + 2:pos + 2 + size]))
-            pos += 2 + size
-        if pos:
-            del buf[:pos]
+        self.buf += data
+        frames = take_plain_frames(self.buf)
+        if frames:
+            self.messages.extend(frame[2:] for frame in frames)
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
 

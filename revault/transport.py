@@ -621,7 +621,22 @@ class ServerLimits:
     max_connections: int = 1024
 
 
-class _ServerProtocol(asyncio.Protocol):
+class _HandshakingProtocol(asyncio.Protocol):
+    """Both ends: once the handshake made `_conn`, write flow control is the connection's."""
+
+    __slots__ = ()
+    _conn: NoiseConnection | None
+
+    def pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn._resume_writing()
+
+
+class _ServerProtocol(_HandshakingProtocol):
     __slots__ = ("_server", "_transport", "_buf", "_conn", "_timer", "lost")
 
     def __init__(self, server: NoiseServer):
@@ -693,14 +708,6 @@ class _ServerProtocol(asyncio.Protocol):
         if self._conn is not None:
             self._conn._eof()
         return False
-
-    def pause_writing(self) -> None:
-        if self._conn is not None:
-            self._conn._pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._conn is not None:
-            self._conn._resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -802,7 +809,7 @@ async def start_server(host: str, port: int, local_private: bytes,
     return server
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(_HandshakingProtocol):
     def __init__(self, handshake: InitiatorHandshake, act_one: bytes, remote_public: bytes,
                  done: asyncio.Future, loop: asyncio.AbstractEventLoop):
         self._handshake = handshake
@@ -854,14 +861,6 @@ class _ClientProtocol(asyncio.Protocol):
         else:
             self._fail(ConnectionClosed("server closed the connection during the handshake"))
         return False
-
-    def pause_writing(self) -> None:
-        if self._conn is not None:
-            self._conn._pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._conn is not None:
-            self._conn._resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
