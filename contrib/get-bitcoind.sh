@@ -11,6 +11,7 @@
 set -euo pipefail
 
 log() { echo "get-bitcoind: $*" >&2; }
+SDIST_SHA256=71b91eecac7a8b07248be04471c3bf98016b38bf823aefd28f7b31179940520d
 
 if [ -n "${BITCOIND:-}" ]; then
     dir=$(cd "$(dirname "$BITCOIND")" && pwd)
@@ -50,10 +51,15 @@ if [ -x "$prefix/bin/bitcoind" ]; then echo "$prefix/bin"; exit 0; fi
 
 if [ ! -d "$work/src/depend/bitcoin" ]; then
     rm -rf "$work/sdist" "$work/src"; mkdir -p "$work/sdist" "$work/src"
-    python3 -m pip download --quiet --no-deps --no-binary :all: -d "$work/sdist" \
-        py-bitcoinkernel==0.1.0a5 >&2
-    tar -xzf "$work"/sdist/py_bitcoinkernel-*.tar.gz -C "$work/src" --strip-components=1 >&2 \
-      || tar -xzf "$work"/sdist/py-bitcoinkernel-*.tar.gz -C "$work/src" --strip-components=1 >&2
+    # --no-binary for this package only: with :all: pip also builds the sdist's build
+    # tools (scikit-build-core, hatchling) from source just to read its metadata, which
+    # takes minutes. The archive is the same; its hash is checked below.
+    python3 -m pip download --quiet --no-deps --no-binary py-bitcoinkernel \
+        -d "$work/sdist" py-bitcoinkernel==0.1.0a5 >&2
+    sdist=$work/sdist/py_bitcoinkernel-0.1.0a5.tar.gz
+    echo "$SDIST_SHA256  $sdist" | sha256sum --check --quiet - >&2 \
+        || { log "unexpected contents in $sdist"; rm -f "$sdist"; exit 1; }
+    tar -xzf "$sdist" -C "$work/src" --strip-components=1 >&2
 fi
 cd "$work/src/depend/bitcoin"
 cmake -B build -DBUILD_DAEMON=ON -DBUILD_CLI=ON -DENABLE_WALLET=ON -DBUILD_TESTS=OFF \
