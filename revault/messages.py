@@ -336,6 +336,9 @@ class GetSpendRequestsParams:
         return {}
 
 
+_SPEND_REQUEST_JSON_OVERHEAD = len('{"transaction":"","timestamp":,"vault_id":""}')
+
+
 @dataclass(frozen=True, slots=True)
 class SpendRequest:
     transaction: str
@@ -350,6 +353,15 @@ class SpendRequest:
     def to_json(self) -> dict:
         return {"transaction": self.transaction, "timestamp": self.timestamp,
                 "vault_id": self.vault_id}
+
+    def json_size(self) -> int:
+        """Bytes of `to_json()` in the compact encoding, computed without encoding.
+
+        Exact because every member is ASCII that JSON never escapes (base64, hex,
+        digits): a relay sizing hundreds of requests per poll need not encode them twice.
+        """
+        return (_SPEND_REQUEST_JSON_OVERHEAD + len(self.transaction)
+                + len(str(self.timestamp)) + len(self.vault_id))
 
 
 @dataclass(frozen=True, slots=True)

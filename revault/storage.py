@@ -8,6 +8,7 @@ bump, so a crash mid-migration leaves the previous version intact.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +38,8 @@ async def open_database(
     existed = path.exists()
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so that one logical write
     # is exactly one transaction and nothing is committed behind our back.
-    db = await aiosqlite.connect(str(path), isolation_level=None)
+    # check_same_thread=False: see sqlite_connection; uses stay serialized by the caller.
+    db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
     try:
         if not existed:
             os.chmod(path, 0o600)
@@ -89,21 +91,63 @@ async def migrate(db: aiosqlite.Connection, migrations: Sequence[str], path: Pat
 def _split_sql(script: str) -> list[str]:
     """Split a migration into statements so they run inside our transaction.
 
-    (`executescript` would COMMIT first.) Migrations are our own plain DDL, without
-    triggers or string literals holding semicolons, so splitting on ';' is exact.
+    (`executescript` would COMMIT first.) sqlite3.complete_statement knows where a
+    statement ends, including trigger bodies with their own semicolons.
     """
-    return [s.strip() for s in script.split(";") if s.strip()]
+    statements, pending = [], ""
+    # Cut after each semicolon, but only where the text so far is a whole statement.
+    for piece in script.split(";")[:-1]:
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip().rstrip(";").strip():
+                statements.append(pending.strip())
+            pending = ""
+    pending += script.split(";")[-1]
+    if pending.strip():  # the last statement may omit its semicolon
+        if not sqlite3.complete_statement(pending + ";"):
+            raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
+        statements.append(pending.strip())
+    return statements
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to use directly on the event loop thread.
+
+    Point reads on an indexed WAL database take microseconds, while a hop to aiosqlite's
+    thread waits for the GIL (up to the 5 ms switch interval when the loop is busy):
+    under load that hop, not SQLite, bounded a daemon's read rate. WAL readers never
+    wait for writers; the short busy timeout only covers WAL recovery by another process.
+    Open it after `open_database` has created and migrated the file.
+    """
+    db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True,
+                         isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=100")
+        db.execute("PRAGMA query_only=1")
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 async def run_in_database_thread(db: aiosqlite.Connection, function, *args):
-    """Run `function(sqlite3_connection, *args)` on aiosqlite's own database thread.
-
-    A group of statements in one hop instead of one hop per statement: each hop waits
-    for the GIL while the event loop is busy serving peers. aiosqlite has no public call
-    for this; its private `_execute`/`_conn` are used here only, with the version pinned
-    in pyproject.toml (0.22.1): check this function when upgrading aiosqlite.
-    """
+    """Run `function(sqlite3_connection, *args)` on aiosqlite's own database thread."""
     return await db._execute(function, db._conn, *args)
+
+
+def sqlite_connection(db: aiosqlite.Connection) -> sqlite3.Connection:
+    """The sqlite3 connection inside `db`, for statements run on the event loop thread.
+
+    Only for a caller that alone uses `db` and never while one of its calls is running
+    on the database thread. A statement costs microseconds, while a hop to that thread
+    waits for the GIL (up to the 5 ms switch interval when the loop is busy): a group of
+    writes runs its statements here and sends only the COMMIT (the fsync) to the thread.
+
+    aiosqlite has no public way to do either; its private `_execute`/`_conn` are used
+    in these two functions only, with the version pinned in pyproject.toml (0.22.1):
+    check them when upgrading aiosqlite.
+    """
+    return db._conn
 
 
 class Transaction:

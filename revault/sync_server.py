@@ -20,6 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from bitcoin.core import CTransaction, b2lx
 
@@ -113,14 +114,16 @@ def _json_size(obj: dict) -> int:
     return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
-def fit_in_budget(items: list[dict], budget: int = RESPONSE_BUDGET) -> list[dict]:
-    """The longest prefix of `items` whose JSON array fits in `budget` bytes."""
+def fit_in_budget(sizes: Iterable[int], budget: int = RESPONSE_BUDGET) -> int:
+    """How many items, of these JSON sizes in order, fit in one JSON array of `budget` bytes."""
     used = 2  # the brackets
-    for i, item in enumerate(items):
-        used += _json_size(item) + (1 if i else 0)
+    count = 0
+    for size in sizes:
+        used += size + (1 if count else 0)
         if used > budget:
-            return items[:i]
-    return items
+            break
+        count += 1
+    return count
 
 
 def spend_txid(transaction_b64: str) -> str:
@@ -223,12 +226,12 @@ class SyncServer:
             rows = await store.get_spend_requests(RESPONSE_BUDGET // MIN_REQUEST_JSON)
             requests = [SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
                                      vault_id=r.vault_id) for r in rows]
-            kept = fit_in_budget([r.to_json() for r in requests])
-            if len(kept) < len(requests):
+            kept = fit_in_budget(r.json_size() for r in requests)
+            if kept < len(requests):
                 # Newest first, so what is left out is the oldest, soonest to expire.
                 log.info("get_spend_requests for %s: %d of %d pending requests fit in one "
-                         "response", caller.describe(), len(kept), len(requests))
-            return GetSpendRequestsResult(requests=requests[:len(kept)])
+                         "response", caller.describe(), kept, len(requests))
+            return GetSpendRequestsResult(requests=requests[:kept])
 
         @d.method("spend_opinion", params=SpendOpinionParams, roles=[WATCHTOWER])
         async def spend_opinion(caller: Caller, p: SpendOpinionParams) -> AckResult:
@@ -248,13 +251,14 @@ class SyncServer:
             rows = await store.get_opinions(p.vault_id, self._opinion_fetch)
             opinions = [RelayedOpinion(accepted=o.accepted, reason=o.reason, sig=o.sig,
                                        pubkey=o.pubkey, txid=o.txid) for o in rows]
-            kept = fit_in_budget([o.to_json() for o in opinions],
+            # `reason` is free text that JSON may escape: these are measured by encoding.
+            kept = fit_in_budget((_json_size(o.to_json()) for o in opinions),
                                  RESPONSE_BUDGET - len(p.vault_id) - 16)
-            if len(kept) < len(opinions):
+            if kept < len(opinions):
                 log.info("get_spend_opinions for %s: %d of %d opinions on vault %s fit in "
-                         "one response", caller.describe(), len(kept), len(opinions),
+                         "one response", caller.describe(), kept, len(opinions),
                          p.vault_id)
-            return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=opinions[:len(kept)])
+            return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=opinions[:kept])
 
 
 async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncServer:

@@ -29,7 +29,9 @@ import sqlite3
 
 import aiosqlite
 
-from revault.storage import open_database, run_in_database_thread
+from revault.storage import (
+    open_database, open_read_only, run_in_database_thread, sqlite_connection,
+)
 
 DAY = 86_400
 
@@ -51,7 +53,7 @@ class Quotas:
     """Upper bounds on stored rows; the names are the config keys under [quotas]."""
 
     signatures_per_id: int = 100            # pubkeys with a signature for one tx uid
-    ids_per_peer: int = 20_000              # tx uids one stakeholder has signatures under
+    signatures_per_peer: int = 20_000       # signatures one stakeholder has stored
     total_signatures: int = 1_000_000
     spend_requests_per_vault: int = 16      # distinct spend transactions for one vault
     spend_requests_per_manager: int = 1_000
@@ -163,6 +165,90 @@ MIGRATIONS = [
     CREATE INDEX opinions_by_submitter ON opinions (submitter);
     CREATE INDEX opinions_by_age ON opinions (stored_at);
     """,
+    # Version 2: rows per submitter, kept by triggers, so that a per-peer quota costs one
+    # primary-key read instead of counting that peer's rows on every write (which made
+    # writes slow down linearly with a busy peer's rows, for every peer). The submitter
+    # indexes move to (submitter, stored_at) for purging one peer's expired rows.
+    """
+    CREATE TABLE rows_by_submitter (
+        tbl TEXT NOT NULL,
+        submitter BLOB NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (tbl, submitter)
+    ) WITHOUT ROWID;
+
+    CREATE TRIGGER signatures_count_insert AFTER INSERT ON signatures BEGIN
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('signatures', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER signatures_count_delete AFTER DELETE ON signatures BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'signatures' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'signatures' AND submitter = OLD.submitter AND n = 0;
+    END;
+    CREATE TRIGGER signatures_count_update AFTER UPDATE OF submitter ON signatures
+        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'signatures' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'signatures' AND submitter = OLD.submitter AND n = 0;
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('signatures', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    INSERT INTO rows_by_submitter (tbl, submitter, n)
+        SELECT 'signatures', submitter, COUNT(*) FROM signatures GROUP BY submitter;
+    DROP INDEX signatures_by_submitter;
+    CREATE INDEX signatures_by_submitter ON signatures (submitter, stored_at);
+
+    CREATE TRIGGER spend_requests_count_insert AFTER INSERT ON spend_requests BEGIN
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('spend_requests', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER spend_requests_count_delete AFTER DELETE ON spend_requests BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter AND n = 0;
+    END;
+    CREATE TRIGGER spend_requests_count_update AFTER UPDATE OF submitter ON spend_requests
+        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter AND n = 0;
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('spend_requests', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    INSERT INTO rows_by_submitter (tbl, submitter, n)
+        SELECT 'spend_requests', submitter, COUNT(*) FROM spend_requests GROUP BY submitter;
+    DROP INDEX spend_requests_by_submitter;
+    CREATE INDEX spend_requests_by_submitter ON spend_requests (submitter, stored_at);
+
+    CREATE TRIGGER opinions_count_insert AFTER INSERT ON opinions BEGIN
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('opinions', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER opinions_count_delete AFTER DELETE ON opinions BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'opinions' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'opinions' AND submitter = OLD.submitter AND n = 0;
+    END;
+    CREATE TRIGGER opinions_count_update AFTER UPDATE OF submitter ON opinions
+        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = 'opinions' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = 'opinions' AND submitter = OLD.submitter AND n = 0;
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('opinions', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    INSERT INTO rows_by_submitter (tbl, submitter, n)
+        SELECT 'opinions', submitter, COUNT(*) FROM opinions GROUP BY submitter;
+    DROP INDEX opinions_by_submitter;
+    CREATE INDEX opinions_by_submitter ON opinions (submitter, stored_at);
+    """,
 ]
 
 DATABASE_NAME = "sync-server.sqlite3"
@@ -178,10 +264,11 @@ class SqliteSyncStore:
     Writes go through a queue to a single writer task, which holds the write connection
     and never waits on the network; a peer that hangs up while its write is queued or
     committing changes nothing for that write or the others. Reads use their own
-    connection, so in WAL mode they never wait for a commit's fsync.
+    read-only connection on the event loop thread (see storage.open_read_only), so in
+    WAL mode they never wait for a commit's fsync nor for the GIL.
     """
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
+    def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection,
                  retention: Retention, quotas: Quotas, clock: Callable[[], float]):
         self._writer = writer
         self._reader = reader
@@ -204,7 +291,7 @@ class SqliteSyncStore:
                    clock: Callable[[], float] = time.time) -> SqliteSyncStore:
         writer = await open_database(path, MIGRATIONS)
         try:
-            reader = await open_database(path, MIGRATIONS)
+            reader = open_read_only(path)
         except BaseException:
             await writer.close()
             raise
@@ -214,7 +301,7 @@ class SqliteSyncStore:
                 rows = await writer.execute_fetchall(f"SELECT COUNT(*) FROM {table}")
                 store._totals[table] = rows[0][0]
         except BaseException:
-            await reader.close()
+            reader.close()
             await writer.close()
             raise
         store._writer_task = asyncio.get_running_loop().create_task(store._write_loop())
@@ -259,10 +346,11 @@ class SqliteSyncStore:
                     break
                 group.append(item)
             try:
-                # The whole group in one hop to the database thread: per-statement hops
-                # would each wait for the GIL while the event loop is busy serving peers.
-                outcomes, deltas = await run_in_database_thread(
-                    self._writer, self._run_group, [work for work, _ in group])
+                # Statements on the loop thread (microseconds each), then the COMMIT and
+                # its fsync in one hop to the database thread: one GIL hand-over per group.
+                outcomes, deltas = self._run_group(sqlite_connection(self._writer),
+                                                   [work for work, _ in group])
+                await run_in_database_thread(self._writer, self._finish_transaction)
             except Exception as e:
                 # Nothing of this group is durable: every write in it fails, none is acked.
                 for _, future in group:
@@ -280,7 +368,7 @@ class SqliteSyncStore:
                     future.set_result(result)
 
     def _run_group(self, db: sqlite3.Connection, works: list) -> tuple[list, dict[str, int]]:
-        """On the database thread: one transaction, one savepoint per write."""
+        """One transaction, one savepoint per write; left open for _finish_transaction."""
         self._group_deltas = group_deltas = dict.fromkeys(_TABLES, 0)
         outcomes: list[tuple[Exception | None, object]] = []
         db.execute("BEGIN IMMEDIATE")
@@ -299,12 +387,20 @@ class SqliteSyncStore:
                 for table, delta in deltas.items():
                     group_deltas[table] += delta
                 outcomes.append((None, result))
-            self._commit(db)
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return outcomes, group_deltas
+
+    def _finish_transaction(self, db: sqlite3.Connection) -> None:
+        """On the database thread: COMMIT (durable with synchronous=FULL), or roll back."""
+        try:
+            self._commit(db)
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     @staticmethod
     def _commit(db: sqlite3.Connection) -> None:
@@ -329,6 +425,27 @@ class SqliteSyncStore:
         if total() >= limit:
             raise QuotaExceeded(quota, limit)
 
+    def _check_peer(self, db: sqlite3.Connection, table: str, submitter: bytes, quota: str,
+                    limit: int, deltas: dict[str, int]) -> None:
+        """Refuse one more row of `submitter` in `table` past `limit`.
+
+        The count is the trigger-kept rows_by_submitter (expired rows included until
+        purged); only at the limit are this peer's expired rows purged and the count
+        read again, so a live write is never refused because of dead rows.
+        """
+        def used() -> int:
+            row = self._one(db, "SELECT n FROM rows_by_submitter "
+                                "WHERE tbl = ? AND submitter = ?", (table, submitter))
+            return row[0] if row is not None else 0
+
+        if used() < limit:
+            return
+        cursor = db.execute(f"DELETE FROM {table} WHERE submitter = ? AND stored_at <= ?",
+                            (submitter, self._cutoff(table)))
+        deltas[table] -= cursor.rowcount
+        if used() >= limit:
+            raise QuotaExceeded(quota, limit)
+
     # --- signatures -----------------------------------------------------------
 
     async def put_signature(self, tx_id: str, pubkey: str, signature: str,
@@ -349,15 +466,8 @@ class SqliteSyncStore:
                 if count >= q.signatures_per_id:
                     raise QuotaExceeded("signatures_per_id", q.signatures_per_id)
             if existing is None or existing[0] != submitter:
-                known = self._one(
-                    db, "SELECT 1 FROM signatures WHERE submitter = ? AND tx_id = ? "
-                        "AND stored_at > ? LIMIT 1", (submitter, tx_id, cutoff))
-                if known is None:
-                    (ids,) = self._one(
-                        db, "SELECT COUNT(DISTINCT tx_id) FROM signatures "
-                            "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
-                    if ids >= q.ids_per_peer:
-                        raise QuotaExceeded("ids_per_peer", q.ids_per_peer)
+                self._check_peer(db, "signatures", submitter, "signatures_per_peer",
+                                 q.signatures_per_peer, deltas)
             db.execute(
                 "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
@@ -370,9 +480,9 @@ class SqliteSyncStore:
         await self._write(work)
 
     async def get_signatures(self, tx_id: str) -> dict[str, str]:
-        rows = await self._reader.execute_fetchall(
+        rows = self._reader.execute(
             "SELECT pubkey, signature FROM signatures WHERE tx_id = ? AND stored_at > ? "
-            "ORDER BY pubkey", (tx_id, self._cutoff("signatures")))
+            "ORDER BY pubkey", (tx_id, self._cutoff("signatures"))).fetchall()
         return {row[0]: row[1] for row in rows}
 
     async def erase_signatures(self, tx_id: str) -> int:
@@ -406,12 +516,8 @@ class SqliteSyncStore:
                 if count >= q.spend_requests_per_vault:
                     raise QuotaExceeded("spend_requests_per_vault", q.spend_requests_per_vault)
             if existing is None or existing[0] != submitter:
-                (mine,) = self._one(
-                    db, "SELECT COUNT(*) FROM spend_requests "
-                        "WHERE submitter = ? AND stored_at > ?", (submitter, cutoff))
-                if mine >= q.spend_requests_per_manager:
-                    raise QuotaExceeded("spend_requests_per_manager",
-                                        q.spend_requests_per_manager)
+                self._check_peer(db, "spend_requests", submitter, "spend_requests_per_manager",
+                                 q.spend_requests_per_manager, deltas)
             db.execute(
                 "INSERT INTO spend_requests "
                 "(vault_id, txid, tx, request_timestamp, submitter, stored_at) "
@@ -425,10 +531,10 @@ class SqliteSyncStore:
         await self._write(work)
 
     async def get_spend_requests(self, limit: int) -> list[StoredSpendRequest]:
-        rows = await self._reader.execute_fetchall(
+        rows = self._reader.execute(
             "SELECT vault_id, txid, tx, request_timestamp, stored_at FROM spend_requests "
             "WHERE stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
-            (self._cutoff("spend_requests"), limit))
+            (self._cutoff("spend_requests"), limit)).fetchall()
         return [StoredSpendRequest(*row) for row in rows]
 
     # --- opinions -----------------------------------------------------------------
@@ -451,11 +557,8 @@ class SqliteSyncStore:
                 if count >= q.opinions_per_vault:
                     raise QuotaExceeded("opinions_per_vault", q.opinions_per_vault)
             if existing is None or existing[0] != submitter:
-                (mine,) = self._one(
-                    db, "SELECT COUNT(*) FROM opinions WHERE submitter = ? AND stored_at > ?",
-                    (submitter, cutoff))
-                if mine >= q.opinions_per_watchtower:
-                    raise QuotaExceeded("opinions_per_watchtower", q.opinions_per_watchtower)
+                self._check_peer(db, "opinions", submitter, "opinions_per_watchtower",
+                                 q.opinions_per_watchtower, deltas)
             db.execute(
                 "INSERT INTO opinions "
                 "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at) "
@@ -470,10 +573,10 @@ class SqliteSyncStore:
         await self._write(work)
 
     async def get_opinions(self, vault_id: str, limit: int) -> list[StoredOpinion]:
-        rows = await self._reader.execute_fetchall(
+        rows = self._reader.execute(
             "SELECT vault_id, txid, pubkey, accepted, reason, sig, stored_at FROM opinions "
             "WHERE vault_id = ? AND stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
-            (vault_id, self._cutoff("opinions"), limit))
+            (vault_id, self._cutoff("opinions"), limit)).fetchall()
         return [StoredOpinion(vault_id=r[0], txid=r[1], pubkey=r[2], accepted=bool(r[3]),
                               reason=r[4], sig=r[5], stored_at=r[6]) for r in rows]
 
@@ -509,5 +612,5 @@ class SqliteSyncStore:
             # Writes already queued are committed (and acknowledged) before closing.
             self._queue.put_nowait(None)
             await self._writer_task
-        await self._reader.close()
+        self._reader.close()
         await self._writer.close()

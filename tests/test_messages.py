@@ -420,3 +420,11 @@ def test_relayed_opinion_to_params_round_trip_verifies():
     with pytest.raises(ParamsError) as info:
         relayed.to_params("EE" * 32)
     assert info.value.field == "vault_id"
+
+
+@pytest.mark.parametrize("timestamp", [0, 7, 1_700_000_000, 2**63 - 1])
+def test_spend_request_json_size_is_the_encoded_size(timestamp):
+    request = m.SpendRequest.parse({"transaction": TX_WITNESS, "timestamp": timestamp,
+                                    "vault_id": ID})
+    encoded = json.dumps(request.to_json(), separators=(",", ":"), ensure_ascii=False)
+    assert request.json_size() == len(encoded.encode("utf-8"))

@@ -69,3 +69,19 @@ async def test_transaction_rolls_back_on_error(tmp_path):
             assert (await c.fetchone())[0] == 0
     finally:
         await db.close()
+
+
+def test_migration_statements_split_around_trigger_bodies():
+    from revault.storage import _split_sql
+    script = """
+    CREATE TABLE a (x INTEGER);
+    CREATE TRIGGER t AFTER INSERT ON a BEGIN
+        INSERT INTO a VALUES (1); UPDATE a SET x = 2;
+    END;
+    CREATE INDEX i ON a (x)
+    """
+    statements = _split_sql(script)
+    assert len(statements) == 3
+    assert statements[1].startswith("CREATE TRIGGER") and statements[1].endswith("END;")
+    with pytest.raises(ValueError, match="incomplete"):
+        _split_sql("CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO a VALUES (1);")

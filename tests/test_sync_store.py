@@ -155,22 +155,95 @@ async def test_signatures_per_id_quota(open_store):
     assert await store.get_signatures(ID1) == {PK1: "30aa", PK2: "30dd"}
 
 
-async def test_ids_per_peer_quota(open_store):
-    store = await open_store(Quotas(ids_per_peer=2))
+async def test_signatures_per_peer_quota(open_store):
+    store = await open_store(Quotas(signatures_per_peer=2))
     await store.put_signature(ID1, PK1, "30aa", ALICE)
-    await store.put_signature(ID1, PK2, "30aa", ALICE)  # same id: no new id
-    await store.put_signature(ID2, PK1, "30aa", ALICE)
+    await store.put_signature(ID1, PK2, "30aa", ALICE)
+    await store.put_signature(ID1, PK2, "30ab", ALICE)  # replacing her own: no new row
     with pytest.raises(QuotaExceeded) as e:
-        await store.put_signature(ID3, PK1, "30aa", ALICE)
-    assert e.value.quota == "ids_per_peer"
-    await store.put_signature(ID3, PK1, "30aa", BOB)  # another peer has its own allowance
-    # Taking over someone else's row under a new id counts against the new submitter.
-    assert await store.get_signatures(ID3) == {PK1: "30aa"}
+        await store.put_signature(ID2, PK1, "30aa", ALICE)
+    assert e.value.quota == "signatures_per_peer"
+    await store.put_signature(ID2, PK1, "30aa", BOB)  # another peer has its own allowance
+    # Taking over someone else's row counts against the new submitter.
     with pytest.raises(QuotaExceeded):
-        await store.put_signature(ID3, PK1, "30bb", ALICE)
-    # After err_sig the id no longer counts.
-    await store.erase_signatures(ID2)
+        await store.put_signature(ID2, PK1, "30bb", ALICE)
+    # After err_sig her rows no longer count.
+    await store.erase_signatures(ID1)
+    await store.put_signature(ID2, PK1, "30bb", ALICE)  # takes Bob's row over
+    await store.put_signature(ID3, PK1, "30cc", BOB)
+    await store.put_signature(ID3, PK2, "30cc", BOB)  # Bob's count fell with the takeover
+
+
+async def test_peer_quota_purges_that_peers_expired_rows_before_refusing(open_store, clock):
+    store = await open_store(Quotas(signatures_per_peer=2, spend_requests_per_manager=1,
+                                    opinions_per_watchtower=1),
+                             Retention(signatures=10, spend_requests=10, spend_opinions=10))
+    await store.put_signature(ID1, PK1, "30aa", ALICE)
+    await store.put_signature(ID2, PK1, "30aa", ALICE)
+    await store.put_spend_request(ID1, TXA, "t", 1, ALICE)
+    await store.put_opinion(ID1, TXA, PK1, True, "", "30aa", ALICE)
+    clock.now += 10
+    await store.put_signature(ID3, PK1, "30bb", BOB)  # Bob's live row survives below
     await store.put_signature(ID3, PK2, "30bb", ALICE)
+    await store.put_spend_request(ID2, TXA, "t", 1, ALICE)
+    await store.put_opinion(ID2, TXA, PK1, True, "", "30aa", ALICE)
+    assert await store.get_signatures(ID3) == {PK1: "30bb", PK2: "30bb"}
+    with pytest.raises(QuotaExceeded):
+        await store.put_spend_request(ID3, TXA, "t", 1, ALICE)  # the live one counts
+
+
+def _counts_match_rows(path) -> None:
+    db = sqlite3.connect(path)
+    try:
+        kept = set(db.execute("SELECT tbl, submitter, n FROM rows_by_submitter"))
+        actual = set()
+        for table in ("signatures", "spend_requests", "opinions"):
+            actual |= {(table, submitter, n) for submitter, n in db.execute(
+                f"SELECT submitter, COUNT(*) FROM {table} GROUP BY submitter")}
+        assert kept == actual
+    finally:
+        db.close()
+
+
+async def test_per_peer_counts_follow_every_kind_of_change(open_store, clock, tmp_path):
+    store = await open_store(retention=Retention(signatures=10, spend_requests=10,
+                                                 spend_opinions=10))
+    for i, (tx_id, submitter) in enumerate([(ID1, ALICE), (ID2, ALICE), (ID3, BOB)]):
+        await store.put_signature(tx_id, PK1, f"30{i:02x}", submitter)
+        await store.put_spend_request(tx_id, TXA, "t", i, submitter)
+        await store.put_opinion(tx_id, TXA, PK1, True, "", "30aa", submitter)
+    await store.put_signature(ID1, PK1, "30ff", BOB)              # takeover
+    await store.put_spend_request(ID1, TXA, "t", 9, BOB)          # takeover
+    await store.put_opinion(ID2, TXA, PK1, False, "no", "30bb", BOB)  # takeover
+    await store.put_signature(ID1, PK2, "30ee", ALICE)            # a new row
+    await store.erase_signatures(ID2)
+    _counts_match_rows(tmp_path / "sync.sqlite3")
+    clock.now += 10
+    await store.put_signature(ID3, PK2, "30dd", ALICE)
+    assert await store.purge_expired() > 0
+    _counts_match_rows(tmp_path / "sync.sqlite3")
+
+
+async def test_migration_from_version_1_counts_existing_rows(tmp_path, clock):
+    from revault.storage import open_database
+    path = tmp_path / "sync.sqlite3"
+    db = await open_database(path, MIGRATIONS[:1])
+    now = int(clock())
+    await db.executemany(
+        "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(ID1, PK1, "30aa", ALICE, now), (ID2, PK1, "30aa", ALICE, now),
+         (ID2, PK2, "30aa", BOB, now)])
+    await db.close()
+    store = await SqliteSyncStore.open(path, Retention(), Quotas(signatures_per_peer=2), clock)
+    try:
+        _counts_match_rows(path)
+        with pytest.raises(QuotaExceeded):
+            await store.put_signature(ID3, PK1, "30aa", ALICE)
+        await store.put_signature(ID3, PK1, "30aa", BOB)
+        assert await store.get_signatures(ID2) == {PK1: "30aa", PK2: "30aa"}
+    finally:
+        await store.close()
 
 
 async def test_total_quota_purges_expired_before_refusing(open_store, clock):
