@@ -125,6 +125,42 @@ class SyncStore(Protocol):
     async def close(self) -> None: ...
 
 
+_TABLES = ("signatures", "spend_requests", "opinions")
+
+
+def _row_count_triggers(table: str) -> str:
+    """Migration 2's SQL keeping rows_by_submitter exact for `table`.
+
+    Like every released migration this text must never change; a later schema change
+    is a new migration.
+    """
+    return f"""
+    CREATE TRIGGER {table}_count_insert AFTER INSERT ON {table} BEGIN
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('{table}', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER {table}_count_delete AFTER DELETE ON {table} BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = '{table}' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = '{table}' AND submitter = OLD.submitter AND n = 0;
+    END;
+    CREATE TRIGGER {table}_count_update AFTER UPDATE OF submitter ON {table}
+        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
+        UPDATE rows_by_submitter SET n = n - 1
+            WHERE tbl = '{table}' AND submitter = OLD.submitter;
+        DELETE FROM rows_by_submitter
+            WHERE tbl = '{table}' AND submitter = OLD.submitter AND n = 0;
+        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('{table}', NEW.submitter, 1)
+            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
+    END;
+    INSERT INTO rows_by_submitter (tbl, submitter, n)
+        SELECT '{table}', submitter, COUNT(*) FROM {table} GROUP BY submitter;
+    DROP INDEX {table}_by_submitter;
+    CREATE INDEX {table}_by_submitter ON {table} (submitter, stored_at);
+"""
+
+
 MIGRATIONS = [
     # Rowid tables (not WITHOUT ROWID) so that the purge can delete in bounded batches.
     """
@@ -176,86 +212,13 @@ MIGRATIONS = [
         n INTEGER NOT NULL,
         PRIMARY KEY (tbl, submitter)
     ) WITHOUT ROWID;
-
-    CREATE TRIGGER signatures_count_insert AFTER INSERT ON signatures BEGIN
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('signatures', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    CREATE TRIGGER signatures_count_delete AFTER DELETE ON signatures BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'signatures' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'signatures' AND submitter = OLD.submitter AND n = 0;
-    END;
-    CREATE TRIGGER signatures_count_update AFTER UPDATE OF submitter ON signatures
-        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'signatures' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'signatures' AND submitter = OLD.submitter AND n = 0;
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('signatures', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    INSERT INTO rows_by_submitter (tbl, submitter, n)
-        SELECT 'signatures', submitter, COUNT(*) FROM signatures GROUP BY submitter;
-    DROP INDEX signatures_by_submitter;
-    CREATE INDEX signatures_by_submitter ON signatures (submitter, stored_at);
-
-    CREATE TRIGGER spend_requests_count_insert AFTER INSERT ON spend_requests BEGIN
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('spend_requests', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    CREATE TRIGGER spend_requests_count_delete AFTER DELETE ON spend_requests BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter AND n = 0;
-    END;
-    CREATE TRIGGER spend_requests_count_update AFTER UPDATE OF submitter ON spend_requests
-        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'spend_requests' AND submitter = OLD.submitter AND n = 0;
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('spend_requests', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    INSERT INTO rows_by_submitter (tbl, submitter, n)
-        SELECT 'spend_requests', submitter, COUNT(*) FROM spend_requests GROUP BY submitter;
-    DROP INDEX spend_requests_by_submitter;
-    CREATE INDEX spend_requests_by_submitter ON spend_requests (submitter, stored_at);
-
-    CREATE TRIGGER opinions_count_insert AFTER INSERT ON opinions BEGIN
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('opinions', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    CREATE TRIGGER opinions_count_delete AFTER DELETE ON opinions BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'opinions' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'opinions' AND submitter = OLD.submitter AND n = 0;
-    END;
-    CREATE TRIGGER opinions_count_update AFTER UPDATE OF submitter ON opinions
-        WHEN OLD.submitter IS NOT NEW.submitter BEGIN
-        UPDATE rows_by_submitter SET n = n - 1
-            WHERE tbl = 'opinions' AND submitter = OLD.submitter;
-        DELETE FROM rows_by_submitter
-            WHERE tbl = 'opinions' AND submitter = OLD.submitter AND n = 0;
-        INSERT INTO rows_by_submitter (tbl, submitter, n) VALUES ('opinions', NEW.submitter, 1)
-            ON CONFLICT (tbl, submitter) DO UPDATE SET n = n + 1;
-    END;
-    INSERT INTO rows_by_submitter (tbl, submitter, n)
-        SELECT 'opinions', submitter, COUNT(*) FROM opinions GROUP BY submitter;
-    DROP INDEX opinions_by_submitter;
-    CREATE INDEX opinions_by_submitter ON opinions (submitter, stored_at);
-    """,
+    """ + "".join(_row_count_triggers(table) for table in _TABLES),
 ]
 
 DATABASE_NAME = "sync-server.sqlite3"
 PURGE_BATCH = 5_000  # rows per purge write: bounds how long one write holds the writer
 MAX_GROUP = 256      # writes per transaction: bounds the wait of the writes behind them
 
-_TABLES = ("signatures", "spend_requests", "opinions")
 
 
 class SqliteSyncStore:
