@@ -293,16 +293,8 @@ class GetSigsResult:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrSigParams:
-    id: str
-
-    @classmethod
-    def parse(cls, obj: Any) -> Self:
-        obj = _require_object(obj)
-        return cls(id=_id("id", _require(obj, "id")))
-
-    def to_json(self) -> dict:
-        return {"id": self.id}
+class ErrSigParams(GetSigsParams):
+    """The same one member as get_sigs: the tx uid whose signatures are erased."""
 
 
 @dataclass(frozen=True, slots=True)
