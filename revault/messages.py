@@ -378,6 +378,18 @@ def _check_opinion_reason(accept: bool, reason: Any) -> str:
     return reason
 
 
+def _opinion_members(obj: dict, accept_field: str) -> tuple[bool, str, str, str, str]:
+    """The signed members an opinion carries in both its forms: as the watchtower sends
+    it (`accept`) and as the sync server relays it (`accepted`)."""
+    accept = _check_bool(accept_field, _require(obj, accept_field))
+    reason = _check_opinion_reason(accept, _require(obj, "reason"))
+    sig = _require(obj, "sig")
+    check_der_low_s("sig", sig)
+    pubkey = _require(obj, "pubkey")
+    check_pubkey("pubkey", pubkey)
+    return accept, reason, sig, pubkey, _id("txid", _require(obj, "txid"))
+
+
 @dataclass(frozen=True, slots=True)
 class SpendOpinionParams:
     vault_id: str
@@ -391,14 +403,9 @@ class SpendOpinionParams:
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
         vault_id = _id("vault_id", _require(obj, "vault_id"))
-        accept = _check_bool("accept", _require(obj, "accept"))
-        reason = _check_opinion_reason(accept, _require(obj, "reason"))
-        sig = _require(obj, "sig")
-        check_der_low_s("sig", sig)
-        pubkey = _require(obj, "pubkey")
-        check_pubkey("pubkey", pubkey)
+        accept, reason, sig, pubkey, txid = _opinion_members(obj, "accept")
         return cls(vault_id=vault_id, accept=accept, reason=reason, sig=sig,
-                   pubkey=pubkey, txid=_id("txid", _require(obj, "txid")))
+                   pubkey=pubkey, txid=txid)
 
     def to_json(self) -> dict:
         return {"vault_id": self.vault_id, "accept": self.accept, "reason": self.reason,
@@ -415,15 +422,8 @@ class RelayedOpinion:
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
-        obj = _require_object(obj)
-        accepted = _check_bool("accepted", _require(obj, "accepted"))
-        reason = _check_opinion_reason(accepted, _require(obj, "reason"))
-        sig = _require(obj, "sig")
-        check_der_low_s("sig", sig)
-        pubkey = _require(obj, "pubkey")
-        check_pubkey("pubkey", pubkey)
-        return cls(accepted=accepted, reason=reason, sig=sig, pubkey=pubkey,
-                   txid=_id("txid", _require(obj, "txid")))
+        accepted, reason, sig, pubkey, txid = _opinion_members(_require_object(obj), "accepted")
+        return cls(accepted=accepted, reason=reason, sig=sig, pubkey=pubkey, txid=txid)
 
     @classmethod
     def from_params(cls, params: SpendOpinionParams) -> Self:
