@@ -20,7 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Awaitable, Iterable
 
 from bitcoin.core import CTransaction, b2lx
 
@@ -132,7 +132,8 @@ def spend_txid(transaction_b64: str) -> str:
 
 
 def _refuse_quota(e: QuotaExceeded, caller: Caller) -> RpcError:
-    # The dispatcher logs the refusal by code only; which quota is what an operator needs.
+    # The dispatcher logs every refusal too; this line leads with the quota, and a full
+    # table is raised to a warning because it refuses every peer, not one.
     if e.quota.startswith("total_"):
         # A full table refuses every peer, not only this one.
         log.warning("%s: refusing new rows until some expire or the quota is raised (%s)",
@@ -140,6 +141,15 @@ def _refuse_quota(e: QuotaExceeded, caller: Caller) -> RpcError:
     else:
         log.info("%s for %s", e, caller.describe())
     return RpcError(REFUSED, str(e))
+
+
+async def _acknowledge(write: Awaitable[object], caller: Caller) -> AckResult:
+    """{"ack":true} once the store's durable write returned; a quota refusal is -32002."""
+    try:
+        await write
+    except QuotaExceeded as e:
+        raise _refuse_quota(e, caller) from None
+    return AckResult()
 
 
 class SyncServer:
@@ -192,11 +202,8 @@ class SyncServer:
 
         @d.method("sig", params=SigParams, roles=[STAKEHOLDER])
         async def sig(caller: Caller, p: SigParams) -> AckResult:
-            try:
-                await store.put_signature(p.id, p.pubkey, p.signature, caller.public_key)
-            except QuotaExceeded as e:
-                raise _refuse_quota(e, caller) from None
-            return AckResult()
+            return await _acknowledge(
+                store.put_signature(p.id, p.pubkey, p.signature, caller.public_key), caller)
 
         @d.method("get_sigs", params=GetSigsParams, roles=[STAKEHOLDER, MANAGER])
         async def get_sigs(caller: Caller, p: GetSigsParams) -> GetSigsResult:
@@ -213,12 +220,9 @@ class SyncServer:
 
         @d.method("request_spend", params=RequestSpendParams, roles=[MANAGER])
         async def request_spend(caller: Caller, p: RequestSpendParams) -> AckResult:
-            try:
-                await store.put_spend_request(p.vault_id, spend_txid(p.transaction),
-                                              p.transaction, p.timestamp, caller.public_key)
-            except QuotaExceeded as e:
-                raise _refuse_quota(e, caller) from None
-            return AckResult()
+            return await _acknowledge(
+                store.put_spend_request(p.vault_id, spend_txid(p.transaction), p.transaction,
+                                        p.timestamp, caller.public_key), caller)
 
         @d.method("get_spend_requests", params=GetSpendRequestsParams, roles=[WATCHTOWER])
         async def get_spend_requests(caller: Caller,
@@ -238,12 +242,9 @@ class SyncServer:
             if not verify_opinion(p):
                 raise RpcError(INVALID_PARAMS, "sig: not a valid signature of this opinion "
                                                "by pubkey")
-            try:
-                await store.put_opinion(p.vault_id, p.txid, p.pubkey, p.accept, p.reason,
-                                        p.sig, caller.public_key)
-            except QuotaExceeded as e:
-                raise _refuse_quota(e, caller) from None
-            return AckResult()
+            return await _acknowledge(
+                store.put_opinion(p.vault_id, p.txid, p.pubkey, p.accept, p.reason, p.sig,
+                                  caller.public_key), caller)
 
         @d.method("get_spend_opinions", params=GetSpendOpinionsParams, roles=[MANAGER])
         async def get_spend_opinions(caller: Caller,

@@ -126,6 +126,15 @@ class SyncStore(Protocol):
 
 
 _TABLES = ("signatures", "spend_requests", "opinions")
+# Per table: the column that groups rows under one bound, and the names (Quotas fields
+# and config keys) of its total, per-group and per-peer quotas.
+_QUOTAS = {
+    "signatures": ("tx_id", "total_signatures", "signatures_per_id", "signatures_per_peer"),
+    "spend_requests": ("vault_id", "total_spend_requests", "spend_requests_per_vault",
+                       "spend_requests_per_manager"),
+    "opinions": ("vault_id", "total_opinions", "opinions_per_vault",
+                 "opinions_per_watchtower"),
+}
 
 
 def _row_count_triggers(table: str) -> str:
@@ -409,36 +418,44 @@ class SqliteSyncStore:
         if used() >= limit:
             raise QuotaExceeded(quota, limit)
 
+    def _admit(self, db: sqlite3.Connection, deltas: dict[str, int], table: str,
+               key: dict[str, str], submitter: bytes) -> None:
+        """Every quota check before writing the row of `table` that `key` identifies.
+
+        A new row must fit the table's total and its group (the signatures of one tx uid,
+        the requests or opinions of one vault), and is counted in `deltas`; a new row or
+        one taken over from another peer must fit the submitter's own quota. Replacing
+        one's own row is always allowed.
+        """
+        group_column, total, per_group, per_peer = _QUOTAS[table]
+        where = " AND ".join(f"{column} = ?" for column in key)
+        existing = self._one(db, f"SELECT submitter FROM {table} WHERE {where}",
+                             tuple(key.values()))
+        if existing is None:
+            self._check_total(db, table, total, getattr(self._quotas, total), deltas)
+            (count,) = self._one(
+                db, f"SELECT COUNT(*) FROM {table} WHERE {group_column} = ? AND stored_at > ?",
+                (key[group_column], self._cutoff(table)))
+            limit = getattr(self._quotas, per_group)
+            if count >= limit:
+                raise QuotaExceeded(per_group, limit)
+            deltas[table] += 1
+        if existing is None or existing[0] != submitter:
+            self._check_peer(db, table, submitter, per_peer, getattr(self._quotas, per_peer),
+                             deltas)
+
     # --- signatures -----------------------------------------------------------
 
     async def put_signature(self, tx_id: str, pubkey: str, signature: str,
                             submitter: bytes) -> None:
-        q = self._quotas
-
         def work(db, deltas):
-            cutoff = self._cutoff("signatures")
-            existing = self._one(
-                db, "SELECT submitter FROM signatures WHERE tx_id = ? AND pubkey = ?",
-                (tx_id, pubkey))
-            if existing is None:
-                self._check_total(db, "signatures", "total_signatures",
-                                        q.total_signatures, deltas)
-                (count,) = self._one(
-                    db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
-                    (tx_id, cutoff))
-                if count >= q.signatures_per_id:
-                    raise QuotaExceeded("signatures_per_id", q.signatures_per_id)
-            if existing is None or existing[0] != submitter:
-                self._check_peer(db, "signatures", submitter, "signatures_per_peer",
-                                 q.signatures_per_peer, deltas)
+            self._admit(db, deltas, "signatures", {"tx_id": tx_id, "pubkey": pubkey}, submitter)
             db.execute(
                 "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
                 "signature = excluded.signature, submitter = excluded.submitter, "
                 "stored_at = excluded.stored_at",
                 (tx_id, pubkey, signature, submitter, self._now()))
-            if existing is None:
-                deltas["signatures"] += 1
 
         await self._write(work)
 
@@ -463,24 +480,9 @@ class SqliteSyncStore:
 
     async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
                                 timestamp: int, submitter: bytes) -> None:
-        q = self._quotas
-
         def work(db, deltas):
-            cutoff = self._cutoff("spend_requests")
-            existing = self._one(
-                db, "SELECT submitter FROM spend_requests WHERE vault_id = ? AND txid = ?",
-                (vault_id, txid))
-            if existing is None:
-                self._check_total(db, "spend_requests", "total_spend_requests",
-                                        q.total_spend_requests, deltas)
-                (count,) = self._one(
-                    db, "SELECT COUNT(*) FROM spend_requests "
-                        "WHERE vault_id = ? AND stored_at > ?", (vault_id, cutoff))
-                if count >= q.spend_requests_per_vault:
-                    raise QuotaExceeded("spend_requests_per_vault", q.spend_requests_per_vault)
-            if existing is None or existing[0] != submitter:
-                self._check_peer(db, "spend_requests", submitter, "spend_requests_per_manager",
-                                 q.spend_requests_per_manager, deltas)
+            self._admit(db, deltas, "spend_requests", {"vault_id": vault_id, "txid": txid},
+                        submitter)
             db.execute(
                 "INSERT INTO spend_requests "
                 "(vault_id, txid, tx, request_timestamp, submitter, stored_at) "
@@ -488,8 +490,6 @@ class SqliteSyncStore:
                 "tx = excluded.tx, request_timestamp = excluded.request_timestamp, "
                 "submitter = excluded.submitter, stored_at = excluded.stored_at",
                 (vault_id, txid, transaction, timestamp, submitter, self._now()))
-            if existing is None:
-                deltas["spend_requests"] += 1
 
         await self._write(work)
 
@@ -504,24 +504,9 @@ class SqliteSyncStore:
 
     async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
                           reason: str, sig: str, submitter: bytes) -> None:
-        q = self._quotas
-
         def work(db, deltas):
-            cutoff = self._cutoff("opinions")
-            existing = self._one(
-                db, "SELECT submitter FROM opinions "
-                    "WHERE vault_id = ? AND txid = ? AND pubkey = ?", (vault_id, txid, pubkey))
-            if existing is None:
-                self._check_total(db, "opinions", "total_opinions",
-                                        q.total_opinions, deltas)
-                (count,) = self._one(
-                    db, "SELECT COUNT(*) FROM opinions WHERE vault_id = ? AND stored_at > ?",
-                    (vault_id, cutoff))
-                if count >= q.opinions_per_vault:
-                    raise QuotaExceeded("opinions_per_vault", q.opinions_per_vault)
-            if existing is None or existing[0] != submitter:
-                self._check_peer(db, "opinions", submitter, "opinions_per_watchtower",
-                                 q.opinions_per_watchtower, deltas)
+            self._admit(db, deltas, "opinions",
+                        {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}, submitter)
             db.execute(
                 "INSERT INTO opinions "
                 "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at) "
@@ -530,8 +515,6 @@ class SqliteSyncStore:
                 "sig = excluded.sig, submitter = excluded.submitter, "
                 "stored_at = excluded.stored_at",
                 (vault_id, txid, pubkey, int(accepted), reason, sig, submitter, self._now()))
-            if existing is None:
-                deltas["opinions"] += 1
 
         await self._write(work)
 
