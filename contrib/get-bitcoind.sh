@@ -5,9 +5,10 @@
 # Order of preference:
 #   1. $BITCOIND (path to bitcoind; bitcoin-cli is looked for beside it, or $BITCOIN_CLI);
 #   2. a bitcoind on PATH;
-#   3. binaries cached under ${REVAULT_CACHE:-~/.cache/revault}/bitcoin-31.99/bin;
+#   3. binaries cached under ${REVAULT_CACHE:-~/.cache/revault}/bitcoin-31.99-zmq/bin;
 #   4. a build from the Bitcoin Core tree inside the sdist of py-bitcoinkernel==0.1.0a5
-#      (Bitcoin Core 31.99), cached as in 3 so later runs skip the ~9 minute build.
+#      (Bitcoin Core 31.99, with ZMQ notifications for the watchtower), cached as in 3
+#      so later runs skip the ~9 minute build.
 set -euo pipefail
 
 log() { echo "get-bitcoind: $*" >&2; }
@@ -25,14 +26,15 @@ if command -v bitcoind >/dev/null 2>&1 && command -v bitcoin-cli >/dev/null 2>&1
 fi
 
 cache=${REVAULT_CACHE:-$HOME/.cache/revault}
-prefix=$cache/bitcoin-31.99
+# The -zmq suffix replaces, once, the earlier cache built without ZMQ.
+prefix=$cache/bitcoin-31.99-zmq
 if [ -x "$prefix/bin/bitcoind" ] && [ -x "$prefix/bin/bitcoin-cli" ]; then
     echo "$prefix/bin"; exit 0
 fi
 
 log "no bitcoind found; building Bitcoin Core 31.99 into $prefix (about 9 minutes on 2 cores)"
 need=()
-for pkg in build-essential cmake pkg-config libboost-dev libevent-dev libsqlite3-dev; do
+for pkg in build-essential cmake pkg-config libboost-dev libevent-dev libsqlite3-dev libzmq3-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -63,7 +65,7 @@ if [ ! -d "$work/src/depend/bitcoin" ]; then
 fi
 cd "$work/src/depend/bitcoin"
 cmake -B build -DBUILD_DAEMON=ON -DBUILD_CLI=ON -DENABLE_WALLET=ON -DBUILD_TESTS=OFF \
-    -DBUILD_BENCH=OFF -DBUILD_FUZZ_BINARY=OFF -DBUILD_GUI=OFF -DWITH_ZMQ=OFF \
+    -DBUILD_BENCH=OFF -DBUILD_FUZZ_BINARY=OFF -DBUILD_GUI=OFF -DWITH_ZMQ=ON \
     -DENABLE_IPC=OFF -DBUILD_KERNEL_LIB=OFF -DBUILD_TX=OFF -DBUILD_UTIL=OFF \
     -DBUILD_WALLET_TOOL=OFF -DCMAKE_BUILD_TYPE=Release >&2
 cmake --build build -j"$(nproc)" --target bitcoind bitcoin-cli >&2
