@@ -99,7 +99,7 @@ class ConfigTable:
 
     def listen(self, key: str, default: Any = MISSING) -> tuple[str, int]:
         value = self.string(key, default)
-        if isinstance(value, tuple):
+        if value is None or isinstance(value, tuple):  # a default: off, or given parsed
             return value
         return parse_host_port(value, self.key_name(key))
 

@@ -29,13 +29,16 @@ The store grows by one row per outpoint signed and never shrinks (see cosigner_s
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from revault import metrics
 from revault.config import ConfigTable, ProblemCollector
 from revault.cosigner_signing import CosignerKey, PsbtRefused
-from revault.cosigner_store import DATABASE_NAME, SignatureStore, StoreClosed
+from revault.cosigner_store import DATABASE_NAME, SignatureStore, StoreClosed, status_summary
 from revault.daemon import CommonConfig, key_prefix, run_daemon
 from revault.keys import KeyFileError, read_key_file
 from revault.messages import SignParams, SignResult
@@ -95,16 +98,20 @@ class CosignerService:
         except StoreClosed:
             raise RpcError(REFUSED, "cosigner is shutting down") from None
         stored = outcome.stored
+        counters = metrics.cosigner()
         if outcome.new:
+            counters.signatures.inc()
             log.info("signed outpoint %s: new signature for manager %s (spend %s)",
                      request.outpoint, manager, request.spend_txid)
         elif stored.spend_txid == request.spend_txid:
+            counters.replays.inc()
             log.info("signed outpoint %s: replayed stored signature to manager %s "
                      "(same spend %s)", request.outpoint, manager, request.spend_txid)
         else:
             # A different transaction for an outpoint already signed: either a manager
             # rebuilt its spend, or someone is attempting a conflicting one. Operators
             # want to see this.
+            counters.conflicting_requests.inc()
             log.warning("signed outpoint %s: replayed stored signature to manager %s, who "
                         "asked for spend %s; it was signed for spend %s (manager %s)",
                         request.outpoint, manager, request.spend_txid, stored.spend_txid,
@@ -124,13 +131,24 @@ async def make_service(config: CosignerConfig, noise_private: bytes) -> Cosigner
         raise KeyFileError(
             f"bitcoin_key_file: {config.bitcoin_key_file}: not a valid secp256k1 secret key") from None
     store = await SignatureStore.open(config.common.data_dir / DATABASE_NAME, key.sign)
+    metrics.cosigner()  # its counters are exported from the start, at 0
     log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per connection",
              key.public_key.hex(), len(config.managers), f"{config.common.requests_per_second:g}")
     return CosignerService(config, key, store)
 
 
+async def read_status(config: CosignerConfig, db: sqlite3.Connection) -> dict:
+    """`revault-cosigner --config FILE status`: what the signature store holds."""
+    summary = status_summary(db, int(time.time()))
+    summary["signed_by_manager"] = {key_prefix(manager): n
+                                    for manager, n in summary["signed_by_manager"]}
+    summary["managers_configured"] = len(config.managers)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon(NAME, argv, read_config, make_service)
+    return run_daemon(NAME, argv, read_config, make_service,
+                      database_name=DATABASE_NAME, status=read_status)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Callable
 import aiosqlite
 
 from revault.cosigner_signing import Outpoint, SigningRequest
-from revault.storage import open_database, run_in_database_thread
+from revault.storage import commit_durably, open_database, run_in_database_thread
 
 log = logging.getLogger("revault.cosigner.store")
 
@@ -226,7 +226,7 @@ def _transaction(conn: sqlite3.Connection,
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(st.outpoint.txid, st.outpoint.vout, st.signature, st.digest, st.spend_txid,
                   st.manager, st.created_at) for st in fresh])
-        conn.execute("COMMIT")
+        commit_durably(conn, len(work))
     except BaseException:
         # A failed COMMIT (SQLITE_BUSY, I/O error) can leave the transaction open; the
         # next BEGIN IMMEDIATE would then fail forever.
@@ -237,3 +237,19 @@ def _transaction(conn: sqlite3.Connection,
                 log.error("signature store rollback failed: %s", e)
         raise
     return results
+
+
+def status_summary(db: sqlite3.Connection, now: int) -> dict:
+    """What `revault-cosigner status` shows: outpoints signed (in all, in the last day),
+    when the last one was, and how many each manager (Noise key) asked for first."""
+    count, last_day, newest = db.execute(
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE created_at > ?), MAX(created_at) "
+        "FROM signatures", (now - 86_400,)).fetchone()
+    by_manager = db.execute(
+        "SELECT manager, COUNT(*) FROM signatures GROUP BY manager ORDER BY 2 DESC").fetchall()
+    return {
+        "signed_outpoints": count,
+        "signed_last_24h": last_day,
+        "last_signature_age_seconds": None if newest is None else now - newest,
+        "signed_by_manager": [(bytes(manager), n) for manager, n in by_manager],
+    }

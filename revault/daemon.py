@@ -1,33 +1,42 @@
 """What every revault daemon shares: config, keys, data dir, logs, listen, sd_notify, signals.
 
-A daemon module provides two things to `run_daemon`: a function that reads its own
-config keys from the TOML table (next to the common ones read here), and a coroutine
-that builds its `Service` (dispatcher, peers and roles, storage). Everything else
-(parsing `--config`, refusing bad configs before anything starts, the data directory,
-the Noise server, READY=1, a clean stop on SIGTERM/SIGINT) lives here once.
+A daemon module provides three things to `run_daemon`: a function that reads its own
+config keys from the TOML table (next to the common ones read here), a coroutine that
+builds its `Service` (dispatcher, peers and roles, storage), and a coroutine that
+summarizes its database for `revault-<name> --config FILE status`. Everything else
+(parsing the command line, refusing bad configs before anything starts, the data
+directory, the Noise server, the metrics listener, text or JSON logs, READY=1, a clean
+stop on SIGTERM/SIGINT, the common part of `status` and its text and JSON output) lives
+here once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import json
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
+from revault import metrics
 from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
 from revault.keys import KeyFileError, noise_public_key, read_key_file
 from revault.rpc import Caller, Dispatcher, serve_connection
-from revault.storage import StorageError
+from revault.storage import StorageError, open_read_only
 from revault.transport import NoiseConnection, ServerLimits, start_server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+STATUS_PROBE_TIMEOUT = 2.0  # seconds for `status` to see whether the daemon accepts
 EXIT_CONFIG = 2   # the config or a key file is unusable: fix it, restarting will not help
 EXIT_FAILURE = 1  # failed at run time (port taken, database refused)
 
@@ -46,6 +55,8 @@ class CommonConfig:
     max_connections: int
     log_level: str
     requests_per_second: float | None  # per connection; None: no limit
+    log_format: str = "text"
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics listener
 
     @classmethod
     def read(cls, table: ConfigTable, base: Path, *,
@@ -59,6 +70,9 @@ class CommonConfig:
         log_level = p.read(table.string, "log_level", "info")
         if log_level is not None and log_level not in LOG_LEVELS:
             p.add(f"{table.key_name('log_level')}: must be one of {', '.join(LOG_LEVELS)}")
+        log_format = p.read(table.string, "log_format", "text")
+        if log_format is not None and log_format not in LOG_FORMATS:
+            p.add(f"{table.key_name('log_format')}: must be one of {', '.join(LOG_FORMATS)}")
         config = cls(
             listen_host=listen[0] if listen else "",
             listen_port=listen[1] if listen else 0,
@@ -71,6 +85,8 @@ class CommonConfig:
             log_level=log_level,
             requests_per_second=p.read(table.number, "requests_per_second", minimum=0.001,
                                        maximum=1_000_000, default=requests_per_second),
+            log_format=log_format,
+            metrics_listen=p.read(table.listen, "metrics_listen", None),
         )
         p.finish()
         return config
@@ -99,9 +115,25 @@ def key_prefix(public_key: bytes) -> str:
     return public_key[:4].hex()
 
 
-def setup_logging(level: str) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the fields of a text line: time (as the text line
+    writes it), level, logger, message, and the traceback as `exception` when there is
+    one. ASCII-escaped, so a record holding any string is still one valid line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=True)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -157,20 +189,44 @@ def load_app_config(
     return config
 
 
+StatusReader = Callable[[Any, sqlite3.Connection], Awaitable[dict[str, Any]]]
+"""`status(config, db)`: a daemon's own summary, from its database opened read-only.
+
+Returns a dict of JSON values (nested dicts for sections); it is printed as indented
+`key: value` lines, or as JSON with --json. Raise sqlite3.Error or StorageError when
+the database cannot be read.
+"""
+
+
 def run_daemon(
     name: str,
     argv: list[str] | None,
     read_config: Callable[[ConfigTable, Path], AppConfig],
     make_service: Callable[[AppConfig, bytes], Awaitable[Service]],
+    *,
+    database_name: str | None = None,
+    status: StatusReader | None = None,
 ) -> int:
-    """Entry point body of `revault-<name>`; returns the process exit status."""
+    """Entry point body of `revault-<name>`; returns the process exit status.
+
+    With `database_name` and `status`, `revault-<name> --config FILE status [--json]`
+    prints a summary of the daemon's database and whether it accepts connections.
+    """
     prog = f"revault-{name}"
     parser = argparse.ArgumentParser(prog=prog, description=f"Revault {name} daemon.")
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    if status is not None:
+        commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+        status_parser = commands.add_parser(
+            "status", help="summarize the database and whether the daemon accepts "
+                           "connections, then exit (does not start the daemon)")
+        status_parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
 
     try:
         config = load_app_config(name, args.config, read_config)
+        if getattr(args, "command", None) == "status":
+            return _print_status(prog, name, args, config, database_name, status)
         ensure_data_dir(config.common.data_dir)
         noise_private = read_key_file(config.common.noise_key_file)
     except ConfigError as e:
@@ -181,11 +237,18 @@ def run_daemon(
         print(f"{prog}: noise_key_file: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    setup_logging(config.common.log_level)
+    setup_logging(config.common.log_level, config.common.log_format)
     try:
         return asyncio.run(_serve(name, config, noise_private, make_service))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("revault")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 async def _serve(name: str, config: HasCommon, noise_private: bytes,
@@ -219,15 +282,124 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
         log.error("cannot listen on %s:%d: %s", common.listen_host, common.listen_port, e)
         await service.close()
         return EXIT_FAILURE
+    listener = None
+    if common.metrics_listen is not None:
+        try:
+            listener = await metrics.start_listener(*common.metrics_listen)
+        except OSError as e:
+            log.error("cannot listen on %s:%d (metrics_listen): %s", *common.metrics_listen, e)
+            await server.close()
+            await service.close()
+            return EXIT_FAILURE
 
+    metrics.COMMON.daemon_info.labels(name, _version()).set(1)
+    metrics.COMMON.connections_open.set_function(lambda: server.connection_count)
     log.info("%s listening on %s:%d, noise public key %s", name, common.listen_host,
              server.port, noise_public_key(noise_private).hex())
-    # STATUS carries the bound port: with `listen = "HOST:0"` it is the only way to learn it.
-    sd_notify(f"READY=1\nSTATUS=listening on {common.listen_host}:{server.port}")
+    # STATUS carries the bound ports: with `listen = "HOST:0"` it is the only way to learn them.
+    ready = f"READY=1\nSTATUS=listening on {common.listen_host}:{server.port}"
+    if listener is not None:
+        log.info("metrics on http://%s:%d/metrics", common.metrics_listen[0], listener.port)
+        ready += f"; metrics on {common.metrics_listen[0]}:{listener.port}"
+    sd_notify(ready)
     await stop.wait()
     log.info("%s stopping", name)
     sd_notify("STOPPING=1")
+    if listener is not None:
+        await listener.close()
     await server.close()
     await service.close()
     log.info("%s stopped", name)
     return 0
+
+
+# --- status ----------------------------------------------------------------------------
+
+def _print_status(prog: str, name: str, args: argparse.Namespace, config: HasCommon,
+                  database_name: str, read_status: StatusReader) -> int:
+    try:
+        report = asyncio.run(collect_status(name, config, database_name, read_status))
+    except (sqlite3.Error, StorageError, OSError) as e:
+        print(f"{prog}: status: cannot read the database: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(report, indent=2) if args.json else "\n".join(format_status(report)))
+    return 0
+
+
+async def collect_status(name: str, config: HasCommon, database_name: str,
+                         read_status: StatusReader) -> dict[str, Any]:
+    """The common part of `status` (config, liveness, database file) and the daemon's own."""
+    common = config.common
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        common.listen_host, common.listen_host)
+    report: dict[str, Any] = {
+        "daemon": name,
+        "version": _version(),
+        "listen": f"{common.listen_host}:{common.listen_port}",
+        # Port 0 is chosen anew at each start: nothing to probe.
+        "accepting_connections": (await _accepts(host, common.listen_port)
+                                  if common.listen_port else None),
+        "metrics_listen": (f"{common.metrics_listen[0]}:{common.metrics_listen[1]}"
+                           if common.metrics_listen else None),
+        "data_dir": str(common.data_dir),
+    }
+    path = common.data_dir / database_name
+    if not path.exists():
+        report["database"] = None  # never started with this data_dir
+        return report
+    db = open_read_only(path)
+    try:
+        report["database"] = {
+            "path": str(path),
+            "size_bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
+            "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
+        }
+        report[name.replace("-", "_")] = await read_status(config, db)
+    finally:
+        db.close()
+    return report
+
+
+async def _accepts(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections there: connect, then close at once (the
+    daemon counts it as an abandoned handshake)."""
+    try:
+        async with asyncio.timeout(STATUS_PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.transport.abort()
+    return True
+
+
+def format_status(report: dict[str, Any], indent: int = 0) -> list[str]:
+    """`key: value` lines, sections indented (small ones on one line); None reads "-",
+    booleans "yes"/"no"."""
+    lines = []
+    for key, value in report.items():
+        label = " " * indent + key.replace("_", " ")
+        if isinstance(value, dict) and _is_leaf(value):
+            lines.append(f"{label}: " + (", ".join(
+                f"{k}={_format_value(v)}" for k, v in value.items()) or "-"))
+        elif isinstance(value, dict):
+            lines.append(f"{label}:")
+            lines.extend(format_status(value, indent + 2))
+        else:
+            lines.append(f"{label}: {_format_value(value)}")
+    return lines
+
+
+def _is_leaf(section: dict[str, Any]) -> bool:
+    """A small section of plain values, printed on one line."""
+    return len(section) <= 4 and not any(isinstance(v, (dict, list))
+                                             for v in section.values())
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)

@@ -17,11 +17,18 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from revault import transport
 from revault.messages import ParamsError
+from revault.metrics import COMMON as METRICS
 
 log = logging.getLogger("revault.rpc")
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
 FORBIDDEN, REFUSED, INTERNAL_ERROR = -32001, -32002, -32603
+# How each code is named in metrics (revault_requests_total's outcome label).
+ERROR_NAMES = {
+    PARSE_ERROR: "parse_error", INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found", INVALID_PARAMS: "invalid_params",
+    FORBIDDEN: "forbidden", REFUSED: "refused", INTERNAL_ERROR: "internal_error",
+}
 
 # Untrusted method names end up in error messages and log lines: echo only a prefix.
 MAX_METHOD_ECHO = 64
@@ -255,31 +262,47 @@ class Dispatcher:
 
     def refuse(self, caller: Caller, raw: bytes, code: int, message: str) -> bytes | None:
         """Answer a frame with an error without running it (a notification gets nothing)."""
+        started = time.perf_counter()
         request = decode_request(raw)
         if isinstance(request, EnvelopeError):
-            return self._envelope_error(caller, request)
+            return self._envelope_error(caller, request, started)
         _log_refusal(request.method, code, message, caller)
+        self._count(request.method, code, started)
         return None if request.notification else encode_error(request.id, code, message)
 
     async def handle(self, caller: Caller, raw: bytes) -> bytes | None:
         """Never raises. Returns the encoded response, or None for a notification.
         Role is checked before params are parsed or the handler runs (-32001)."""
+        started = time.perf_counter()
         try:
             request = decode_request(raw)
             if isinstance(request, EnvelopeError):
-                return self._envelope_error(caller, request)
+                return self._envelope_error(caller, request, started)
             log.debug("request %r from %s", _echo(request.method), caller.describe())
             outcome = await self._run(caller, request)
-            if request.notification:
-                return None
-            return self._encode(caller, request, outcome)
+            if isinstance(outcome, RpcError):
+                code = outcome.code
+                response = encode_error(request.id, code, outcome.message)
+            elif request.notification:
+                response, code = None, 0
+            else:
+                response, code = self._encode(caller, request, outcome)
+            self._count(request.method, code, started)
+            return None if request.notification else response
         except Exception as e:
             # Only a bug in this module gets here: still answer, never crash the loop.
             _log_internal("?", caller, e)
             return encode_error(None, INTERNAL_ERROR, "internal error")
 
-    def _envelope_error(self, caller: Caller, error: EnvelopeError) -> bytes:
+    def _count(self, method: str, code: int, started: float) -> None:
+        """Metrics of one answered request; method names nobody registered count as one."""
+        METRICS.request_done(method if method in self._methods else "unknown",
+                             ERROR_NAMES.get(code, "error") if code else "ok",
+                             time.perf_counter() - started)
+
+    def _envelope_error(self, caller: Caller, error: EnvelopeError, started: float) -> bytes:
         _log_refusal("", error.code, error.message, caller)
+        METRICS.request_done("invalid", ERROR_NAMES[error.code], time.perf_counter() - started)
         return encode_error(None, error.code, error.message)
 
     async def _run(self, caller: Caller, request: Request) -> dict | RpcError:
@@ -313,18 +336,17 @@ class Dispatcher:
             _log_internal(request.method, caller, e)
             return RpcError(INTERNAL_ERROR, "internal error")
 
-    def _encode(self, caller: Caller, request: Request, outcome: dict | RpcError) -> bytes:
-        if isinstance(outcome, RpcError):
-            return encode_error(request.id, outcome.code, outcome.message)
+    def _encode(self, caller: Caller, request: Request, outcome: dict) -> tuple[bytes, int]:
+        """The response to a result, and its error code (0: the result went out)."""
         try:
             response = encode_result(request.id, outcome)
         except (TypeError, ValueError) as e:
             _log_internal(request.method, caller, e)
-            return encode_error(request.id, INTERNAL_ERROR, "internal error")
+            return encode_error(request.id, INTERNAL_ERROR, "internal error"), INTERNAL_ERROR
         if len(response) > self.max_response:
             _log_refusal(request.method, REFUSED, f"response of {len(response)} bytes", caller)
-            return encode_error(request.id, REFUSED, "response too large")
-        return response
+            return encode_error(request.id, REFUSED, "response too large"), REFUSED
+        return response, 0
 
 
 # --- asyncio adapters ----------------------------------------------------------------
@@ -359,6 +381,7 @@ async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatch
         while True:
             raw = await conn.recv()
             if bucket is not None and not bucket.take(time.monotonic()):
+                METRICS.rate_limited.inc()
                 response = dispatcher.refuse(caller, raw, REFUSED, "rate limit exceeded")
             else:
                 response = await dispatcher.handle(caller, raw)

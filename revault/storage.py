@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import aiosqlite
+
+from revault.metrics import COMMON as METRICS
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -108,6 +111,22 @@ def _split_sql(script: str) -> list[str]:
             raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
         statements.append(pending.strip())
     return statements
+
+
+def _execute_commit(db: sqlite3.Connection) -> None:
+    db.execute("COMMIT")
+
+
+def commit_durably(db: sqlite3.Connection, writes: int,
+                   commit: Callable[[sqlite3.Connection], None] = _execute_commit) -> None:
+    """COMMIT the open transaction holding `writes` logical writes; timed for metrics.
+
+    With synchronous=FULL the data is on disk when this returns, so its duration is the
+    fsync every acknowledged write waits for. `commit` is the store's own seam.
+    """
+    started = time.perf_counter()
+    commit(db)
+    METRICS.commit_done(time.perf_counter() - started, writes)
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:

@@ -17,13 +17,16 @@ import asyncio
 import base64
 import json
 import logging
+import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Iterable
 
 from bitcoin.core import CTransaction, b2lx
 
+from revault import metrics
 from revault.config import ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, run_daemon
 from revault.messages import (
@@ -34,6 +37,7 @@ from revault.messages import (
 from revault.rpc import INVALID_PARAMS, REFUSED, Caller, Dispatcher, RpcError
 from revault.sync_store import (
     DATABASE_NAME, QuotaExceeded, Quotas, Retention, SqliteSyncStore, SyncStore,
+    status_summary,
 )
 from revault.transport import MAX_PLAINTEXT
 
@@ -132,6 +136,7 @@ def spend_txid(transaction_b64: str) -> str:
 
 
 def _refuse_quota(e: QuotaExceeded, caller: Caller) -> RpcError:
+    metrics.sync_server().quota_refusals.labels(e.quota).inc()
     # The dispatcher logs every refusal too; this line leads with the quota, and a full
     # table is raised to a warning because it refuses every peer, not one.
     if e.quota.startswith("total_"):
@@ -191,6 +196,7 @@ class SyncServer:
             await asyncio.sleep(self._purge_interval)
 
     async def close(self) -> None:
+        metrics.sync_server().watch(None)
         if self._purge_task is not None:
             self._purge_task.cancel()
             await asyncio.gather(self._purge_task, return_exceptions=True)
@@ -267,13 +273,30 @@ async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncSe
                                        config.retention, config.quotas)
     server = SyncServer(config, store)
     server.start()
+    exported = metrics.sync_server()
+    exported.watch(store)
+    # Every series from the start, at 0: rate() and increase() need a first sample.
+    for table in store.row_counts():
+        exported.purged_rows.labels(table)
+    for quota in Quotas.__dataclass_fields__:
+        exported.quota_refusals.labels(quota)
     log.info("peers: %d stakeholders, %d managers, %d watchtowers",
              len(config.stakeholders), len(config.managers), len(config.watchtowers))
     return server
 
 
+async def read_status(config: SyncServerConfig, db: sqlite3.Connection) -> dict:
+    """`revault-sync-server --config FILE status`: rows per table and quota use."""
+    summary = status_summary(db, config.retention, config.quotas, int(time.time()))
+    summary["peers"] = {"stakeholders": len(config.stakeholders),
+                        "managers": len(config.managers),
+                        "watchtowers": len(config.watchtowers)}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon("sync-server", argv, read_config, make_service)
+    return run_daemon("sync-server", argv, read_config, make_service,
+                      database_name=DATABASE_NAME, status=read_status)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ import sqlite3
 
 import aiosqlite
 
+from revault import metrics
 from revault.storage import (
-    open_database, open_read_only, run_in_database_thread, sqlite_connection,
+    commit_durably, open_database, open_read_only, run_in_database_thread, sqlite_connection,
 )
 
 DAY = 86_400
@@ -322,7 +323,8 @@ class SqliteSyncStore:
                 # its fsync in one hop to the database thread: one GIL hand-over per group.
                 outcomes, deltas = self._run_group(sqlite_connection(self._writer),
                                                    [work for work, _ in group])
-                await run_in_database_thread(self._writer, self._finish_transaction)
+                await run_in_database_thread(self._writer, self._finish_transaction,
+                                             len(group))
             except Exception as e:
                 # Nothing of this group is durable: every write in it fails, none is acked.
                 for _, future in group:
@@ -365,10 +367,10 @@ class SqliteSyncStore:
             raise
         return outcomes, group_deltas
 
-    def _finish_transaction(self, db: sqlite3.Connection) -> None:
+    def _finish_transaction(self, db: sqlite3.Connection, writes: int) -> None:
         """On the database thread: COMMIT (durable with synchronous=FULL), or roll back."""
         try:
-            self._commit(db)
+            commit_durably(db, writes, self._commit)
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -542,6 +544,7 @@ class SqliteSyncStore:
                 # One batch per write: writers queued behind the purge wait for one
                 # batch at most, not for the whole backlog.
                 deleted = await self._write(work)
+                metrics.sync_server().purged_rows.labels(table).inc(deleted)
                 purged += deleted
                 if deleted < PURGE_BATCH:
                     break
@@ -549,6 +552,10 @@ class SqliteSyncStore:
 
     def row_counts(self) -> dict[str, int]:
         return dict(self._totals)
+
+    def quota_use(self) -> dict[str, tuple[int, int]]:
+        """Rows counted against each table-wide and per-peer quota, and its bound."""
+        return quota_use(self._totals, largest_peer_rows(self._reader), self._quotas)
 
     async def close(self) -> None:
         if self._closed:
@@ -560,3 +567,57 @@ class SqliteSyncStore:
             await self._writer_task
         self._reader.close()
         await self._writer.close()
+
+
+def largest_peer_rows(db: sqlite3.Connection) -> dict[str, int]:
+    """Per table, the rows of the peer that stored the most (expired ones included).
+
+    One read of the small trigger-kept rows_by_submitter table: cheap enough for a scrape.
+    """
+    rows = db.execute("SELECT tbl, MAX(n) FROM rows_by_submitter GROUP BY tbl").fetchall()
+    return {table: 0 for table in _TABLES} | {table: n for table, n in rows}
+
+
+def quota_use(rows: dict[str, int], largest_peer: dict[str, int],
+              quotas: Quotas) -> dict[str, tuple[int, int]]:
+    """Quota name -> (rows counted against it, its bound), for the table-wide quotas and
+    the per-peer ones (where the busiest peer is the one that matters)."""
+    use = {}
+    for table, (_, total, _, per_peer) in _QUOTAS.items():
+        use[total] = (rows[table], getattr(quotas, total))
+        use[per_peer] = (largest_peer[table], getattr(quotas, per_peer))
+    return use
+
+
+def status_summary(db: sqlite3.Connection, retention: Retention, quotas: Quotas,
+                   now: int) -> dict:
+    """What `revault-sync-server status` shows: each table's rows (live, and expired but
+    not yet purged), the age of its oldest live row, and every quota's use (for per-group
+    and per-peer quotas, the busiest group's or peer's). Reads only; full scans are fine
+    for a command an operator runs by hand."""
+    ttl = {"signatures": retention.signatures, "spend_requests": retention.spend_requests,
+           "opinions": retention.spend_opinions}
+    tables, rows, busiest_group = {}, {}, {}
+    for table in _TABLES:
+        cutoff = now - ttl[table]
+        count, live, oldest = db.execute(
+            f"SELECT COUNT(*), COUNT(*) FILTER (WHERE stored_at > ?), "
+            f"MIN(stored_at) FILTER (WHERE stored_at > ?) FROM {table}",
+            (cutoff, cutoff)).fetchone()
+        rows[table] = count
+        tables[table] = {"live": live, "expired_not_purged": count - live,
+                         "oldest_live_age_seconds": None if oldest is None else now - oldest,
+                         "retention_seconds": ttl[table]}
+        group_column = _QUOTAS[table][0]
+        busiest_group[table] = db.execute(
+            f"SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM {table} "
+            f"WHERE stored_at > ? GROUP BY {group_column})", (cutoff,)).fetchone()[0]
+    use = quota_use(rows, largest_peer_rows(db), quotas)
+    for table, (_, _, per_group, _) in _QUOTAS.items():
+        use[per_group] = (busiest_group[table], getattr(quotas, per_group))
+    return {
+        "tables": tables,
+        "quotas": {name: {"used": used, "limit": limit,
+                          "percent": round(100 * used / limit, 1)}
+                   for name, (used, limit) in sorted(use.items())},
+    }

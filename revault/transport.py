@@ -37,6 +37,8 @@ from noise.exceptions import NoiseValueError
 from noise.noise_protocol import NoiseProtocol
 from noise.state import CipherState, SymmetricState
 
+from revault.metrics import COMMON as METRICS
+
 __all__ = [
     "MAX_PLAINTEXT", "ACT_ONE_LEN", "ACT_TWO_LEN", "HANDSHAKE_TIMEOUT",
     "TransportError", "ConnectionClosed", "public_key",
@@ -662,6 +664,7 @@ class _ServerProtocol(_HandshakingProtocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self._conn is None:
+            METRICS.handshakes.labels("timeout").inc()
             logger.debug("handshake timed out with %s", self._peer())
             self._transport.abort()
 
@@ -688,14 +691,15 @@ class _ServerProtocol(_HandshakingProtocol):
             peer = handshake.read_act_one(bytes(buf[:ACT_ONE_LEN]))
             act_two, codec = handshake.act_two()
         except TransportError as e:
+            METRICS.handshakes.labels("failed").inc()
             logger.info("refused handshake from %s: %s", self._peer(), e)
+            self._cancel_timer()  # decided: not a timeout, nor an abandoned handshake
             self._transport.abort()
             return
         rest = bytes(buf[ACT_ONE_LEN:])
         self._buf = bytearray()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
+        METRICS.handshakes.labels("ok").inc()
         self._transport.write(act_two)
         conn = self._conn = NoiseConnection(self._transport, codec, peer,
                                             server._limits.idle_timeout, server._loop, self.lost)
@@ -709,12 +713,17 @@ class _ServerProtocol(_HandshakingProtocol):
             self._conn._eof()
         return False
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost is None:
-            return
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            return
+        if self._timer is not None:  # the handshake was still running: the peer left
+            METRICS.handshakes.labels("abandoned").inc()
+            self._cancel_timer()
         self._server._protocols.discard(self)
         if self._conn is not None:
             self._conn._connection_lost(exc)
@@ -745,6 +754,7 @@ class NoiseServer:
         return len(self._protocols)
 
     def _refused(self) -> None:
+        METRICS.connections_rejected.labels("max_connections").inc()
         # Logged at most once a minute: a flood must not flood the log too.
         now = time.monotonic()
         if now - self._last_refusal_log >= 60.0:

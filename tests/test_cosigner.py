@@ -413,7 +413,8 @@ def test_sample_config_is_valid_and_documents_every_key():
     assert len(config.managers) >= 1
     text = SAMPLE_CONFIG.read_text()
     for key in ("listen", "data_dir", "noise_key_file", "bitcoin_key_file", "managers",
-                "requests_per_second", "idle_timeout", "max_connections", "log_level"):
+                "requests_per_second", "idle_timeout", "max_connections", "log_level",
+                "log_format", "metrics_listen"):
         line = re.search(rf"^#? ?{key} = ", text, re.MULTILINE)
         assert line, f"sample config does not show {key}"
         before = text[:line.start()].rstrip("\n").rsplit("\n", 1)[-1]

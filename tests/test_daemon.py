@@ -1,6 +1,8 @@
 """The shared daemon scaffolding, run for real as a subprocess (tests/support/echo_daemon)."""
 
+import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -8,7 +10,7 @@ import sys
 
 import pytest
 
-from revault.rpc import RpcClient
+from revault.rpc import RpcClient, RpcError
 from tests.support.daemons import REPO_ROOT, DaemonProcess, NoiseIdentity, write_config
 
 
@@ -107,3 +109,97 @@ def test_unreadable_config_file(tmp_path):
     result = run_echo(tmp_path / "absent.toml")
     assert result.returncode == 2
     assert "no such file" in result.stderr
+
+
+# --- metrics_listen and log_format --------------------------------------------------
+
+def test_bad_metrics_listen_and_log_format_are_config_errors(echo_setup):
+    tmp, server, client, config = echo_setup
+    config.update({"metrics_listen": "localhost", "log_format": "xml"})
+    result = run_echo(write_config(tmp / "echo.toml", config))
+    assert result.returncode == 2
+    assert "metrics_listen: expected \"HOST:PORT\"" in result.stderr
+    assert "log_format: must be one of text, json" in result.stderr
+
+
+def test_metrics_port_in_use_fails_naming_the_key(echo_setup):
+    import socket
+    tmp, server, client, config = echo_setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config["metrics_listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = run_echo(write_config(tmp / "echo.toml", config))
+    assert result.returncode == 1
+    assert "(metrics_listen)" in result.stderr and "Traceback" not in result.stderr
+
+
+TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (DEBUG|INFO|WARNING|ERROR) "
+                       r"([\w.]+): (.*)$")
+HOSTILE_METHOD = 'line\nbreak "quoted" é \ud800'
+
+
+async def logged_session(echo_setup, log_format: str) -> list[tuple[str, str, str, str]]:
+    """(time, level, logger, message) of every record a short session logs."""
+    tmp, server, client, config = echo_setup
+    config["log_format"] = log_format
+    daemon = DaemonProcess("echo", write_config(tmp / f"echo-{log_format}.toml", config), tmp,
+                           module="tests.support.echo_daemon")
+    daemon.stderr_path = tmp / f"echo-{log_format}.stderr"
+    try:
+        await daemon.start()
+        async with await RpcClient.connect("127.0.0.1", daemon.port, client.private,
+                                           server.public) as rpc:
+            assert await rpc.call("echo", {"x": 1}) == {"echo": {"x": 1}}
+            with pytest.raises(RpcError):
+                await rpc.call(HOSTILE_METHOD, {})
+        assert await daemon.stop() == 0
+    finally:
+        daemon.ensure_dead()
+    records = []
+    for line in daemon.stderr().splitlines():
+        if log_format == "json":
+            record = json.loads(line)
+            assert set(record) == {"time", "level", "logger", "message"}, record
+            records.append((record["time"], record["level"], record["logger"],
+                            record["message"]))
+        elif TEXT_LINE.match(line):
+            records.append(TEXT_LINE.match(line).groups())
+        else:  # a text record's message may span lines; it continues the previous one
+            time_, level, logger, message = records[-1]
+            records[-1] = (time_, level, logger, message + "\n" + line)
+    return records
+
+
+async def test_json_logs_have_the_fields_of_text_logs_one_object_per_line(echo_setup):
+    text = await logged_session(echo_setup, "text")
+    as_json = await logged_session(echo_setup, "json")
+    assert len(as_json) == len(text) >= 4
+
+    def comparable(record):  # ports and durations differ between the two runs
+        time_, level, logger, message = record
+        assert TEXT_LINE.match(f"{time_} {level} {logger}: x"), time_
+        return level, logger, re.sub(r"\d+", "N", message)
+
+    assert [comparable(r) for r in as_json] == [comparable(r) for r in text]
+    refused = [r for r in as_json if "refused" in r[3] and "break" in r[3]]
+    assert len(refused) == 1 and "\n" not in refused[0][3]
+
+
+def test_json_formatter_carries_the_traceback_as_a_field():
+    import logging
+    from revault.daemon import JsonLogFormatter
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("revault.x", logging.ERROR, __file__, 1, "failed %s",
+                                   ("here",), sys.exc_info())
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(record)
+    line = JsonLogFormatter().format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "failed here" and parsed["level"] == "ERROR"
+    assert parsed["logger"] == "revault.x"
+    assert parsed["exception"].startswith("Traceback")
+    assert "ValueError: boom" in parsed["exception"]
+    assert text == f"{parsed['time']} ERROR revault.x: failed here\n{parsed['exception']}"

@@ -72,8 +72,10 @@ class DaemonProcess:
     config_path: Path
     workdir: Path
     module: str = ""  # default: revault.<name>
+    wrapper: list[str] = field(default_factory=list)  # a command prefix, e.g. confine
     proc: subprocess.Popen | None = None
     port: int = 0
+    metrics_port: int = 0  # the metrics listener's, when the config sets metrics_listen
     stderr_path: Path = field(init=False)
     _starts: int = 0
 
@@ -93,7 +95,7 @@ class DaemonProcess:
         module = self.module or f"revault.{self.name.replace('-', '_')}"
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module,
+            [*self.wrapper, sys.executable, "-m", module,
              "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         stderr.close()
@@ -114,8 +116,10 @@ class DaemonProcess:
                     continue
                 text = message.decode()
                 if "READY=1" in text.split("\n"):
-                    match = re.search(r"STATUS=listening on .*:(\d+)", text)
+                    match = re.search(r"STATUS=listening on \S*?:(\d+)(?:;|\s|$)", text)
                     self.port = int(match.group(1)) if match else 0
+                    match = re.search(r"metrics on \S*?:(\d+)(?:;|\s|$)", text)
+                    self.metrics_port = int(match.group(1)) if match else 0
                     return
         finally:
             sock.close()
