@@ -93,16 +93,19 @@ def test_world_readable_noise_key_is_refused(echo_setup):
     assert server.private.hex() not in result.stderr
 
 
-def test_port_in_use_fails_without_hanging(echo_setup):
+@pytest.mark.parametrize("key", ["listen", "metrics_listen"])
+def test_port_in_use_fails_without_hanging(echo_setup, key):
     import socket
     tmp, server, client, config = echo_setup
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        config[key] = f"127.0.0.1:{taken.getsockname()[1]}"
         result = run_echo(write_config(tmp / "echo.toml", config))
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+    assert ("(metrics_listen)" in result.stderr) == (key == "metrics_listen")
+    assert "Traceback" not in result.stderr
 
 
 def test_unreadable_config_file(tmp_path):
@@ -120,18 +123,6 @@ def test_bad_metrics_listen_and_log_format_are_config_errors(echo_setup):
     assert result.returncode == 2
     assert "metrics_listen: expected \"HOST:PORT\"" in result.stderr
     assert "log_format: must be one of text, json" in result.stderr
-
-
-def test_metrics_port_in_use_fails_naming_the_key(echo_setup):
-    import socket
-    tmp, server, client, config = echo_setup
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        config["metrics_listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
-        result = run_echo(write_config(tmp / "echo.toml", config))
-    assert result.returncode == 1
-    assert "(metrics_listen)" in result.stderr and "Traceback" not in result.stderr
 
 
 TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (DEBUG|INFO|WARNING|ERROR) "
