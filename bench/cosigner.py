@@ -12,8 +12,11 @@ signing in-process (no PSBT parsing, no storage, no network), and also the full
 in-process `prepare` (PSBT parsing and checks) + sign. Prints each rate and the ratio
 of the daemon's to the ceiling's.
 
+The daemon serves its Prometheus metrics (`metrics_listen`), so the instrumentation is
+measured as deployed; `--scrape FILE` saves them as scraped halfway through phase 2.
+
 Bounded: a fixed number of requests per phase, each phase also stops at a time limit.
-Usage: .venv/bin/python bench/cosigner.py [--quick] [--dir DIR]
+Usage: .venv/bin/python bench/cosigner.py [--quick] [--dir DIR] [--scrape FILE]
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ from revault.keys import create_key_file, generate_bitcoin_key  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.cosigner_psbt import assert_valid_signature, make_spend  # noqa: E402
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.scrape import scrape  # noqa: E402
 
 PHASE_TIME_LIMIT = 60.0  # seconds; a phase stops early rather than run away
 
 
 async def run_daemon_phase(daemon: DaemonProcess, cosigner_noise: NoiseIdentity,
-                           managers: list[NoiseIdentity], psbts: list[str]) -> tuple[float, list]:
-    """(signatures per second, [(psbt, signature)]) with one connection per manager."""
+                           managers: list[NoiseIdentity], psbts: list[str],
+                           scrape_to: Path | None = None) -> tuple[float, list]:
+    """(signatures per second, [(psbt, signature)]) with one connection per manager;
+    with `scrape_to`, the daemon's metrics are saved there once half the work is done."""
     clients = await asyncio.gather(*(
         RpcClient.connect("127.0.0.1", daemon.port, m.private, cosigner_noise.public)
         for m in managers))
@@ -51,15 +57,27 @@ async def run_daemon_phase(daemon: DaemonProcess, cosigner_noise: NoiseIdentity,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + PHASE_TIME_LIMIT
 
+    halfway = asyncio.Event()
+
     async def worker(client: RpcClient, share: list[str]) -> None:
         for psbt in share:
             if loop.time() > deadline:
                 return
             result = await client.call("sign", {"tx": psbt, "index": 0})
             results.append((psbt, result["signature"]))
+            if len(results) * 2 >= len(psbts):
+                halfway.set()
+
+    async def scrape_halfway() -> None:
+        await halfway.wait()  # set by the workers, which are bounded by the deadline
+        scrape_to.write_text((await scrape(daemon.metrics_port)).text)
 
     start = time.perf_counter()
+    scraper = asyncio.create_task(scrape_halfway()) if scrape_to is not None else None
     await asyncio.gather(*(worker(c, s) for c, s in zip(clients, shares)))
+    if scraper is not None:
+        halfway.set()  # a phase cut short by the deadline still gets its scrape
+        await scraper
     elapsed = time.perf_counter() - start
     await asyncio.gather(*(c.close() for c in clients))
     return len(results) / elapsed, results
@@ -105,6 +123,7 @@ async def main_async(args) -> int:
             "managers": [m.public.hex() for m in managers],
             "requests_per_second": 1_000_000,
             "log_level": "info",  # the production default: one line per outpoint signed
+            "metrics_listen": "127.0.0.1:0",
         })
         print(f"building {n_single + n_multi} spend PSBTs (one new outpoint each)...",
               flush=True)
@@ -118,7 +137,8 @@ async def main_async(args) -> int:
         single_rate, single = await run_daemon_phase(daemon, cosigner_noise, managers[:1],
                                                      psbts[:n_single])
         multi_rate, multi = await run_daemon_phase(daemon, cosigner_noise, managers,
-                                                   psbts[n_single:])
+                                                   psbts[n_single:],
+                                                   Path(args.scrape) if args.scrape else None)
         assert await daemon.stop() == 0
 
         # Every answer was a durable, valid signature for its own outpoint.
@@ -151,6 +171,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--dir", help="where to put the data_dir (default: build/ in the repo; "
                                       "use a real disk, not a tmpfs)")
+    parser.add_argument("--scrape", metavar="FILE",
+                        help="save the daemon's metrics scraped halfway through phase 2")
     return asyncio.run(main_async(parser.parse_args()))
 
 

@@ -14,6 +14,10 @@ Measured: requests per second and p50/p99 latency of a mixed workload (sig with 
 so every one waits for a durable commit; get_sigs; request_spend; get_spend_requests;
 spend_opinion; get_spend_opinions), and each daemon's resident memory (VmRSS) holding
 1000 idle connections. Every phase has a deadline; the run stops by itself.
+
+Both daemons serve their Prometheus metrics (`metrics_listen`), so the instrumentation
+is measured as deployed; `--scrape FILE` saves the sync server's metrics as scraped
+halfway through the mixed load.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from bitcoin.core import (  # noqa: E402
 from revault.messages import sign_opinion  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.scrape import scrape  # noqa: E402
 
 HOST = "127.0.0.1"
 IDLE_CONNECTIONS = 1000
@@ -114,7 +119,9 @@ async def close_all(clients: list[RpcClient]) -> None:
 
 
 async def load(port: int, identities, server, clients: int, seconds: float,
-               make_request) -> dict:
+               make_request, midway=None) -> dict:
+    """Requests from `clients` connections for `seconds` after a warm-up; `midway()`, if
+    given, is awaited halfway through the measured time and its result returned."""
     conns = await connect_many(port, identities, server, clients)
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
@@ -147,6 +154,10 @@ async def load(port: int, identities, server, clients: int, seconds: float,
     measure_from = loop.time() + warmup
     measure_until = measure_from + seconds
     start.set()
+    midway_result = None
+    if midway is not None:
+        await asyncio.sleep(warmup + seconds / 2)  # bounded: the load runs on meanwhile
+        midway_result = await midway()
     await asyncio.gather(*tasks)
     await close_all(conns)
     every = sorted(x for xs in latencies.values() for x in xs)
@@ -158,6 +169,7 @@ async def load(port: int, identities, server, clients: int, seconds: float,
         "by_method": {m: (len(v) / seconds, percentile(sorted(v), 50), percentile(sorted(v), 99))
                       for m, v in sorted(latencies.items())},
         "errors": dict(errors),
+        "midway": midway_result,
     }
 
 
@@ -203,7 +215,8 @@ async def start_daemons(tmp: Path) -> tuple[DaemonProcess, DaemonProcess, NoiseI
     server = NoiseIdentity.create(tmp / "server.key")
     identities = [NoiseIdentity.create(tmp / f"client{i}.key") for i in range(IDENTITIES)]
     keys = [i.public.hex() for i in identities]
-    common = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning"}
+    common = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning",
+              "metrics_listen": f"{HOST}:0"}
     sync = DaemonProcess("sync-server", write_config(tmp / "sync.toml", {
         **common, "data_dir": "sync-data",
         # The per-connection rate limit is a policy, not a cost: off the measurement.
@@ -236,10 +249,14 @@ async def main_async(args) -> int:
                 ceiling = await load(echo.port, ids, server, args.clients, args.seconds,
                                      echo_request)
                 mixed = await load(sync.port, ids, server, args.clients, args.seconds,
-                                   lambda w, n: w.request(n))
+                                   lambda w, n: w.request(n),
+                                   midway=lambda: scrape(sync.metrics_port))
                 echo_rss = await idle_rss(echo, ids, server, args.idle)
                 sync_rss = await idle_rss(sync, ids, server, args.idle)
             report(args, ceiling, mixed, echo_rss, sync_rss)
+            if args.scrape:
+                Path(args.scrape).write_text(mixed["midway"].text)
+                print(f"sync server metrics scraped under load: {args.scrape}")
             failed = bool(mixed["errors"] or ceiling["errors"])
             for name, daemon in (("sync server", sync), ("echo", echo)):
                 status = await daemon.stop()
@@ -282,6 +299,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--idle", type=int, default=None)
+    parser.add_argument("--scrape", metavar="FILE",
+                        help="save the sync server's metrics scraped halfway through the load")
     args = parser.parse_args()
     args.clients = args.clients or (20 if args.quick else 200)
     args.seconds = args.seconds or (1.5 if args.quick else 10.0)
