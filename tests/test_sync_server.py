@@ -19,6 +19,7 @@ from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutP
 
 from revault import transport
 from revault.messages import RelayedOpinion, sign_opinion, verify_opinion
+from revault.primitives import SECP256K1_ORDER
 from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 
@@ -47,7 +48,7 @@ def der(n: int, message: str = "m") -> str:
 
 def high_s(sig_hex: str) -> str:
     """The same signature with S replaced by n - S: valid DER, but high-S."""
-    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    n = SECP256K1_ORDER
     sig = bytes.fromhex(sig_hex)
     r_len = sig[3]
     r = sig[4:4 + r_len]
