@@ -16,23 +16,9 @@ from revault.cosigner_store import StoreClosed
 from revault.rpc import Caller, Dispatcher
 from revault.sync_server import SyncServer, SyncServerConfig
 from revault.sync_store import QuotaExceeded, Quotas, Retention
+from tests.support.design import DESIGN_ROLES
 
 ROLES = {m.STAKEHOLDER, m.MANAGER, m.WATCHTOWER, m.WALLET}
-
-# DESIGN.md, "Roles": who calls what on which daemon.
-DESIGN_ROLES = {
-    "sync-server": {
-        "sig": {"stakeholder"},
-        "get_sigs": {"stakeholder", "manager"},
-        "err_sig": {"stakeholder"},
-        "request_spend": {"manager"},
-        "get_spend_requests": {"watchtower"},
-        "spend_opinion": {"watchtower"},
-        "get_spend_opinions": {"manager"},
-    },
-    "watchtower": {"sig": {"wallet"}},
-    "cosigner": {"sign": {"manager"}},
-}
 
 
 def test_tables_match_the_design_roles():
