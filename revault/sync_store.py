@@ -297,7 +297,7 @@ class SqliteSyncStore:
         its row-count changes, applied to the totals after COMMIT.
         """
         if self._closed:
-            raise RuntimeError("store is closed")
+            raise Refused("sync server is shutting down")
         future = asyncio.get_running_loop().create_future()
         # A caller cancelled while waiting (its peer went away) leaves the outcome to
         # nobody: retrieve it so asyncio does not report it as lost.

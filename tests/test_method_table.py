@@ -15,7 +15,7 @@ from revault.cosigner_signing import CosignerKey, PsbtRefused
 from revault.cosigner_store import StoreClosed
 from revault.rpc import Caller, Dispatcher
 from revault.sync_server import SyncServer, SyncServerConfig
-from revault.sync_store import QuotaExceeded, Quotas, Retention
+from revault.sync_store import QuotaExceeded, Quotas, Retention, SqliteSyncStore
 from tests.support.design import DESIGN_ROLES
 
 ROLES = {m.STAKEHOLDER, m.MANAGER, m.WATCHTOWER, m.WALLET}
@@ -133,6 +133,14 @@ async def test_store_and_daemon_errors_are_answered_with_their_code(raised, code
     dispatcher.method("get_sigs", m.GetSigsParams, [m.MANAGER])(handler)
     got = await answer(dispatcher, {m.MANAGER}, "get_sigs", {"id": "ab" * 32})
     assert got["error"] == {"code": code, "message": message}
+
+
+async def test_a_closed_sync_store_refuses_writes(tmp_path):
+    # A write racing the daemon's shutdown is answered -32002, not as an internal error.
+    store = await SqliteSyncStore.open(tmp_path / "sync.sqlite3")
+    await store.close()
+    with pytest.raises(errors.Refused, match="shutting down"):
+        await store.put_signature("ab" * 32, "02" + "11" * 32, "30", b"p" * 32)
 
 
 def test_error_from_wire_gives_the_class_of_the_code():
