@@ -38,7 +38,9 @@ from typing import Callable
 
 import aiosqlite
 
-from revault.cosigner_signing import Outpoint, SigningRequest
+from revault.cosigner_signing import SigningRequest
+from revault.errors import Refused
+from revault.primitives import OutPoint
 from revault.storage import GroupCommitWriter, open_database
 
 DATABASE_NAME = "cosigner.sqlite3"
@@ -64,13 +66,13 @@ LOOKUP_SQL = ("SELECT signature, digest, spend_txid, manager, created_at FROM si
               "WHERE txid = ? AND vout = ?")
 
 
-class StoreClosed(Exception):
-    """The store is shutting down; the request was not signed."""
+class StoreClosed(Refused):
+    """The store is shutting down; the request was not signed (-32002 on the wire)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StoredSignature:
-    outpoint: Outpoint
+    outpoint: OutPoint
     signature: bytes   # DER, no sighash byte
     digest: bytes      # what was signed
     spend_txid: str    # the transaction of the first request
@@ -124,7 +126,7 @@ class SignatureStore:
 
         return await self._writer.run(job)
 
-    async def get(self, outpoint: Outpoint) -> StoredSignature | None:
+    async def get(self, outpoint: OutPoint) -> StoredSignature | None:
         # Through the writer too: a row is seen only once its transaction committed.
         return await self._writer.run(lambda conn: _lookup(conn, outpoint))
 
@@ -132,7 +134,7 @@ class SignatureStore:
         await self._writer.close()
 
 
-def _lookup(conn: sqlite3.Connection, outpoint: Outpoint) -> StoredSignature | None:
+def _lookup(conn: sqlite3.Connection, outpoint: OutPoint) -> StoredSignature | None:
     row = conn.execute(LOOKUP_SQL, (outpoint.txid, outpoint.vout)).fetchone()
     if row is None:
         return None

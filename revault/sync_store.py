@@ -28,6 +28,7 @@ import sqlite3
 
 import aiosqlite
 
+from revault.errors import Refused
 from revault.storage import GroupCommitWriter, open_database, open_read_only
 
 DAY = 86_400
@@ -60,8 +61,8 @@ class Quotas:
     total_opinions: int = 100_000
 
 
-class QuotaExceeded(Exception):
-    """A write refused because it would take a table over one of its `Quotas`."""
+class QuotaExceeded(Refused):
+    """A write refused because it would take a table over one of its `Quotas` (-32002)."""
 
     def __init__(self, quota: str, limit: int):
         self.quota = quota
@@ -249,8 +250,9 @@ class SqliteSyncStore:
         self._totals = totals
         # Changes by the earlier writes of the batch being built (see _after_batch).
         self._group_deltas: dict[str, int] = dict.fromkeys(_TABLES, 0)
-        self._writer = GroupCommitWriter(writer, name="sync-store",
-                                         after_batch=self._after_batch)
+        self._writer = GroupCommitWriter(
+            writer, name="sync-store", after_batch=self._after_batch,
+            closed_error=lambda: Refused("sync server is shutting down"))
 
     @classmethod
     async def open(cls, path: Path, retention: Retention = Retention(),

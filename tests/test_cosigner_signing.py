@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from revault.cosigner_signing import CosignerKey, Outpoint, PsbtRefused, script_pushes
+from revault.cosigner_signing import CosignerKey, PsbtRefused, script_pushes
+from revault.primitives import OutPoint
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, kv, make_spend,
                                          p2wsh, pubkey, random_key, serialize_psbt)
 
@@ -33,7 +34,7 @@ def test_signature_verifies_against_independent_bip143_digest(key, index):
     request = key.prepare(spend.psbt(), index)
     digest = spend.digest(index)  # python-bitcoinlib, not embit
     assert request.digest == digest
-    assert request.outpoint == Outpoint(spend.inputs[index].txid.hex(), spend.inputs[index].vout)
+    assert request.outpoint == OutPoint(spend.inputs[index].txid.hex(), spend.inputs[index].vout)
     assert request.amount == spend.inputs[index].amount
     assert request.spend_txid == spend.tx().GetTxid()[::-1].hex()
     assert_valid_signature(key.sign(request.digest), digest, key.public_key)

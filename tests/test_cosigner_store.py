@@ -8,8 +8,9 @@ import sqlite3
 
 import pytest
 
-from revault.cosigner_signing import CosignerKey, Outpoint
+from revault.cosigner_signing import CosignerKey
 from revault.cosigner_store import DATABASE_NAME, LOOKUP_SQL, MIGRATIONS, SignatureStore, StoreClosed
+from revault.primitives import OutPoint
 from tests.support.cosigner_psbt import assert_valid_signature, make_spend, random_key
 
 
@@ -46,8 +47,8 @@ async def test_store_signs_once_per_outpoint(tmp_path, key):
     third = make_spend(key.public_key, txid=txid, vout=1)
     d = await store.sign_once(key.prepare(third.psbt(), 0), b"o" * 32)
     assert not d.new and d.stored.signature == a.stored.signature
-    assert await store.get(Outpoint(txid.hex(), 1)) == a.stored
-    assert await store.get(Outpoint(txid.hex(), 7)) is None
+    assert await store.get(OutPoint(txid.hex(), 1)) == a.stored
+    assert await store.get(OutPoint(txid.hex(), 7)) is None
     await store.close()
     assert len(rows(path)) == 2
 
@@ -127,7 +128,7 @@ async def test_store_batch_with_repeats_and_lookups(tmp_path, key):
     txid = os.urandom(32)
     same = [key.prepare(make_spend(key.public_key, txid=txid).psbt(), 0) for _ in range(5)]
     fresh = [key.prepare(make_spend(key.public_key).psbt(), 0) for _ in range(5)]
-    jobs = [store.sign_once(same[0], b"a" * 32), store.get(Outpoint(txid.hex(), 0)),
+    jobs = [store.sign_once(same[0], b"a" * 32), store.get(OutPoint(txid.hex(), 0)),
             *(store.sign_once(r, b"b" * 32) for r in same[1:] + fresh)]
     first, looked_up, *rest = await asyncio.gather(*jobs)
     await store.close()
