@@ -3,6 +3,9 @@
 A daemon hands `open_database` its list of migrations; `PRAGMA user_version` records
 how many have run. Each migration runs in its own transaction together with the version
 bump, so a crash mid-migration leaves the previous version intact.
+
+Every store writes through one `GroupCommitWriter`: the store keeps its SQL and its
+policy (quotas, sign-once), the writer owns batching, savepoints and durable commits.
 """
 
 from __future__ import annotations
