@@ -110,11 +110,6 @@ class HasCommon(Protocol):
 AppConfig = TypeVar("AppConfig", bound=HasCommon)
 
 
-def key_prefix(public_key: bytes) -> str:
-    """How a peer is named in logs: enough to tell peers apart, short to read."""
-    return public_key[:4].hex()
-
-
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line, with the fields of a text line: time (as the text line
     writes it), level, logger, message, and the traceback as `exception` when there is
