@@ -171,7 +171,7 @@ def test_verify_catches_a_mistyped_unit(tmp_path):
 # --- the units' sandbox, applied --------------------------------------------------------
 
 PROBE = r"""
-import ctypes, errno, mmap, os, socket, threading
+import ctypes, errno, mmap, os, socket, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 def outcome(call):
     try:
@@ -187,6 +187,8 @@ results = {
     "user_namespace": outcome(lambda: libc.unshare(0x10000000)),
     "personality": outcome(lambda: libc.personality(0x0008)),
     "realtime": outcome(lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))),
+    "setuid_bit": outcome(lambda: os.chmod(sys.argv[1], 0o4755)),
+    "plain_chmod": outcome(lambda: os.chmod(sys.argv[1], 0o600)),
     "inet_socket": outcome(lambda: socket.socket().close()),
     "thread": outcome(lambda: threading.Thread(target=int).start()),
     "umask": oct(os.umask(0)),
@@ -200,15 +202,17 @@ def confined(unit: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.stem)
-def test_the_units_filters_refuse_what_the_unit_forbids(unit):
+def test_the_units_filters_refuse_what_the_unit_forbids(unit, tmp_path):
     tool("systemd-analyze", "systemd")
-    result = subprocess.run([*confined(unit), sys.executable, "-c", PROBE], capture_output=True,
-                            text=True, timeout=60, cwd=REPO_ROOT)
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([*confined(unit), sys.executable, "-c", PROBE, str(tmp_path / "file")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert eval(result.stdout) == {  # noqa: S307 - our own probe's dict literal
         "mmap_write_exec": "EPERM", "setuid": "EPERM", "chroot": "EPERM",
         "packet_socket": "EAFNOSUPPORT", "user_namespace": "EPERM", "personality": "EPERM",
-        "realtime": "EPERM", "inet_socket": "allowed", "thread": "allowed",
+        "realtime": "EPERM", "setuid_bit": "EPERM", "plain_chmod": "allowed",
+        "inet_socket": "allowed", "thread": "allowed",
         "umask": "0o77"}
 
 

@@ -15,7 +15,7 @@ filters or process attributes:
   executable, no mprotect/pkey_mprotect to executable, no shmat with SHM_EXEC), plus the
   kernel's own PR_SET_MDWE where the kernel has it (what newer systemd uses);
 - RestrictAddressFamilies= (socket() of any other family fails with EAFNOSUPPORT),
-  RestrictNamespaces=yes, RestrictRealtime=yes, LockPersonality=yes;
+  RestrictNamespaces=yes, RestrictRealtime=yes, RestrictSUIDSGID=yes, LockPersonality=yes;
 - NoNewPrivileges=, CapabilityBoundingSet= (an empty one: every capability dropped from
   the bounding set, so even root keeps none across exec), UMask=.
 
@@ -57,6 +57,11 @@ CLONE_NEW_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
                    0x20000000, 0x40000000, 0x00000080)  # NS UTS IPC USER PID NET CGROUP TIME
 SCHED_REALTIME = (1, 2, 6)  # FIFO, RR, DEADLINE
 PER_LINUX = 0
+S_ISUID, S_ISGID, O_CREAT = 0o4000, 0o2000, 0o100
+# Where each call takes its mode (and, for the opens, its flags): (syscall, mode arg, flags arg).
+MODE_ARGUMENTS = (("chmod", 1, None), ("fchmod", 1, None), ("fchmodat", 2, None),
+                  ("mkdir", 1, None), ("mkdirat", 2, None), ("mknod", 1, None),
+                  ("mknodat", 2, None), ("creat", 1, None), ("open", 2, 1), ("openat", 3, 2))
 AF_MAX = 46
 ADDRESS_FAMILIES = {"AF_UNIX": 1, "AF_LOCAL": 1, "AF_INET": 2, "AF_INET6": 10,
                     "AF_NETLINK": 16, "AF_PACKET": 17}
@@ -81,6 +86,7 @@ class Hardening:
     address_families: list[str] | None = None
     restrict_namespaces: bool = False
     restrict_realtime: bool = False
+    restrict_suid_sgid: bool = False
     lock_personality: bool = False
     no_new_privileges: bool = False
     capability_bounding_set: str | None = None
@@ -116,6 +122,8 @@ def read_unit(path: Path) -> Hardening:
             hardening.restrict_namespaces = yes
         elif key == "RestrictRealtime":
             hardening.restrict_realtime = yes
+        elif key == "RestrictSUIDSGID":
+            hardening.restrict_suid_sgid = yes
         elif key == "LockPersonality":
             hardening.lock_personality = yes
         elif key == "NoNewPrivileges":
@@ -230,6 +238,15 @@ def build_filters(hardening: Hardening) -> list[Filter]:
     if hardening.restrict_realtime:
         for policy in SCHED_REALTIME:
             refuse.rule(eperm, "sched_setscheduler", (1, SCMP_CMP_EQ, policy, 0))
+    if hardening.restrict_suid_sgid:
+        for bit in (S_ISUID, S_ISGID):
+            for name, mode_arg, flags_arg in MODE_ARGUMENTS:
+                mode = (mode_arg, SCMP_CMP_MASKED_EQ, bit, bit)
+                if flags_arg is None:
+                    refuse.rule(eperm, name, mode)
+                else:  # only a creating open takes a mode
+                    refuse.rule(eperm, name, (flags_arg, SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT),
+                                mode)
     if hardening.lock_personality:
         refuse.rule(eperm, "personality", (0, SCMP_CMP_NE, PER_LINUX, 0))
     filters = [refuse]
