@@ -22,7 +22,7 @@ from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import Transaction, TransactionInput
 
-from revault.transactions import p2wsh
+from revault.deployment import p2wsh
 
 SIGHASH_ALL = 0x01
 PSBT_MAGIC = b"psbt\xff"

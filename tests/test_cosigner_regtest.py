@@ -17,9 +17,10 @@ from decimal import Decimal
 import coincurve
 import pytest
 
-from revault.transactions import (Coin, Deployment, OutPoint, SignatureError, TxOut,
-                                  build_spend, build_vault_transactions, fee_for_weight, p2wpkh,
-                                  script_pubkey_to_address)
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.primitives import OutPoint
+from revault.transactions import (Coin, SignatureError, TxOut, build_spend,
+                                  build_vault_transactions, fee_for_weight)
 from tests.support.regtest import RegtestNode, sats
 from tests.test_cosigner import setup_cosigner
 

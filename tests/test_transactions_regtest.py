@@ -15,14 +15,12 @@ import coincurve
 import pytest
 from embit.bip32 import HDKey
 
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.fees import FeeCoin, bump_revocation
+from revault.primitives import SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY, OutPoint, tx_uid
 from revault.transactions import (
-    SIGHASH_ALL,
-    SIGHASH_ALL_ANYONECANPAY,
     Coin,
-    Deployment,
-    FeeCoin,
     Kind,
-    OutPoint,
     RevaultTransaction,
     SignatureError,
     Tx,
@@ -30,11 +28,7 @@ from revault.transactions import (
     TxOut,
     build_spend,
     build_vault_transactions,
-    bump_revocation,
-    p2wpkh,
-    script_pubkey_to_address,
     sign_digest,
-    tx_uid,
 )
 from tests.support.regtest import RegtestNode, sats
 
