@@ -103,12 +103,15 @@ class CosignerService:
                      "(same spend %s)", request.outpoint, manager, request.spend_txid)
         else:
             # A different transaction for an outpoint already signed: either a manager
-            # rebuilt its spend, or someone is attempting a conflicting one. Operators
-            # want to see this.
-            log.warning("signed outpoint %s: replayed stored signature to manager %s, who "
-                        "asked for spend %s; it was signed for spend %s (manager %s)",
+            # rebuilt its spend, or someone is attempting a conflicting one. The stored
+            # signature is useless for it (DESIGN: refused, naming the spend signed);
+            # operators want to see this.
+            log.warning("sign refused for outpoint %s: manager %s asked for spend %s; it was "
+                        "signed for spend %s (manager %s)",
                         request.outpoint, manager, request.spend_txid, stored.spend_txid,
                         key_prefix(stored.manager))
+            raise RpcError(REFUSED, f"outpoint {request.outpoint} already signed for spend "
+                                    f"{stored.spend_txid}")
         return SignResult(signature=stored.signature.hex())
 
     async def close(self) -> None:

@@ -24,6 +24,8 @@ Scripts (segwit v0, keys in the order of the config table, never sorted):
   the managers branch (used by spend) needs k of the M managers, every cosigner and
   the relative lock. With zero cosigners the branch is ``and_v(v:multi(k,..),older(csv))``
   (allowed: 0..20 cosigners; the spec's deployments always have some).
+* CPFP output (on every unvault and spend, so that a pre-signed transaction can be
+  fee-bumped by a child): ``wsh(multi(1, cpfp_1..cpfp_M))``, one hot key per manager.
 
 With xpubs in the deployment, vault number ``index`` uses the non-hardened child
 ``index`` of every key; with plain public keys every vault uses the same keys.
@@ -44,7 +46,7 @@ from typing import Any
 
 import coincurve
 from bitcoin.core import script
-from bitcoin.core.script import CScript
+from bitcoin.core.script import CScript, CScriptInvalidError
 from embit import base58, bech32
 from embit.bip32 import HDKey
 from embit.descriptor.checksum import add_checksum
@@ -56,6 +58,7 @@ __all__ = [
     "DeploymentError", "DerivationError", "DeploymentKey", "VaultKeys", "Deployment",
     "read_deployment", "address_to_script_pubkey", "script_pubkey_to_address",
     "witness_program", "p2wsh", "p2wpkh", "p2wpkh_script_code", "sha256", "hash160",
+    "script_relative_lock", "DEFAULT_MIN_DEPOSIT_VALUE", "MIN_DEPOSIT_VALUE_FLOOR", "MAX_MONEY",
 ]
 
 MAX_STAKEHOLDERS = 20  # CHECKMULTISIG takes at most 20 keys
@@ -63,6 +66,11 @@ MAX_MANAGERS = 20
 MAX_COSIGNERS = 20  # keeps the witness script far below the 3600-byte policy limit
 MAX_CSV = 0xFFFF  # BIP 68 block-based relative locks are 16 bits
 MAX_VAULT_INDEX = 2**31 - 1  # non-hardened BIP 32 children
+MAX_MONEY = 21_000_000 * 100_000_000  # satoshis
+DEFAULT_MIN_DEPOSIT_VALUE = 500_000  # sat; DESIGN: smaller deposits are not vaults
+# A vault must pay the unvault's 30,000-sat CPFP output and the pre-signed fees and
+# still leave more than dust: a floor far below any sensible min_deposit_value.
+MIN_DEPOSIT_VALUE_FLOOR = 50_000
 
 # network name in the config -> (bech32 hrp, p2pkh version, p2sh version, xpub version)
 NETWORKS: dict[str, tuple[str, int, int, bytes]] = {
@@ -133,6 +141,32 @@ def witness_program(script_pubkey: bytes) -> tuple[int, bytes] | None:
             return 0, spk[2:]
         if _OP_1 <= spk[0] <= _OP_1 + 15:
             return spk[0] - _OP_1 + 1, spk[2:]
+    return None
+
+
+def _script_number(item: int | bytes) -> int | None:
+    """The value of a number pushed by a script (an OP_n or minimal little-endian bytes)."""
+    if isinstance(item, int) and not isinstance(item, script.CScriptOp):
+        return item
+    if isinstance(item, bytes) and 0 < len(item) <= 5 and not item[-1] & 0x80:
+        return int.from_bytes(item, "little")
+    return None
+
+
+def _script_items(witness_script: bytes) -> list | None:
+    try:
+        return list(CScript(witness_script))
+    except CScriptInvalidError:
+        return None
+
+
+def script_relative_lock(witness_script: bytes) -> int | None:
+    """The number checked by the first CHECKSEQUENCEVERIFY of `witness_script` (the
+    nSequence an input spending it through that branch must carry), or None."""
+    items = _script_items(witness_script) or []
+    for i, item in enumerate(items):
+        if isinstance(item, script.CScriptOp) and item == script.OP_CHECKSEQUENCEVERIFY:
+            return _script_number(items[i - 1]) if i else None
     return None
 
 
@@ -260,6 +294,7 @@ class VaultKeys:
     managers_threshold: int
     cosigners: tuple[bytes, ...]
     unvault_csv: int
+    cpfp: tuple[bytes, ...] = ()
 
     def deposit_script(self) -> bytes:
         return bytes(CScript(_multisig(len(self.stakeholders), self.stakeholders,
@@ -277,8 +312,15 @@ class VaultKeys:
         items += [self.unvault_csv, script.OP_CHECKSEQUENCEVERIFY, script.OP_ENDIF]
         return bytes(CScript(items))
 
+    def cpfp_script(self) -> bytes:
+        """multi(1, cpfp_1..cpfp_M): any one manager's hot CPFP key spends it."""
+        return bytes(CScript(_multisig(1, self.cpfp, script.OP_CHECKMULTISIG)))
+
     def deposit_descriptor(self) -> str:
         return add_checksum(f"wsh(multi({len(self.stakeholders)},{_hexes(self.stakeholders)}))")
+
+    def cpfp_descriptor(self) -> str:
+        return add_checksum(f"wsh(multi(1,{_hexes(self.cpfp)}))")
 
     def unvault_descriptor(self) -> str:
         managers_path = f"older({self.unvault_csv})"
@@ -290,6 +332,34 @@ class VaultKeys:
         return add_checksum(
             f"wsh(or_d(multi({len(self.stakeholders)},{_hexes(self.stakeholders)}),{managers_path}))"
         )
+
+    @classmethod
+    def from_unvault_script(cls, witness_script: bytes) -> VaultKeys | None:
+        """The keys behind an unvault witness script (no CPFP keys: the script does not
+        hold them), or None when `witness_script` is not exactly one this module builds.
+        Lets a cosigner size a spend's worst-case witness like `build_spend` does."""
+        items = _script_items(witness_script)
+        try:
+            n = items[0]
+            stakeholders = tuple(items[1 : 1 + n])
+            k = items[5 + n]
+            at = 6 + n
+            managers = []
+            while isinstance(items[at], bytes) and len(items[at]) == 33:
+                managers.append(items[at])
+                at += 1
+            at += 2  # M, CHECKMULTISIGVERIFY
+            cosigners = []
+            while isinstance(items[at], bytes) and len(items[at]) == 33:
+                cosigners.append(items[at])
+                at += 2  # key, CHECKSIGVERIFY
+            csv = _script_number(items[at])
+            keys = cls(stakeholders, tuple(managers), k, tuple(cosigners), csv)
+            if keys.unvault_script() == witness_script:
+                return keys
+        except (TypeError, IndexError, ValueError):
+            pass  # not shaped like an unvault script: the rebuilt bytes would differ
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -309,9 +379,13 @@ class Deployment:
     managers_threshold: int
     cosigners: tuple[DeploymentKey, ...]
     unvault_csv: int
-    emergency_address: str
+    cpfp_keys: tuple[DeploymentKey, ...]
+    # None for a participant who is a manager only: such a wallet never learns the
+    # emergency address, so it can never rebuild (or leak) an emergency transaction.
+    emergency_address: str | None = None
     watchtowers: tuple[bytes, ...] = ()
-    emergency_script_pubkey: bytes = field(default=b"", repr=False)
+    min_deposit_value: int = DEFAULT_MIN_DEPOSIT_VALUE
+    emergency_script_pubkey: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, prefix: str = "deployment") -> Deployment:
@@ -330,7 +404,7 @@ class Deployment:
 
     @property
     def uses_xpubs(self) -> bool:
-        return any(k.is_xpub for k in self.stakeholders + self.managers + self.cosigners)
+        return any(k.is_xpub for k in self.stakeholders + self.managers + self.cosigners + self.cpfp_keys)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (frozen, hashable, long-lived)
     def keys(self, index: int = 0) -> VaultKeys:
@@ -343,8 +417,9 @@ class Deployment:
             managers_threshold=self.managers_threshold,
             cosigners=tuple(k.at(index) for k in self.cosigners),
             unvault_csv=self.unvault_csv,
+            cpfp=tuple(k.at(index) for k in self.cpfp_keys),
         )
-        every = vault.stakeholders + vault.managers + vault.cosigners
+        every = vault.stakeholders + vault.managers + vault.cosigners + vault.cpfp
         if len(set(every)) != len(every):
             raise DerivationError(f"vault {index}: two xpubs derive the same child key")
         return vault
@@ -372,6 +447,18 @@ class Deployment:
 
     def unvault_descriptor(self, index: int = 0) -> str:
         return self.keys(index).unvault_descriptor()
+
+    def cpfp_witness_script(self, index: int = 0) -> bytes:
+        return self.keys(index).cpfp_script()
+
+    def cpfp_script_pubkey(self, index: int = 0) -> bytes:
+        return p2wsh(self.cpfp_witness_script(index))
+
+    def cpfp_address(self, index: int = 0) -> str:
+        return script_pubkey_to_address(self.cpfp_script_pubkey(index), self.network)
+
+    def cpfp_descriptor(self, index: int = 0) -> str:
+        return self.keys(index).cpfp_descriptor()
 
 
 def _read_network(table: ConfigTable) -> str:
@@ -458,9 +545,17 @@ def read_deployment(table: ConfigTable, problems: ProblemCollector) -> Deploymen
     threshold = problems.read(
         _read_integer, table, "managers_threshold", 1, n_managers,
         bounds=f"1 and the number of managers ({n_managers})", default=n_managers)
+    cpfp_keys = problems.read(reader.keys, "cpfp_keys", 1, MAX_MANAGERS, MISSING)
+    if managers and cpfp_keys and len(cpfp_keys) != len(managers):
+        problems.add(f"{table.key_name('cpfp_keys')}: must hold one key per manager "
+                     f"({len(managers)}), got {len(cpfp_keys)}")
     csv = problems.read(_read_integer, table, "unvault_csv", 1, MAX_CSV,
                         bounds=f"1 and {MAX_CSV} blocks (BIP 68 relative lock)", unit=" (blocks)")
-    address = problems.read(table.string, "emergency_address")
+    min_deposit_value = problems.read(
+        _read_integer, table, "min_deposit_value", MIN_DEPOSIT_VALUE_FLOOR, MAX_MONEY,
+        bounds=f"{MIN_DEPOSIT_VALUE_FLOOR} and {MAX_MONEY} sat", unit=" (sat)",
+        default=DEFAULT_MIN_DEPOSIT_VALUE)
+    address = problems.read(table.string, "emergency_address", None)
     emergency_spk = None
     if address is not None and network is not None:
         try:
@@ -477,7 +572,9 @@ def read_deployment(table: ConfigTable, problems: ProblemCollector) -> Deploymen
         managers_threshold=threshold,
         cosigners=cosigners,
         unvault_csv=csv,
+        cpfp_keys=cpfp_keys,
         emergency_address=address,
         watchtowers=watchtowers,
+        min_deposit_value=min_deposit_value,
         emergency_script_pubkey=emergency_spk,
     )

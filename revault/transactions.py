@@ -12,8 +12,13 @@ once fully signed with every signature at its largest (72 DER bytes + 1 sighash 
 Real low-S signatures are at most 71 + 1 bytes, so the real feerate is never below
 253 sat per 1000 weight units and the fee itself is known before anyone signs.
 
+The unvault and the spend carry a CPFP output (the unvault's `[1]`, 30,000 sat; the
+spend's `[0]`, 16 sat per worst-case weight unit) so that a child can pay for them when
+their frozen fee no longer gets into the mempool (`revault.fees.build_cpfp`).
+
 Sighash types: ALL|ANYONECANPAY for cancel, emergency and unvault-emergency (so a
-watchtower can append fee inputs without invalidating them), ALL for unvault and spend.
+watchtower can append fee inputs without invalidating them), ALL for unvault, spend and
+CPFP children.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,12 +37,14 @@ from bitcoin.core import (
 from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
 
 from revault.deployment import (
-    Deployment, DerivationError, VaultKeys, address_to_script_pubkey, p2wsh, witness_program,
+    MAX_MONEY, Deployment, DerivationError, VaultKeys, address_to_script_pubkey, p2wsh,
+    witness_program,
 )
 from revault.primitives import (
     MAX_DER_SIGNATURE, SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY, OutPoint, der_signature_problem,
     tx_uid,
 )
+from revault.transport import MAX_PLAINTEXT
 
 __all__ = [
     "FEERATE_SAT_PER_KWU", "MAX_WITNESS_SIGNATURE", "RBF_SEQUENCE", "TX_VERSION",
@@ -44,8 +52,10 @@ __all__ = [
     "TxIn", "TxOut", "Tx", "Coin", "Kind", "SpendPath", "SpentOutput",
     "RevaultTransaction", "VaultTransactions",
     "build_unvault", "build_cancel", "build_emergency", "build_unvault_emergency",
-    "build_spend", "build_vault_transactions",
+    "build_spend", "build_vault_transactions", "cpfp_spent", "request_spend_size",
     "dust_threshold", "fee_for_weight", "sign_digest", "check_der_signature",
+    "UNVAULT_CPFP_VALUE", "SPEND_CPFP_SAT_PER_WU", "MAX_STANDARD_WEIGHT",
+    "MAX_SANE_FEERATE_SAT_PER_KWU",
 ]
 
 FEERATE_SAT_PER_KWU = 253  # the seed's fixed feerate for pre-signed transactions
@@ -53,6 +63,17 @@ MAX_WITNESS_SIGNATURE = MAX_DER_SIGNATURE + 1  # + sighash byte
 TX_VERSION = 2  # BIP 68 relative locks need version >= 2
 RBF_SEQUENCE = 0xFFFFFFFD  # replaceable, locktime enabled, BIP 68 disabled
 DUST_RELAY_FEERATE = 3000  # sat per 1000 vbytes, Bitcoin Core's -dustrelayfee default
+UNVAULT_CPFP_VALUE = 30_000  # sat, the unvault's output [1] (DESIGN, the spec)
+SPEND_CPFP_SAT_PER_WU = 16  # a spend's CPFP output: 16 sat per worst-case weight unit
+MAX_STANDARD_WEIGHT = 400_000  # Bitcoin Core's MAX_STANDARD_TX_WEIGHT
+# Above 1,000 sat/vB a fee is a mistake (a misplaced change, a unit confusion) more
+# often than a wish; build_spend refuses it unless the caller lifts the bound.
+MAX_SANE_FEERATE_SAT_PER_KWU = 250_000
+OP_RETURN = 0x6A
+MAX_SCRIPT_SIZE = 10_000  # consensus: a longer scriptPubKey can never be spent
+# request_spend's widest members (messages: timestamp < 2^63; ids are client counters).
+_WIDEST_TIMESTAMP = 2**63 - 1
+_WIDEST_REQUEST_ID = 2**63 - 1
 
 
 class TransactionError(ValueError):
@@ -74,7 +95,10 @@ def _hash256(data: bytes) -> bytes:
 
 
 def dust_threshold(script_pubkey: bytes) -> int:
-    """Bitcoin Core's dust limit for an output to `script_pubkey` (default -dustrelayfee)."""
+    """Bitcoin Core's dust limit for an output to `script_pubkey` (default -dustrelayfee);
+    0 for an unspendable output (OP_RETURN), which is never dust, even worth 0 sat."""
+    if script_pubkey[:1] == bytes([OP_RETURN]) or len(script_pubkey) > MAX_SCRIPT_SIZE:
+        return 0
     size = len(TxOut(0, script_pubkey).serialize())
     size += (32 + 4 + 1 + 107 // 4 + 4) if witness_program(script_pubkey) else (32 + 4 + 1 + 107 + 4)
     return size * DUST_RELAY_FEERATE // 1000
@@ -231,10 +255,11 @@ class Kind(str, enum.Enum):
     EMERGENCY = "emergency"
     UNVAULT_EMERGENCY = "unvault_emergency"
     SPEND = "spend"
+    CPFP = "cpfp"  # a child paying for an unvault's or a spend's CPFP output
 
     @property
     def sighash_type(self) -> int:
-        return SIGHASH_ALL if self in (Kind.UNVAULT, Kind.SPEND) else SIGHASH_ALL_ANYONECANPAY
+        return SIGHASH_ALL if self in (Kind.UNVAULT, Kind.SPEND, Kind.CPFP) else SIGHASH_ALL_ANYONECANPAY
 
     @property
     def is_revocation(self) -> bool:
@@ -246,6 +271,7 @@ class SpendPath(str, enum.Enum):
     UNVAULT_STAKEHOLDERS = "unvault_stakeholders"  # or_d's first branch
     UNVAULT_MANAGERS = "unvault_managers"  # managers + cosigners after the csv
     FEE_P2WPKH = "fee_p2wpkh"  # a fee-reserve coin appended by a watchtower
+    CPFP = "cpfp"  # a CPFP output or CPFP-wallet coin: multi(1, cpfp keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +302,8 @@ class SpentOutput:
         assert self.keys is not None
         if self.path is SpendPath.UNVAULT_MANAGERS:
             return self.keys.managers + self.keys.cosigners
+        if self.path is SpendPath.CPFP:
+            return self.keys.cpfp
         return self.keys.stakeholders
 
     def missing(self, sigs: Mapping[bytes, bytes]) -> list[bytes]:
@@ -288,6 +316,8 @@ class SpentOutput:
                 k for k in self.keys.managers if k not in sigs
             ]
             return missing + [k for k in self.keys.cosigners if k not in sigs]
+        if self.path is SpendPath.CPFP:
+            return [] if any(k in sigs for k in self.signers) else list(self.signers)
         return [k for k in self.signers if k not in sigs]
 
     def witness(self, sigs: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
@@ -295,6 +325,10 @@ class SpentOutput:
         if self.path is SpendPath.FEE_P2WPKH:
             return (sigs[self.fee_pubkey], self.fee_pubkey)
         assert self.keys is not None
+        if self.path is SpendPath.CPFP:
+            # multi(1, ...): a dummy, then the signature of the first key that signed.
+            signer = next(k for k in self.keys.cpfp if k in sigs)
+            return (b"", sigs[signer], self.witness_script)
         n = len(self.keys.stakeholders)
         if self.path in (SpendPath.DEPOSIT, SpendPath.UNVAULT_STAKEHOLDERS):
             # CHECKMULTISIG wants signatures in the order of the keys, after a dummy.
@@ -485,24 +519,29 @@ def _revault_tx(
 def _check_coin(coin: Coin, what: str) -> None:
     if not isinstance(coin, Coin):
         raise TransactionError(f"{what} must be a Coin")
-    if not isinstance(coin.value, int) or coin.value <= 0 or coin.value > 21_000_000 * 100_000_000:
+    if not isinstance(coin.value, int) or coin.value <= 0 or coin.value > MAX_MONEY:
         raise TransactionError(f"{what} value out of range: {coin.value!r}")
 
 
 def _presigned(
-    kind: Kind, coin: Coin, spent: SpentOutput, script_pubkey: bytes, vault_index: int
+    kind: Kind, coin: Coin, spent: SpentOutput, script_pubkey: bytes, vault_index: int,
+    fixed_outputs: Sequence[TxOut] = (),
 ) -> RevaultTransaction:
-    """A one-input, one-output pre-signed transaction paying exactly 253 sat/kWU."""
-    draft = _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)], [TxOut(0, script_pubkey)], vault_index)
+    """A one-input pre-signed transaction paying exactly 253 sat/kWU of its worst-case
+    weight: output 0 to `script_pubkey` takes what the fee and `fixed_outputs` leave."""
+    draft = _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)],
+                        [TxOut(0, script_pubkey), *fixed_outputs], vault_index)
     fee = fee_for_weight(draft.max_weight())
-    value = coin.value - fee
+    value = coin.value - fee - sum(o.value for o in fixed_outputs)
     dust = dust_threshold(script_pubkey)
     if value < dust:
         raise TransactionError(
-            f"{kind.value}: {coin.value} sat cannot pay the {fee} sat fee and leave at least "
-            f"{dust} sat (dust limit)"
+            f"{kind.value}: {coin.value} sat cannot pay the {fee} sat fee"
+            + (f" and {sum(o.value for o in fixed_outputs)} sat of CPFP output" if fixed_outputs else "")
+            + f" and leave at least {dust} sat (dust limit)"
         )
-    return _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)], [TxOut(value, script_pubkey)], vault_index)
+    return _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)],
+                       [TxOut(value, script_pubkey), *fixed_outputs], vault_index)
 
 
 def _vault_keys(d: Deployment, index: int) -> VaultKeys:
@@ -524,11 +563,38 @@ def _unvault_spent(d: Deployment, coin: Coin, kind: Kind, path: SpendPath) -> Sp
     return SpentOutput(coin.value, p2wsh(ws), ws, path, kind.sighash_type, keys)
 
 
-def build_unvault(d: Deployment, deposit: Coin) -> RevaultTransaction:
-    """Deposit -> unvault output (same vault index), ALL, 253 sat/kWU."""
+def cpfp_spent(d: Deployment, coin: Coin) -> SpentOutput:
+    """How a CPFP output (or a coin of the managers' CPFP wallet, at the same script
+    for its index) is spent: one signature of any CPFP key, ALL."""
+    keys = _vault_keys(d, coin.index)
+    ws = keys.cpfp_script()
+    return SpentOutput(coin.value, p2wsh(ws), ws, SpendPath.CPFP, SIGHASH_ALL, keys)
+
+
+def _check_deposit(d: Deployment, deposit: Coin) -> None:
     _check_coin(deposit, "deposit")
+    if deposit.value < d.min_deposit_value:
+        raise TransactionError(
+            f"deposit of {deposit.value} sat is under min_deposit_value ({d.min_deposit_value} sat): "
+            "not a vault")
+
+
+def _emergency_script_pubkey(d: Deployment) -> bytes:
+    if d.emergency_script_pubkey is None:
+        raise TransactionError(
+            "this deployment has no emergency_address (a manager-only participant cannot "
+            "build emergency transactions)")
+    return d.emergency_script_pubkey
+
+
+def build_unvault(d: Deployment, deposit: Coin) -> RevaultTransaction:
+    """Deposit -> [0] unvault output (same vault index), [1] CPFP output of 30,000 sat;
+    ALL, 253 sat/kWU. TransactionError for a deposit under `min_deposit_value`."""
+    _check_deposit(d, deposit)
     spent = _deposit_spent(d, deposit, Kind.UNVAULT)
-    return _presigned(Kind.UNVAULT, deposit, spent, d.unvault_script_pubkey(deposit.index), deposit.index)
+    cpfp = TxOut(UNVAULT_CPFP_VALUE, d.cpfp_script_pubkey(deposit.index))
+    return _presigned(Kind.UNVAULT, deposit, spent, d.unvault_script_pubkey(deposit.index),
+                      deposit.index, [cpfp])
 
 
 def build_cancel(d: Deployment, unvault: Coin) -> RevaultTransaction:
@@ -540,67 +606,151 @@ def build_cancel(d: Deployment, unvault: Coin) -> RevaultTransaction:
 
 def build_emergency(d: Deployment, deposit: Coin) -> RevaultTransaction:
     """Deposit -> emergency_address, ALL|ANYONECANPAY."""
-    _check_coin(deposit, "deposit")
+    _check_deposit(d, deposit)
     spent = _deposit_spent(d, deposit, Kind.EMERGENCY)
-    return _presigned(Kind.EMERGENCY, deposit, spent, d.emergency_script_pubkey, deposit.index)
+    return _presigned(Kind.EMERGENCY, deposit, spent, _emergency_script_pubkey(d), deposit.index)
 
 
 def build_unvault_emergency(d: Deployment, unvault: Coin) -> RevaultTransaction:
     """Unvault output -> emergency_address, ALL|ANYONECANPAY."""
     _check_coin(unvault, "unvault output")
     spent = _unvault_spent(d, unvault, Kind.UNVAULT_EMERGENCY, SpendPath.UNVAULT_STAKEHOLDERS)
-    return _presigned(Kind.UNVAULT_EMERGENCY, unvault, spent, d.emergency_script_pubkey, unvault.index)
+    return _presigned(Kind.UNVAULT_EMERGENCY, unvault, spent, _emergency_script_pubkey(d), unvault.index)
 
 
-def build_spend(d: Deployment, unvaults: Sequence[Coin], outputs: Sequence[TxOut]) -> RevaultTransaction:
-    """Unvault outputs (a batch) -> `outputs`, through the managers + cosigners branch,
-    every input with nSequence = unvault_csv. The fee is what the inputs leave over;
-    size it with `max_weight()` of a draft."""
+def request_spend_size(tx: Tx) -> int:
+    """Bytes of the `request_spend` frame that carries `tx`, with the widest timestamp
+    and request id any client sends: what must fit in one frame's plaintext."""
+    return len(json.dumps(
+        {"jsonrpc": "2.0", "method": "request_spend",
+         "params": {"transaction": tx.to_base64(), "timestamp": _WIDEST_TIMESTAMP,
+                    "vault_id": "0" * 64},
+         "id": _WIDEST_REQUEST_ID},
+        separators=(",", ":"),
+    ))
+
+
+def build_spend(
+    d: Deployment,
+    unvaults: Sequence[Coin],
+    payees: Sequence[TxOut],
+    *,
+    change_index: int | None = None,
+    feerate_sat_per_kwu: int = FEERATE_SAT_PER_KWU,
+    max_feerate_sat_per_kwu: int | None = MAX_SANE_FEERATE_SAT_PER_KWU,
+) -> RevaultTransaction:
+    """Unvault outputs (a batch) -> [0] the CPFP output (script of the highest vault
+    index among the inputs, 16 sat per worst-case weight unit), then `payees`, then, with
+    `change_index`, the change to the deposit script of that vault index.
+
+    Every input spends through the managers + cosigners branch with nSequence =
+    unvault_csv. With a change output the fee is `feerate_sat_per_kwu` of the worst-case
+    weight and the change takes the rest (it is left out, its value going to the fee,
+    when it would be dust); without one the fee is what the inputs leave over.
+
+    Refused with TransactionError before anyone signs (DESIGN "Transactions"): an output
+    under the dust limit, a fee under 253 sat/kWU of the worst-case weight, a worst-case
+    weight over 400,000, a `request_spend` frame over one frame, and a fee above
+    `max_feerate_sat_per_kwu` (1,000 sat/vB unless lifted; None lifts it).
+    """
     if not unvaults:
         raise TransactionError("spend: no unvault output to spend")
-    if not outputs:
-        raise TransactionError("spend: no output")
+    if not payees:
+        raise TransactionError("spend: no payee")
     if len({c.outpoint for c in unvaults}) != len(unvaults):
         raise TransactionError("spend: the same unvault output twice")
+    if not isinstance(feerate_sat_per_kwu, int) or feerate_sat_per_kwu < FEERATE_SAT_PER_KWU:
+        raise TransactionError(f"spend: feerate must be at least {FEERATE_SAT_PER_KWU} sat/kWU")
     spent = []
     for n, coin in enumerate(unvaults):
         _check_coin(coin, f"spend: unvault output {n}")
         spent.append((coin, _unvault_spent(d, coin, Kind.SPEND, SpendPath.UNVAULT_MANAGERS), d.unvault_csv))
-    for n, out in enumerate(outputs):
-        if not isinstance(out, TxOut) or not isinstance(out.value, int):
-            raise TransactionError(f"spend: output {n} must be a TxOut")
+    for n, out in enumerate(payees):
+        if not isinstance(out, TxOut) or not isinstance(out.value, int) or isinstance(out.value, bool):
+            raise TransactionError(f"spend: payee {n} must be a TxOut")
+    top = max(c.index for c in unvaults)
+    cpfp_spk = p2wsh(_vault_keys(d, top).cpfp_script())
+    change_spk = None if change_index is None else p2wsh(_vault_keys(d, change_index).deposit_script())
+    total_in = sum(c.value for c in unvaults)
+    total_pay = sum(o.value for o in payees)
+
+    def outputs(change_value: int | None) -> list[TxOut]:
+        # Output values do not change the weight (always 8 bytes): size with a draft.
+        weight = _revault_tx(Kind.SPEND, spent, [TxOut(0, cpfp_spk), *payees]
+                             + ([TxOut(0, change_spk)] if change_value is not None else []),
+                             top).max_weight()
+        cpfp = TxOut(SPEND_CPFP_SAT_PER_WU * weight, cpfp_spk)
+        if change_value is None:
+            return [cpfp, *payees]
+        change = total_in - total_pay - cpfp.value - fee_for_weight(weight, feerate_sat_per_kwu)
+        return [cpfp, *payees, TxOut(change, change_spk)]
+
+    chosen = outputs(None if change_spk is None else 0)
+    if change_spk is not None and chosen[-1].value < dust_threshold(change_spk):
+        chosen = outputs(None)  # dust change: left to the fee
+    spend = _revault_tx(Kind.SPEND, spent, chosen, top)
+    _check_spend(spend, max_feerate_sat_per_kwu)
+    return spend
+
+
+def _check_spend(spend: RevaultTransaction, max_feerate_sat_per_kwu: int | None) -> None:
+    """The guards of DESIGN "Transactions": what no cosigner must be asked to sign."""
+    for n, out in enumerate(spend.tx.outputs):
+        what = "CPFP output" if n == 0 else f"output {n}"
         if out.value < dust_threshold(out.script_pubkey):
             raise TransactionError(
-                f"spend: output {n} pays {out.value} sat, below the dust limit "
-                f"{dust_threshold(out.script_pubkey)}"
-            )
-    total_in = sum(c.value for c in unvaults)
-    total_out = sum(o.value for o in outputs)
+                f"spend: {what} pays {out.value} sat, below the dust limit "
+                f"{dust_threshold(out.script_pubkey)}")
+    total_in = sum(s.value for s in spend.spent)
+    total_out = sum(o.value for o in spend.tx.outputs)
     if total_out > total_in:
         raise TransactionError(f"spend: outputs ({total_out} sat) exceed inputs ({total_in} sat)")
-    return _revault_tx(Kind.SPEND, spent, outputs, unvaults[0].index)
+    worst = spend.worst_case_signed()
+    weight = worst.weight
+    if weight > MAX_STANDARD_WEIGHT:
+        raise TransactionError(
+            f"spend: {weight} WU once signed (every signature at its largest), above the "
+            f"{MAX_STANDARD_WEIGHT} WU standard limit: spend fewer vaults at once")
+    fee = spend.fee
+    if fee < fee_for_weight(weight):
+        raise TransactionError(
+            f"spend: fee {fee} sat is under {FEERATE_SAT_PER_KWU} sat/kWU of its worst-case "
+            f"weight {weight} WU (at least {fee_for_weight(weight)} sat)")
+    size = request_spend_size(worst)
+    if size > MAX_PLAINTEXT:
+        raise TransactionError(
+            f"spend: its request_spend would take {size} bytes once signed (every signature "
+            f"at its largest), over one {MAX_PLAINTEXT}-byte frame: spend fewer vaults at once")
+    if max_feerate_sat_per_kwu is not None and 1000 * fee > max_feerate_sat_per_kwu * weight:
+        raise TransactionError(
+            f"spend: fee {fee} sat is {fee * 4000 // weight / 1000:g} sat/vB, above the sanity "
+            f"bound of {max_feerate_sat_per_kwu / 250:g} sat/vB (pass max_feerate_sat_per_kwu "
+            "to allow it)")
 
 
 @dataclass(frozen=True, slots=True)
 class VaultTransactions:
-    """The pre-signed transactions of one vault."""
+    """The pre-signed transactions of one vault. A deployment without
+    `emergency_address` (a manager-only participant) has no emergencies."""
 
     unvault: RevaultTransaction
     cancel: RevaultTransaction
-    emergency: RevaultTransaction
-    unvault_emergency: RevaultTransaction
+    emergency: RevaultTransaction | None
+    unvault_emergency: RevaultTransaction | None
 
     def revocations(self) -> tuple[RevaultTransaction, ...]:
-        return (self.cancel, self.emergency, self.unvault_emergency)
+        return tuple(t for t in (self.cancel, self.emergency, self.unvault_emergency) if t is not None)
 
 
 def build_vault_transactions(d: Deployment, deposit: Coin) -> VaultTransactions:
-    """Every pre-signed transaction of the vault at `deposit`."""
+    """Every pre-signed transaction of the vault at `deposit` (the emergencies only when
+    the deployment has an emergency address)."""
     unvault = build_unvault(d, deposit)
     unvault_coin = unvault.output_coin(0)
+    has_emergency = d.emergency_script_pubkey is not None
     return VaultTransactions(
         unvault=unvault,
         cancel=build_cancel(d, unvault_coin),
-        emergency=build_emergency(d, deposit),
-        unvault_emergency=build_unvault_emergency(d, unvault_coin),
+        emergency=build_emergency(d, deposit) if has_emergency else None,
+        unvault_emergency=build_unvault_emergency(d, unvault_coin) if has_emergency else None,
     )

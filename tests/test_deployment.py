@@ -35,7 +35,9 @@ network = "regtest"
 stakeholders = {toml_list(pub(i) for i in (1, 2, 3))}
 managers = {toml_list(pub(i) for i in (11, 12))}
 cosigners = {toml_list([pub(21)])}
+cpfp_keys = {toml_list(pub(i) for i in (31, 32))}
 managers_threshold = 1
+min_deposit_value = 1000000
 unvault_csv = 6
 emergency_address = "{EMERGENCY}"
 watchtowers = {toml_list([pub(40)])}
@@ -75,12 +77,15 @@ def test_a_good_table_reads_as_from_dict(tmp_path: Path) -> None:
         "stakeholders": [pub(i) for i in (1, 2, 3)],
         "managers": [pub(i) for i in (11, 12)],
         "cosigners": [pub(21)],
+        "cpfp_keys": [pub(31), pub(32)],
         "managers_threshold": 1,
+        "min_deposit_value": 1_000_000,
         "unvault_csv": 6,
         "emergency_address": EMERGENCY,
         "watchtowers": [pub(40)],
     })
     assert d.managers_threshold == 1 and d.watchtowers == (bytes.fromhex(pub(40)),)
+    assert d.min_deposit_value == 1_000_000 and d.emergency_address == EMERGENCY
 
 
 def test_every_bad_key_is_listed_with_the_others(tmp_path: Path) -> None:
@@ -106,15 +111,25 @@ def test_missing_table_and_missing_keys(tmp_path: Path) -> None:
         load_app_config("test", write_config(tmp_path, '[deployment]\nnetwork = "regtest"\n'), read_app)
     assert err.value.problems == [
         "deployment.stakeholders: missing", "deployment.managers: missing",
-        "deployment.cosigners: missing (use [] for none)", "deployment.unvault_csv: missing",
-        "deployment.emergency_address: missing",
+        "deployment.cosigners: missing (use [] for none)", "deployment.cpfp_keys: missing",
+        "deployment.unvault_csv: missing",
     ]
+
+
+def test_optional_keys_take_their_defaults(tmp_path: Path) -> None:
+    # A manager-only participant's wallet: no emergency_address; default minimum deposit.
+    lines = [line for line in GOOD.splitlines()
+             if not line.startswith(("emergency_address", "min_deposit_value"))]
+    d = load_app_config("test", write_config(tmp_path, "\n".join(lines)), read_app).deployment
+    assert d.emergency_address is None and d.emergency_script_pubkey is None
+    assert d.min_deposit_value == 500_000
 
 
 def test_a_bad_network_still_checks_the_keys() -> None:
     p = ProblemCollector()
     table = ConfigTable({"network": "mainnet", "stakeholders": ["02" + "ff" * 32],
-                         "managers": [pub(2)], "cosigners": [], "unvault_csv": 6,
+                         "managers": [pub(2)], "cosigners": [], "cpfp_keys": [pub(3)],
+                         "unvault_csv": 6,
                          "emergency_address": EMERGENCY}, "deployment")
     assert read_deployment(table, p) is None
     assert p.problems[0].startswith("deployment.network: must be one of bitcoin, testnet")
@@ -125,7 +140,8 @@ def test_a_bad_network_still_checks_the_keys() -> None:
 def test_from_dict_names_the_first_problem_and_keeps_them_all() -> None:
     with pytest.raises(DeploymentError) as err:
         Deployment.from_dict({"network": "regtest", "stakeholders": [pub(1)], "managers": [pub(1)],
-                              "cosigners": [], "unvault_csv": True, "emergency_address": EMERGENCY})
+                              "cosigners": [], "cpfp_keys": [pub(2)], "unvault_csv": True,
+                              "emergency_address": EMERGENCY})
     assert err.value.key == "deployment.managers[0]"
     assert err.value.problems == [
         "deployment.managers[0]: duplicate key (same as deployment.stakeholders[0])",

@@ -23,6 +23,7 @@ from revault.transactions import (
     Kind,
     RevaultTransaction,
     SignatureError,
+    TransactionError,
     Tx,
     TxIn,
     TxOut,
@@ -70,9 +71,9 @@ class Participants:
 
 
 def make_participants(flavor: str, n_stk=3, n_mgr=2, n_cos=3, threshold=None) -> Participants:
-    sizes = (n_stk, n_mgr, n_cos)
+    sizes = (n_stk, n_mgr, n_cos, n_mgr)  # the last: the managers' CPFP keys
     secrets: list = []
-    texts: list[list[str]] = [[], [], []]
+    texts: list[list[str]] = [[], [], [], []]
     for role, count in enumerate(sizes):
         for j in range(count):
             seed = bytes([role + 1, j + 1]) * 16
@@ -89,6 +90,7 @@ def make_participants(flavor: str, n_stk=3, n_mgr=2, n_cos=3, threshold=None) ->
         "stakeholders": texts[0],
         "managers": texts[1],
         "cosigners": texts[2],
+        "cpfp_keys": texts[3],
         "unvault_csv": CSV,
         # p2wpkh of key 0x42..42: an address nobody in the test signs for.
         "emergency_address": script_pubkey_to_address(
@@ -185,9 +187,11 @@ async def test_chain_accepted_by_bitcoind(bitcoind: RegtestNode, flavor: str, in
 
     unvault_coin = chains[1].unvault.output_coin()
     payee = p2wpkh(coincurve.PrivateKey(b"\x43" * 32).public_key.format())
-    draft = build_spend(d, [unvault_coin], [TxOut(unvault_coin.value - 1000, payee)])
-    fee = draft.max_weight()  # 1 sat per weight unit: the caller's choice
-    spend = p.sign(build_spend(d, [unvault_coin], [TxOut(unvault_coin.value - fee, payee)]))
+    # 1 sat per weight unit, a change back to a vault at the next index.
+    spend = p.sign(build_spend(d, [unvault_coin], [TxOut(400_000, payee)], change_index=index + 1,
+                               feerate_sat_per_kwu=1000))
+    assert spend.tx.outputs[0].script_pubkey == d.cpfp_script_pubkey(index)
+    assert spend.tx.outputs[2].script_pubkey == d.deposit_script_pubkey(index + 1)
     signed = spend.finalize()
     assert all(i.sequence == CSV for i in signed.inputs)
 
@@ -327,14 +331,17 @@ async def test_largest_deployment_batch_of_15_fits_one_message(bitcoind: Regtest
     payee = p2wpkh(coincurve.PrivateKey(b"\x44" * 32).public_key.format())
 
     def spend_of(unvault_coins: list[Coin]) -> RevaultTransaction:
-        total = sum(c.value for c in unvault_coins)
-        draft = build_spend(d, unvault_coins, [TxOut(100_000, payee), TxOut(total - 200_000, d.deposit_script_pubkey())])
-        fee = draft.max_weight()  # 1 sat per weight unit
-        return build_spend(d, unvault_coins, [TxOut(100_000, payee), TxOut(total - 100_000 - fee, d.deposit_script_pubkey())])
+        # 1 sat per weight unit; build_spend refuses what would not fit one frame.
+        return build_spend(d, unvault_coins, [TxOut(100_000, payee)], change_index=0,
+                           feerate_sat_per_kwu=1000)
 
     def fits(n: int) -> bool:
         fake = [Coin(OutPoint(f"{i + 1:064x}", 0), 900_000) for i in range(n)]
-        worst = spend_of(fake).worst_case_signed()
+        try:
+            worst = spend_of(fake).worst_case_signed()
+        except TransactionError as e:
+            assert "over one 65501-byte frame" in str(e)
+            return False
         return len(request_spend_envelope(worst, fake[0].outpoint.txid)) <= MAX_MESSAGE
 
     largest = max(n for n in range(1, 40) if fits(n))
