@@ -340,9 +340,9 @@ class VaultKeys:
         Lets a cosigner size a spend's worst-case witness like `build_spend` does."""
         items = _script_items(witness_script)
         try:
-            n = items[0]
+            n = _script_number(items[0])
             stakeholders = tuple(items[1 : 1 + n])
-            k = items[5 + n]
+            k = _script_number(items[5 + n])
             at = 6 + n
             managers = []
             while isinstance(items[at], bytes) and len(items[at]) == 33:

@@ -16,7 +16,8 @@ import pytest
 
 from revault.config import ConfigError, ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, load_app_config, run_daemon
-from revault.deployment import Deployment, DeploymentError, read_deployment
+from revault.deployment import (Deployment, DeploymentError, VaultKeys, read_deployment,
+                                script_relative_lock)
 
 EMERGENCY = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 
@@ -159,3 +160,16 @@ def test_a_daemon_exits_2_naming_the_bad_deployment_key(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert ("revault-test: config: deployment.managers_threshold: must be between 1 and the "
             "number of managers (2), got 3") in err
+
+
+@pytest.mark.parametrize("n_stk,n_mgr,k,n_cos,csv", [(3, 2, 2, 1, 6), (20, 20, 13, 20, 65535), (1, 1, 1, 0, 17)])
+def test_unvault_script_parses_back_to_its_keys(n_stk, n_mgr, k, n_cos, csv) -> None:
+    keys = VaultKeys(tuple(bytes.fromhex(pub(100 + i)) for i in range(n_stk)),
+                     tuple(bytes.fromhex(pub(200 + i)) for i in range(n_mgr)), k,
+                     tuple(bytes.fromhex(pub(300 + i)) for i in range(n_cos)), csv)
+    script = keys.unvault_script()
+    assert VaultKeys.from_unvault_script(script) == keys
+    assert script_relative_lock(script) == csv
+    for other in (keys.deposit_script(), script[:-1], script + b"\x51", b"", b"\x4d\xff"):
+        assert VaultKeys.from_unvault_script(other) is None
+    assert script_relative_lock(keys.deposit_script()) is None

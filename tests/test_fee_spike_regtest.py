@@ -86,8 +86,10 @@ async def in_mempool(node: RegtestNode, txid: str) -> dict:
     return await node.rpc("getmempoolentry", txid)
 
 
-async def submit_cpfp(node: RegtestNode, p: Participants, package: CpfpPackage) -> dict:
-    """Sign the child with a manager's CPFP key, submit parent + child, check Core's view."""
+async def submit_cpfp(node: RegtestNode, p: Participants, package: CpfpPackage,
+                      replacing: str | None = None) -> dict:
+    """Sign the child with a manager's CPFP key, submit parent + child, check Core's view
+    (and that the child replaced the one `replacing`, when given)."""
     child = package.child
     cpfp_secrets = [p.secret(3 + 2 + 3 + i, child.vault_index) for i in range(2)]
     for index in range(len(child.spent)):
@@ -95,6 +97,7 @@ async def submit_cpfp(node: RegtestNode, p: Participants, package: CpfpPackage) 
     signed = child.finalize()
     result = await submit_package(node.client(), [p_.tx.to_hex() for p_ in package.parents] + [signed.to_hex()])
     assert result.txids == tuple(p_.tx.txid for p_ in package.parents) + (signed.txid,)
+    assert result.replaced == ((replacing,) if replacing else ())
     entries = [await in_mempool(node, txid) for txid in result.txids]
     fee = sum(sats(e["fees"]["base"]) for e in entries)
     vsize = sum(e["vsize"] for e in entries)
@@ -146,6 +149,13 @@ async def test_nothing_presigned_is_kept_out_by_a_fee_spike(spiked: Spike) -> No
     await refused_for_fee(node, unvault.finalize())
     package = build_cpfp(d, [CpfpParent.of(unvault)], cpfp_wallet, target)
     figures["unvault + CPFP"] = _package_figures(await submit_cpfp(node, p, package), package)
+    # The spike worsens: a re-bumped child replaces the first (the parent stays).
+    entry = await in_mempool(node, package.child.txid)
+    first_child = package.child.txid
+    package = build_cpfp(d, [CpfpParent.of(unvault)], cpfp_wallet, 2 * target,
+                         replaces=Replaced(sats(entry["fees"]["base"]), entry["weight"]))
+    figures["unvault re-bumped"] = _package_figures(
+        await submit_cpfp(node, p, package, replacing=first_child), package)
     change = package.child.output_coin(0)
 
     # 2. Confirmed, then csv blocks later the spend (fee frozen when the cosigners signed,
