@@ -44,7 +44,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import coincurve
 from bitcoin.core import script
 from bitcoin.core.script import CScript, CScriptInvalidError
 from embit import base58, bech32
@@ -52,6 +51,7 @@ from embit.bip32 import HDKey
 from embit.descriptor.checksum import add_checksum
 
 from revault.config import MISSING, ConfigError, ConfigTable, ProblemCollector
+from revault.primitives import pubkey_problem
 
 __all__ = [
     "MAX_STAKEHOLDERS", "MAX_MANAGERS", "MAX_COSIGNERS", "MAX_CSV", "MAX_VAULT_INDEX", "NETWORKS",
@@ -81,6 +81,8 @@ NETWORKS: dict[str, tuple[str, int, int, bytes]] = {
 }
 _PUBLIC_XKEY_VERSIONS = {v[3] for v in NETWORKS.values()}
 _PRIVATE_XKEY_VERSIONS = {bytes.fromhex("0488ade4"), bytes.fromhex("04358394")}
+_PUBKEY_HINTS = {"not a compressed public key": "must start with 02 or 03",
+                 "not a valid public key": "not on the curve"}
 
 _OP_0, _OP_1 = 0x00, 0x51
 _OP_DUP, _OP_HASH160, _OP_EQUAL, _OP_EQUALVERIFY = 0x76, 0xA9, 0x87, 0x88
@@ -247,12 +249,9 @@ class DeploymentKey:
             raise DeploymentError(key, "must be a string (hex public key or xpub)")
         if len(value) == 66 and all(c in "0123456789abcdefABCDEF" for c in value):
             raw = bytes.fromhex(value)
-            if raw[0] not in (2, 3):
-                raise DeploymentError(key, "not a compressed public key (must start with 02 or 03)")
-            try:
-                coincurve.PublicKey(raw)
-            except ValueError:
-                raise DeploymentError(key, "not a valid public key (not on the curve)") from None
+            problem = pubkey_problem(raw)
+            if problem is not None:
+                raise DeploymentError(key, f"{problem} ({_PUBKEY_HINTS[problem]})")
             return cls(raw.hex(), raw, False)
         try:
             decoded = base58.decode_check(value)
