@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import coincurve
 
-from revault.deployment import Deployment, p2wpkh, p2wpkh_script_code, p2wsh
+from revault.deployment import Deployment, DerivationError, p2wpkh, p2wpkh_script_code, p2wsh
 from revault.primitives import SIGHASH_ALL, OutPoint
 from revault.transactions import (
     MAX_WITNESS_SIGNATURE, RBF_SEQUENCE, TX_VERSION, Coin, Kind, RevaultTransaction, SpendPath,
@@ -353,7 +353,10 @@ def build_cpfp(
     outpoints = [p.cpfp_output.outpoint for p in parents] + [c.outpoint for c in wallet_coins]
     if len(set(outpoints)) != len(outpoints):
         raise TransactionError("cpfp: the same coin twice")
-    change_spk = p2wsh(d.keys(change_index).cpfp_script())
+    try:
+        change_spk = p2wsh(d.keys(change_index).cpfp_script())
+    except DerivationError as e:
+        raise TransactionError(f"cpfp: change {e}") from None
     parents_fee = sum(p.fee for p in parents)
     parents_vsize = sum(p.vsize for p in parents)
     base = [p.cpfp_output for p in parents]

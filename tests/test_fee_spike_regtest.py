@@ -207,8 +207,10 @@ async def test_nothing_presigned_is_kept_out_by_a_fee_spike(spiked: Spike) -> No
 
 
 def _package_figures(core: dict, package: CpfpPackage) -> str:
+    parents = ", ".join(f"weight {p.tx.weight} fee {p.fee}" for p in package.parents)
     return (f"package fee {core['fee']} sat / {core['vsize']} vB = {core['sat_per_vb']:.2f} sat/vB "
-            f"(child {core['child_vsize']} vB, {len(package.child.tx.inputs)} input(s), "
+            f"(parent {parents}; child {core['child_vsize']} vB fee {package.child.fee}, "
+            f"{len(package.child.tx.inputs)} input(s), "
             f"{'change' if package.child.tx.outputs[0].value else 'OP_RETURN'})")
 
 

@@ -112,6 +112,8 @@ def test_cpfp_that_cannot_pay_names_the_shortfall(dep) -> None:
     parent = unvault_parent(dep)
     with pytest.raises(TransactionError, match="twice"):
         build_cpfp(dep, [parent], [parent.cpfp_output], 5_000)
+    with pytest.raises(TransactionError, match="vault index"):
+        build_cpfp(dep, [parent], [], 5_000, change_index=2**31)
 
 
 def test_cpfp_re_bump_replaces_the_child(dep) -> None:
