@@ -674,20 +674,19 @@ def build_spend(
     total_in = sum(c.value for c in unvaults)
     total_pay = sum(o.value for o in payees)
 
-    def outputs(change_value: int | None) -> list[TxOut]:
+    def outputs(with_change: bool) -> list[TxOut]:
         # Output values do not change the weight (always 8 bytes): size with a draft.
-        weight = _revault_tx(Kind.SPEND, spent, [TxOut(0, cpfp_spk), *payees]
-                             + ([TxOut(0, change_spk)] if change_value is not None else []),
-                             top).max_weight()
+        draft = [TxOut(0, cpfp_spk), *payees] + ([TxOut(0, change_spk)] if with_change else [])
+        weight = _revault_tx(Kind.SPEND, spent, draft, top).max_weight()
         cpfp = TxOut(SPEND_CPFP_SAT_PER_WU * weight, cpfp_spk)
-        if change_value is None:
+        if not with_change:
             return [cpfp, *payees]
         change = total_in - total_pay - cpfp.value - fee_for_weight(weight, feerate_sat_per_kwu)
         return [cpfp, *payees, TxOut(change, change_spk)]
 
-    chosen = outputs(None if change_spk is None else 0)
+    chosen = outputs(with_change=change_spk is not None)
     if change_spk is not None and chosen[-1].value < dust_threshold(change_spk):
-        chosen = outputs(None)  # dust change: left to the fee
+        chosen = outputs(with_change=False)  # dust (or negative) change: left to the fee
     spend = _revault_tx(Kind.SPEND, spent, chosen, top)
     _check_spend(spend, max_feerate_sat_per_kwu)
     return spend
