@@ -201,8 +201,9 @@ class CosignerMetrics:
             "the stored signature.", registry=registry)
         self.conflicting_requests = Counter(
             "revault_cosigner_conflicting_requests",
-            "Requests for an outpoint already signed for a different spend: a manager "
-            "rebuilt its spend, or someone attempts a conflicting one.", registry=registry)
+            "Requests for an outpoint already signed for a different spend, refused: a "
+            "manager rebuilt its spend, or someone attempts a conflicting one.",
+            registry=registry)
 
 
 class WatchtowerMetrics:

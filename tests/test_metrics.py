@@ -255,14 +255,16 @@ async def test_cosigner_counts_signatures_replays_and_conflicts(tmp_path):
         async with await cosigner.client(0) as rpc:
             signature = await sign(rpc, first.psbt())
             assert await sign(rpc, first.psbt()) == signature
-            await sign(rpc, conflicting.psbt())
+            with pytest.raises(RpcError):  # already signed for `first`
+                await sign(rpc, conflicting.psbt())
             with pytest.raises(RpcError):
                 await rpc.call("sign", {"tx": "bm90IGEgcHNidA==", "index": 0})
         s = await scrape(port)
         assert s.value("revault_cosigner_signatures_total") == 1
         assert s.value("revault_cosigner_replays_total") == 1
         assert s.value("revault_cosigner_conflicting_requests_total") == 1
-        assert s.value("revault_requests_total", method="sign", outcome="ok") == 3
+        assert s.value("revault_requests_total", method="sign", outcome="ok") == 2
+        assert s.value("revault_requests_total", method="sign", outcome="refused") == 1
         assert s.value("revault_requests_total", method="sign", outcome="invalid_params") == 1
         assert s.value("revault_db_commit_duration_seconds_count") >= 1
         assert s.value("revault_daemon_info", daemon="cosigner", version="0.1.0") == 1
