@@ -25,7 +25,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
 from revault import metrics
 from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
@@ -193,6 +193,10 @@ the database cannot be read.
 """
 
 
+Command = Callable[[Any], Awaitable[int]]
+"""A one-shot subcommand: `command(config)` with the validated config; its exit status."""
+
+
 def run_daemon(
     name: str,
     argv: list[str] | None,
@@ -201,28 +205,39 @@ def run_daemon(
     *,
     database_name: str | None = None,
     status: StatusReader | None = None,
+    commands: Mapping[str, Command] | None = None,
 ) -> int:
     """Entry point body of `revault-<name>`; returns the process exit status.
 
     With `database_name` and `status`, `revault-<name> --config FILE status [--json]`
-    prints a summary of the daemon's database and whether it accepts connections.
+    prints a summary of the daemon's database and whether it accepts connections,
+    touching nothing. Each of `commands` runs as `revault-<name> --config FILE COMMAND`
+    instead of the daemon, with the data directory made and logging set up.
     """
     prog = f"revault-{name}"
     parser = argparse.ArgumentParser(prog=prog, description=f"Revault {name} daemon.")
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
-    if status is not None:
-        commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-        status_parser = commands.add_parser(
-            "status", help="summarize the database and whether the daemon accepts "
-                           "connections, then exit (does not start the daemon)")
-        status_parser.add_argument("--json", action="store_true", help="print JSON")
+    commands = dict(commands or {})
+    if status is not None or commands:
+        subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+        if status is not None:
+            status_parser = subparsers.add_parser(
+                "status", help="summarize the database and whether the daemon accepts "
+                               "connections, then exit (does not start the daemon)")
+            status_parser.add_argument("--json", action="store_true", help="print JSON")
+        for command in sorted(commands):
+            subparsers.add_parser(command, help="run this command instead of the daemon")
     args = parser.parse_args(argv)
+    command = getattr(args, "command", None)
 
     try:
         config = load_app_config(name, args.config, read_config)
-        if getattr(args, "command", None) == "status":
+        if command == "status":
             return _print_status(prog, name, args, config, database_name, status)
         ensure_data_dir(config.common.data_dir)
+        if command is not None:
+            setup_logging(config.common.log_level, config.common.log_format)
+            return asyncio.run(commands[command](config))
         noise_private = read_key_file(config.common.noise_key_file)
     except ConfigError as e:
         for problem in e.problems:

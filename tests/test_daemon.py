@@ -108,6 +108,21 @@ def test_port_in_use_fails_without_hanging(echo_setup, key):
     assert "Traceback" not in result.stderr
 
 
+def test_a_command_runs_instead_of_the_daemon(echo_setup):
+    tmp, server, client, config = echo_setup
+    path = write_config(tmp / "echo.toml", config)
+    result = subprocess.run([sys.executable, "-m", "tests.support.echo_daemon", "--config",
+                             str(path), "clients"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [client.public.hex()]
+    assert "listening" not in result.stderr
+    unknown = subprocess.run([sys.executable, "-m", "tests.support.echo_daemon", "--config",
+                              str(path), "serve-twice"], capture_output=True, text=True,
+                             timeout=60, cwd=REPO_ROOT)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
 def test_unreadable_config_file(tmp_path):
     result = run_echo(tmp_path / "absent.toml")
     assert result.returncode == 2

@@ -54,8 +54,15 @@ async def make_service(config: EchoConfig, noise_private: bytes) -> EchoService:
     return EchoService(config)
 
 
+async def clients(config: EchoConfig) -> int:
+    """`--config FILE clients`: a one-shot command, run instead of the daemon."""
+    for key in config.clients:
+        print(key.hex())
+    return 0
+
+
 def main(argv=None) -> int:
-    return run_daemon("echo", argv, read_config, make_service)
+    return run_daemon("echo", argv, read_config, make_service, commands={"clients": clients})
 
 
 if __name__ == "__main__":
