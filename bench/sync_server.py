@@ -12,8 +12,10 @@ client can do, and the ratio shows what the sync server's handlers and storage c
 
 Measured: requests per second and p50/p99 latency of a mixed workload (sig with an id,
 so every one waits for a durable commit; get_sigs; request_spend; get_spend_requests;
-spend_opinion; get_spend_opinions), and each daemon's resident memory (VmRSS) holding
-1000 idle connections. Every phase has a deadline; the run stops by itself.
+spend_opinion; get_spend_opinions), each daemon's CPU time per request (from /proc: far
+less disturbed than throughput by other processes on a shared machine), and each
+daemon's resident memory (VmRSS) holding 1000 idle connections. Every phase has a
+deadline; the run stops by itself.
 
 Both daemons serve their Prometheus metrics (`metrics_listen`), so the instrumentation
 is measured as deployed; `--scrape FILE` saves the sync server's metrics as scraped
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import os
 import resource
 import sys
 import tempfile
@@ -129,8 +132,10 @@ async def load(port: int, identities, server, clients: int, seconds: float,
     start = asyncio.Event()
     loop = asyncio.get_running_loop()
     measure_from = measure_until = 0.0
+    served = 0
 
     async def run(i: int, rpc: RpcClient) -> None:
+        nonlocal served
         workload = Workload(i)
         n = i  # clients start at different points of the mix
         await start.wait()
@@ -146,6 +151,7 @@ async def load(port: int, identities, server, clients: int, seconds: float,
                 errors[f"{method}: {type(e).__name__} {e}"[:120]] += 1
                 ok = False
             t1 = loop.time()
+            served += 1
             if ok and t0 >= measure_from and t1 <= measure_until:
                 latencies[method].append(t1 - t0)
             n += 1
@@ -170,6 +176,7 @@ async def load(port: int, identities, server, clients: int, seconds: float,
                       for m, v in sorted(latencies.items())},
         "errors": dict(errors),
         "midway": midway_result,
+        "served": served,  # every answer, warm-up included
     }
 
 
@@ -178,6 +185,22 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return float("nan")
     k = max(0, min(len(sorted_values) - 1, round(p / 100 * len(sorted_values) + 0.5) - 1))
     return sorted_values[k]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used: unlike throughput, barely moved by
+    other processes competing for the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load_measuring_cpu(daemon: DaemonProcess, *args, **kwargs) -> dict:
+    """`load` against `daemon`, adding its CPU time per request (warm-up included in
+    both the time and the count, so the ratio is the daemon's cost per request)."""
+    before = cpu_seconds(daemon.proc.pid)
+    result = await load(daemon.port, *args, **kwargs)
+    result["cpu_per_request"] = (cpu_seconds(daemon.proc.pid) - before) / result["served"]
+    return result
 
 
 def rss_kib(pid: int) -> int:
@@ -246,9 +269,9 @@ async def main_async(args) -> int:
                 print(f"loopback, {args.clients} concurrent clients, one request in flight "
                       f"per connection, {args.seconds:g} s measured after warm-up; both "
                       f"servers are daemon subprocesses; the client is one asyncio process")
-                ceiling = await load(echo.port, ids, server, args.clients, args.seconds,
+                ceiling = await load_measuring_cpu(echo, ids, server, args.clients, args.seconds,
                                      echo_request)
-                mixed = await load(sync.port, ids, server, args.clients, args.seconds,
+                mixed = await load_measuring_cpu(sync, ids, server, args.clients, args.seconds,
                                    lambda w, n: w.request(n),
                                    midway=lambda: scrape(sync.metrics_port))
                 echo_rss = await idle_rss(echo, ids, server, args.idle)
@@ -278,6 +301,9 @@ def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss) -> None:
           f"p99 {ms(mixed['p99'])}   ({mixed['count']} requests)")
     print(f"  ratio to ceiling:  throughput {mixed['rps'] / ceiling['rps']:.2f}x   "
           f"p50 {mixed['p50'] / ceiling['p50']:.2f}x   p99 {mixed['p99'] / ceiling['p99']:.2f}x")
+    print(f"server CPU per request: echo {ceiling['cpu_per_request'] * 1e6:.0f} us, "
+          f"sync server {mixed['cpu_per_request'] * 1e6:.0f} us "
+          f"({mixed['cpu_per_request'] / ceiling['cpu_per_request']:.2f}x)")
     print("  per method:          req/s        p50          p99")
     for method, (rps, p50, p99) in mixed["by_method"].items():
         print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")
