@@ -20,8 +20,9 @@ Config (TOML; see contrib/cosigner.sample.toml):
     noise_key_file = "noise.key"
     bitcoin_key_file = "bitcoin.key"
     managers = ["<64 hex>", ...]
-    # optional: requests_per_second (per connection, default 10), idle_timeout,
-    # max_connections, log_level
+    # optional: requests_per_second (per manager key, default 10), idle_timeout,
+    # max_connections, max_handshakes, max_handshakes_per_address,
+    # max_connections_per_peer, write_timeout, log_level
 
 The store grows by one row per outpoint signed and never shrinks (see cosigner_store).
 """
@@ -124,7 +125,7 @@ async def make_service(config: CosignerConfig, noise_private: bytes) -> Cosigner
         raise KeyFileError(
             f"bitcoin_key_file: {config.bitcoin_key_file}: not a valid secp256k1 secret key") from None
     store = await SignatureStore.open(config.common.data_dir / DATABASE_NAME, key.sign)
-    log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per connection",
+    log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per manager key",
              key.public_key.hex(), len(config.managers), f"{config.common.requests_per_second:g}")
     return CosignerService(config, key, store)
 
