@@ -205,31 +205,38 @@ async def bench_nonreading(tree: Path, workdir: Path) -> dict:
                                                  "timestamp": i, "vault_id": hz.h(f"big-{i}")})
         pid = daemon.proc.pid
         rss0, cpu0 = hz.rss_kib(pid), hz.cpu_seconds(pid)
-        stop = asyncio.Event()
-        stats = hz.AttackStats()
-        tasks = [asyncio.ensure_future(hz.non_readers(
-            daemon.port, key.private, deployment.server.public, 25, stop, stats,
-            method="get_spend_requests", params={}, sources=hz.ATTACK_ADDRESSES))
-            for key in deployment.attackers["watchtower"]]
+        attack = hz.AttackProcess(deployment, daemon.port, 10, non_readers_per_key={
+            "role": "watchtower", "count": 25, "method": "get_spend_requests", "params": {}})
+        await attack.start()
         peak = rss0
         latencies = []
+        errors = []
         end = time.monotonic() + 10
         while time.monotonic() < end:
             ok, seconds, error = await good_call(deployment, daemon.port)
-            latencies.append(seconds if ok else float("inf"))
+            latencies.append(seconds)
+            if not ok:
+                errors.append(error)
             peak = max(peak, hz.rss_kib(pid))
-            await asyncio.sleep(0.5)  # sample twice a second
+            await asyncio.sleep(0.2)  # sample five times a second
         cpu = hz.cpu_seconds(pid) - cpu0
-        stop.set()
-        await asyncio.wait(tasks, timeout=10)
+        counts = await attack.wait()
         with open(f"/proc/{pid}/status") as f:
             peak = max(peak, next(int(line.split()[1]) for line in f
                                   if line.startswith("VmHWM:")))
         out["RSS before / peak (MiB)"] = f"{rss0 / 1024:.0f} / {peak / 1024:.0f}"
         out["RSS per non-reading connection (KiB)"] = round((peak - rss0) / 200)
         out["daemon CPU over 10 s (s)"] = round(cpu, 1)
-        out["stakeholder connect+call: max (s)"] = round(max(latencies), 3)
-        out["attack counts"] = stats.counts
+        out["stakeholder connect+call: calls, p50, max (s), errors"] = (
+            f"{len(latencies)}, {hz.percentile(latencies, .5):.3f}, {max(latencies):.3f}, "
+            f"{errors}")
+        out["attack counts"] = counts
+        t0 = time.monotonic()
+        try:
+            await daemon.stop()
+            out["SIGTERM after the attack: stopped in (s)"] = round(time.monotonic() - t0, 1)
+        except TimeoutError:
+            out["SIGTERM after the attack: stopped in (s)"] = "did not stop in 15 s (killed)"
     finally:
         await daemon.stop()
     return out

@@ -392,6 +392,9 @@ async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatch
             response = await dispatcher.handle(caller, raw)
             if response is not None:
                 await conn.send(response)
+            # A handler that never waits (a read served from memory) would otherwise
+            # run a peer's whole pipelined backlog without letting anyone else in.
+            await asyncio.sleep(0)
     except transport.TransportError as e:
         # ConnectionClosed is the normal end; a broken frame ends this connection only.
         log.debug("connection of %s ended: %s", caller.describe(), type(e).__name__)

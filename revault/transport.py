@@ -615,6 +615,10 @@ class NoiseConnection:
     async def send(self, plaintext: bytes) -> None:
         if self._error is not None:
             raise ConnectionClosed(*self._error.args)
+        if self._transport.is_closing():
+            # The socket failed (reset by the peer) and asyncio would drop what we write,
+            # silently: a sender must learn now, not after its whole backlog.
+            raise ConnectionClosed("connection lost")
         # Sealing and writing without an await in between keeps frames whole and in
         # nonce order when several tasks send at once.
         self._transport.write(self._codec._seal(plaintext))

@@ -509,6 +509,25 @@ async def test_serve_connection_paces_per_key_and_never_refuses(service):
     assert len(clock.sleeps) == before and len(other.sent) == 4
 
 
+async def test_serve_connection_lets_others_run_between_requests(service):
+    # Neither this connection nor the handler ever waits: without a yield per request a
+    # pipelined backlog would hold the event loop until it is all answered.
+    conn = FakeConnection([frame(req("get_spend_requests", id=i)) for i in range(50)])
+    seen: list[int] = []
+
+    async def someone_else() -> None:
+        while True:
+            seen.append(len(conn.sent))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(someone_else())
+    await asyncio.sleep(0)
+    await serve_connection(conn, service.dispatcher, MANAGER)
+    other.cancel()
+    assert len(conn.sent) == 50
+    assert len(set(seen)) >= 40
+
+
 # --- RpcClient ------------------------------------------------------------------------
 
 class PipeEnd:

@@ -650,6 +650,27 @@ async def test_peer_that_does_not_read_is_closed_after_write_timeout():
         writer.close()
 
 
+async def test_send_on_a_failed_socket_raises_at_once():
+    # asyncio drops writes to a socket that failed (reset by the peer) without a word:
+    # a sender with a backlog must learn at its next send.
+    class FailedSocket:
+        written: list = []
+
+        def is_closing(self) -> bool:
+            return True
+
+        def write(self, data) -> None:
+            self.written.append(data)
+
+    loop = asyncio.get_running_loop()
+    client_codec, _ = codec_pair()
+    conn = t.NoiseConnection(FailedSocket(), client_codec, PEERS[0], None, loop,
+                             loop.create_future())
+    with pytest.raises(ConnectionClosed):
+        await conn.send(b"into the void")
+    assert FailedSocket.written == []
+
+
 async def test_half_closed_peer_gets_every_answer_then_close():
     async with running() as server:
         reader, writer, codec = await raw_session(server.port)

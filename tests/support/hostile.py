@@ -321,6 +321,13 @@ async def run_attacks(spec: dict) -> dict:
     if spec.get("non_readers", 0):
         jobs.append(non_readers(port, keys["stakeholder"][0], server_public,
                                 spec["non_readers"], stop, stats))
+    spread = spec.get("non_readers_per_key")
+    if spread:
+        # Every key of a role, each with its connections spread over the flood addresses.
+        jobs.extend(non_readers(port, key, server_public, spread["count"], stop, stats,
+                                method=spread["method"], params=spread["params"],
+                                sources=ATTACK_ADDRESSES)
+                    for key in keys[spread["role"]])
     if spec.get("pipeline", False):
         jobs.append(pipeline(port, keys["stakeholder"][1], server_public, stop, stats))
     tasks = [asyncio.ensure_future(j) for j in jobs]
