@@ -42,7 +42,7 @@ from revault.log_limit import LimitedLog
 
 __all__ = [
     "MAX_PLAINTEXT", "ACT_ONE_LEN", "ACT_TWO_LEN", "HANDSHAKE_TIMEOUT",
-    "TransportError", "ConnectionClosed", "public_key",
+    "TransportError", "ConnectionClosed", "public_key", "key_prefix",
     "InitiatorHandshake", "ResponderHandshake", "FrameCodec",
     "NoiseConnection", "ServerLimits", "NoiseServer", "start_server", "connect",
 ]
@@ -99,8 +99,15 @@ def _public_keypair(public: bytes, name: str = "public key") -> KeyPair25519:
 
 
 def public_key(private_key: bytes) -> bytes:
-    """X25519 public key of a 32-byte private key."""
+    """X25519 public key of a 32-byte private key (the one derivation: keys.py and every
+    daemon use this)."""
     return _private_keypair(private_key).public_bytes
+
+
+def key_prefix(public: bytes) -> str:
+    """How a peer's Noise public key is named in every log line: its first 4 bytes in
+    hex, enough to tell a deployment's peers apart and short to read."""
+    return public[:4].hex()
 
 
 def _dh(private: KeyPair25519, public: KeyPair25519) -> bytes:
@@ -487,10 +494,6 @@ def _read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
     return buffer
 
 
-def _fingerprint(public: bytes) -> str:
-    return public[:8].hex()
-
-
 # Lines a peer can provoke go through a LimitedLog; a client's own connections share one.
 _client_notices = LimitedLog(logger)
 
@@ -543,7 +546,7 @@ class NoiseConnection:
         except TransportError as e:
             self._notices.log(logging.INFO, ("bad frame", self.peer_public),
                               "closing connection with peer %s: %s",
-                              _fingerprint(self.peer_public), e)
+                              key_prefix(self.peer_public), e)
             self._set_error(ConnectionClosed(f"bad frame: {e}"))
             self._transport.abort()
         if messages:
@@ -605,7 +608,7 @@ class NoiseConnection:
             return
         self._notices.log(logging.INFO, ("not reading", self.peer_public),
                           "closing connection with peer %s: it has not read for %g s",
-                          _fingerprint(self.peer_public), self._write_timeout)
+                          key_prefix(self.peer_public), self._write_timeout)
         self._set_error(ConnectionClosed("peer does not read"))
         self._messages.clear()
         self._queued = 0
@@ -661,7 +664,7 @@ class NoiseConnection:
                 if idle:
                     self._notices.log(logging.INFO, ("idle", self.peer_public),
                                       "closing idle connection from peer %s",
-                                      _fingerprint(self.peer_public))
+                                      key_prefix(self.peer_public))
                     self._set_error(ConnectionClosed("idle timeout"))
                     self._closing = True
                     self._transport.close()
@@ -802,7 +805,7 @@ class _ServerProtocol(_HandshakingProtocol):
         admission = server._slots.identify(self, peer)
         if not admission.admitted:
             server._notice(logging.INFO, "refused handshake from peer %s: %s",
-                           _fingerprint(peer), admission.reason)
+                           key_prefix(peer), admission.reason)
             self._transport.abort()
             return
         server._evict(admission)
@@ -812,7 +815,7 @@ class _ServerProtocol(_HandshakingProtocol):
         conn = self._conn = NoiseConnection(
             self._transport, codec, peer, server._limits.idle_timeout, server._loop,
             self.lost, write_timeout=server._limits.write_timeout, notices=server._notices)
-        logger.debug("handshake done with peer %s from %s", _fingerprint(peer), self._peer())
+        logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
         server._start_handler(conn)
         if rest:
             self._frames(conn, rest)
@@ -898,12 +901,12 @@ class NoiseServer:
         try:
             await self._handler(conn)
         except ConnectionClosed as e:
-            logger.debug("peer %s: %s", _fingerprint(conn.peer_public), e)
+            logger.debug("peer %s: %s", key_prefix(conn.peer_public), e)
         except asyncio.CancelledError:
             raise
         except Exception:
             self._notices.log(logging.WARNING, ("handler failed", conn.peer_public),
-                              "handler failed for peer %s", _fingerprint(conn.peer_public),
+                              "handler failed for peer %s", key_prefix(conn.peer_public),
                               exc_info=True)
         finally:
             await conn.close()
