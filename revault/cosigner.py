@@ -39,11 +39,13 @@ from revault.cosigner_signing import CosignerKey, PsbtRefused
 from revault.cosigner_store import DATABASE_NAME, SignatureStore
 from revault.daemon import CommonConfig, run_daemon
 from revault.keys import KeyFileError, read_key_file
+from revault.log_limit import LimitedLog
 from revault.messages import COSIGNER_METHODS, MANAGER, SignParams, SignResult
 from revault.rpc import Caller, Dispatcher
 from revault.transport import key_prefix
 
 log = logging.getLogger("revault.cosigner")
+_refusal_notices = LimitedLog(log)
 
 NAME = "cosigner"
 DEFAULT_REQUESTS_PER_SECOND = 10.0
@@ -89,8 +91,10 @@ class CosignerService:
         try:
             request = self._key.prepare(params.tx, params.index)
         except PsbtRefused as e:
-            # The dispatcher answers it (-32602); this line says which manager sent it.
-            log.info("sign refused for manager %s: %s", manager, e)
+            # The dispatcher answers it (-32602); this line says which manager sent it,
+            # a few times a minute per manager at most.
+            _refusal_notices.log(logging.INFO, caller.public_key,
+                                 "sign refused for manager %s: %s", manager, e)
             raise
         # A store that is closing raises StoreClosed, answered -32002 by the dispatcher.
         outcome = await self._store.sign_once(request, caller.public_key)

@@ -223,7 +223,7 @@ async def test_max_connections_above_the_descriptor_limit_refuses_to_start(deplo
 # --- 9. logs an attacker cannot flood -------------------------------------------------------
 
 async def test_refusals_do_not_flood_the_log(deployment, running):
-    daemon = await running(requests_per_second=10_000)
+    daemon = await running(requests_per_second=10_000, quotas={"signatures_per_id": 1})
     before = len(daemon.stderr())
     for i in range(300):
         reader, writer = await hz.open_raw(daemon.port, hz.ATTACK_ADDRESSES[i % 8])
@@ -236,10 +236,18 @@ async def test_refusals_do_not_flood_the_log(deployment, running):
         for i in range(100):
             with pytest.raises(RpcError):
                 await rpc.call("sig", hz.sig_params(f"forbidden-{i}"), timeout=BOUND)
+    async with await RpcClient.connect(hz.HOST, daemon.port,
+                                       deployment.good["stakeholder"].private,
+                                       deployment.server.public, timeout=BOUND) as rpc:
+        await rpc.call("sig", hz.sig_params("full", n=1), timeout=BOUND)
+        for n in range(2, 52):
+            with pytest.raises(RpcError):
+                await rpc.call("sig", hz.sig_params("full", n=n), timeout=BOUND)
     logged = daemon.stderr()[before:]
     assert logged.count("refused handshake") == 3
-    assert logged.count("refused 'sig'") == 3
-    assert len(logged) < 2000
+    assert logged.count("refused 'sig'") == 6        # 3 per peer
+    assert logged.count("revault.sync_server: quota signatures_per_id reached") == 3
+    assert len(logged) < 3000
 
 
 # --- 11. all at once ------------------------------------------------------------------------
