@@ -100,15 +100,14 @@ class CommonConfig:
             write_timeout=p.read(table.number, "write_timeout", minimum=1, maximum=86400,
                                  default=defaults.write_timeout),
         )
-        if None not in (config.max_connections, config.max_handshakes,
-                        config.max_handshakes_per_address):
-            if config.max_handshakes > config.max_connections:
-                p.add(f"{table.key_name('max_handshakes')}: must be at most max_connections "
-                      f"({config.max_connections}), got {config.max_handshakes}")
-            elif config.max_handshakes_per_address > config.max_handshakes:
-                p.add(f"{table.key_name('max_handshakes_per_address')}: must be at most "
-                      f"max_handshakes ({config.max_handshakes}), "
-                      f"got {config.max_handshakes_per_address}")
+        for key, value, bound_key, bound in (
+                ("max_handshakes", config.max_handshakes, "max_connections",
+                 config.max_connections),
+                ("max_handshakes_per_address", config.max_handshakes_per_address,
+                 "max_handshakes", config.max_handshakes)):
+            if None not in (value, bound) and value > bound:
+                p.add(f"{table.key_name(key)}: must be at most {bound_key} ({bound}), "
+                      f"got {value}")
         p.finish()
         return config
 
