@@ -64,11 +64,12 @@ class LimitedLog:
         if not window.flush_scheduled:
             window.flush_scheduled = self._schedule_flush(window.opened + self._window - now)
 
-    def flush(self) -> None:
-        """Write the summaries of windows that have ended (and forget those topics)."""
+    def flush(self, *, every_window: bool = False) -> None:
+        """Write the summaries of windows that have ended, or of all of them (at shutdown),
+        and forget those topics."""
         now = self._clock()
         for topic, window in list(self._topics.items()):
-            if now - window.opened >= self._window:
+            if every_window or now - window.opened >= self._window:
                 self._summarize(window, now)
                 del self._topics[topic]
 

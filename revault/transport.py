@@ -929,7 +929,7 @@ class NoiseServer:
             await asyncio.gather(*lost, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-        self._notices.flush()
+        self._notices.flush(every_window=True)
 
 
 async def start_server(host: str, port: int, local_private: bytes,

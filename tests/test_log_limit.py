@@ -57,3 +57,16 @@ def test_disabled_level_costs_nothing(caplog):
         limited.log(logging.INFO, "x", "quiet")
     limited.flush()
     assert caplog.records == []
+
+
+def test_shutdown_flush_writes_every_pending_count(caplog):
+    caplog.set_level(logging.INFO, logger="t")
+    clock = Clock()
+    limited = LimitedLog(logging.getLogger("t"), window=60, burst=1, clock=clock)
+    for _ in range(5):
+        limited.log(logging.INFO, "junk", "refused")
+    limited.flush()                      # the window has not ended: nothing yet
+    assert len(caplog.records) == 1
+    limited.flush(every_window=True)
+    assert caplog.records[-1].getMessage() == ("refused (and 4 more like it in the last 0 s, "
+                                               "not logged one by one)")
