@@ -218,8 +218,8 @@ async def bench_nonreading(tree: Path, workdir: Path,
         errors = []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            ok, seconds, error = await good_call(deployment, daemon.port)
-            latencies.append(seconds)
+            ok, latency, error = await good_call(deployment, daemon.port)
+            latencies.append(latency)
             if not ok:
                 errors.append(error)
             peak = max(peak, hz.rss_kib(pid))
@@ -231,6 +231,8 @@ async def bench_nonreading(tree: Path, workdir: Path,
                                   if line.startswith("VmHWM:")))
         out["RSS before / peak (MiB)"] = f"{rss0 / 1024:.0f} / {peak / 1024:.0f}"
         out["RSS per non-reading connection (KiB)"] = round((peak - rss0) / 200)
+        out["non-reading connections closed by the server"] = counts.get(
+            "non_reader_closed_by_server", 0)
         out[f"daemon CPU over {seconds:g} s (s)"] = round(cpu, 1)
         out["stakeholder connect+call: calls, p50, max (s), errors"] = (
             f"{len(latencies)}, {hz.percentile(latencies, .5):.3f}, {max(latencies):.3f}, "

@@ -473,9 +473,12 @@ class ResponderHandshake:
 # per-message charge bounds a flood of tiny frames as well. One full frame passes it on
 # its own: a peer pipelining faster than it is served waits in its own TCP window, not
 # in our memory.
-_READ_HIGH = 64 * 1024
-_READ_LOW = 16 * 1024
+_READ_HIGH = 16 * 1024
+_READ_LOW = 4 * 1024
 _MESSAGE_OVERHEAD = 64
+# What we have written that the peer has not taken yet, past which a sender waits (and
+# the write deadline starts): enough for a pipelined peer, one frame past it at most.
+_WRITE_HIGH = 16 * 1024
 # Bytes read from a socket at once. Reads land in one buffer per event loop (see
 # _read_buffer), so a connection's memory is bounded by what it keeps, not by how much
 # the kernel had for it.
@@ -759,6 +762,7 @@ class _ServerProtocol(_HandshakingProtocol):
             transport.abort()
             return
         server._evict(admission)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
         self.lost = server._loop.create_future()
         server._protocols.add(self)
         self._timer = server._loop.call_later(server._limits.handshake_timeout,

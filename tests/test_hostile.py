@@ -169,7 +169,7 @@ async def test_peers_that_do_not_read_are_closed_with_bounded_memory(deployment,
     with open(f"/proc/{pid}/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     per_connection = (peak - baseline) / opened
-    assert per_connection < 400, f"{per_connection:.0f} KiB per non-reading connection"
+    assert per_connection < 256, f"{per_connection:.0f} KiB per non-reading connection"
     assert "it has not read for 2 s" in daemon.stderr()
 
 
