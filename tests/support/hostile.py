@@ -153,6 +153,16 @@ class AttackStats:
         self.counts[name] = self.counts.get(name, 0) + n
 
 
+async def _until(awaitable, stop: asyncio.Event) -> asyncio.Future:
+    """Wait for `awaitable` or for `stop`, whichever comes first; returns the former's
+    future (for the caller to cancel when it is its own)."""
+    target = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([target, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    return target
+
+
 async def hold_silent_sockets(port: int, count: int, stop: asyncio.Event,
                               stats: AttackStats) -> None:
     """Keep `count` TCP sockets open that never send a byte, reopening closed ones."""
@@ -165,10 +175,7 @@ async def hold_silent_sockets(port: int, count: int, stop: asyncio.Event,
                 await asyncio.sleep(0.05)
                 continue
             stats.add("silent_opened")
-            waiter = asyncio.ensure_future(reader.read(1))
-            done, _ = await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+            (await _until(reader.read(1), stop)).cancel()
             writer.close()
     await asyncio.gather(*(one(ATTACK_ADDRESSES[i % len(ATTACK_ADDRESSES)])
                            for i in range(count)))
@@ -208,10 +215,7 @@ async def hold_key_connections(port: int, private: bytes, server_public: bytes, 
             try:
                 await rpc.call("get_spend_requests", {}, timeout=CALL_TIMEOUT)
                 stats.add(f"{tag}_held")
-                closed = asyncio.ensure_future(rpc._conn.recv())
-                await asyncio.wait([closed, asyncio.ensure_future(stop.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
-                closed.cancel()
+                (await _until(rpc._conn.recv(), stop)).cancel()
             except (RpcError, transport.TransportError, TimeoutError, OSError):
                 stats.add(f"{tag}_dropped")
             finally:
@@ -257,8 +261,7 @@ async def non_readers(port: int, private: bytes, server_public: bytes, count: in
                     stats.add("non_reader_sent")
             except TimeoutError:
                 stats.add("non_reader_blocked")
-                await asyncio.wait([conn._lost, asyncio.ensure_future(stop.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await _until(asyncio.shield(conn._lost), stop)
                 if conn._lost.done():
                     stats.add("non_reader_closed_by_server")
             except transport.TransportError:
