@@ -1,0 +1,296 @@
+"""A deployment on regtest with a real sync server and a real watchtower, for e2e tests.
+
+The test plays every other participant itself: it holds the stakeholders', managers'
+and cosigner's bitcoin keys, signs the revocations like the wallet would and sends them
+to the watchtower over Noise as the paired wallet, broadcasts unvaults and spends, and
+posts spend requests to the sync server as a manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import coincurve
+
+from revault.keys import create_key_file
+from revault.rpc import RpcClient
+from revault.transactions import (
+    SIGHASH_ALL, Coin, Deployment, OutPoint, RevaultTransaction, TxOut, VaultTransactions,
+    build_spend, build_vault_transactions, fee_for_weight, p2wpkh, script_pubkey_to_address,
+    sign_digest,
+)
+from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
+from tests.support.regtest import RegtestNode, btc, free_port, sats
+
+DEPOSIT_SATS = 1_000_000
+WAIT = 60.0  # seconds any condition is waited for, polled
+
+
+def secret(label: str) -> bytes:
+    return hashlib.sha256(f"watchtower e2e {label}".encode()).digest()
+
+
+def pub(sk: bytes) -> bytes:
+    return coincurve.PrivateKey(sk).public_key.format(compressed=True)
+
+
+def zmq_conf() -> tuple[tuple[str, ...], dict[str, str]]:
+    """bitcoin.conf lines publishing rawtx and rawblock, and the watchtower's keys."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    return ((f"zmqpubrawtx={endpoint}", f"zmqpubrawblock={endpoint}"),
+            {"zmq_rawtx": endpoint, "zmq_rawblock": endpoint})
+
+
+async def wait_for(predicate, what: str, timeout: float = WAIT):
+    """Poll `predicate` (sync or async) until truthy; its value. Bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
+
+
+@dataclass
+class Vault:
+    deposit: Coin
+    txs: VaultTransactions
+
+    @property
+    def unvault_coin(self) -> Coin:
+        return self.txs.unvault.output_coin(0)
+
+
+@dataclass
+class Deployed:
+    """A deployment whose every key the test holds."""
+
+    label: str
+    stakeholders: list[bytes]
+    managers: list[bytes]
+    cosigners: list[bytes]
+    csv: int
+    table: dict = field(init=False)
+    deployment: Deployment = field(init=False)
+
+    def __post_init__(self):
+        self.table = {
+            "network": "regtest",
+            "stakeholders": [pub(s).hex() for s in self.stakeholders],
+            "managers": [pub(s).hex() for s in self.managers],
+            "cosigners": [pub(s).hex() for s in self.cosigners],
+            "unvault_csv": self.csv,
+            "emergency_address": script_pubkey_to_address(
+                p2wpkh(pub(secret(f"{self.label} emergency"))), "regtest"),
+        }
+        self.deployment = Deployment.from_dict(self.table)
+
+    @classmethod
+    def create(cls, label: str, csv: int = 6) -> Deployed:
+        return cls(label, [secret(f"{label} stakeholder {i}") for i in range(2)],
+                   [secret(f"{label} manager 0")], [secret(f"{label} cosigner 0")], csv)
+
+    def vault(self, deposit: Coin) -> Vault:
+        return Vault(deposit, build_vault_transactions(self.deployment, deposit))
+
+    def signatures(self, tx: RevaultTransaction, sighash: int | None = None) -> dict[str, str]:
+        """Every stakeholder's signature of input 0, as the wallet sends them."""
+        digest = tx.signature_hash(0, sighash)
+        return {pub(s).hex(): sign_digest(s, digest).hex() for s in self.stakeholders}
+
+    def signed_unvault(self, vault: Vault):
+        unvault = build_vault_transactions(self.deployment, vault.deposit).unvault
+        for s in self.stakeholders:
+            unvault.sign(0, s)
+        return unvault.finalize()
+
+    def spend(self, vault: Vault, payee: bytes, feerate_sat_per_kwu: int = 1000):
+        """The managers' and cosigner's fully signed spend of the vault's unvault output,
+        paying all of it to `payee` but the fee."""
+        coin = vault.unvault_coin
+        draft = build_spend(self.deployment, [coin], [TxOut(coin.value - 10_000, payee)])
+        fee = fee_for_weight(draft.max_weight(), feerate_sat_per_kwu)
+        spend = build_spend(self.deployment, [coin], [TxOut(coin.value - fee, payee)])
+        for sk in self.managers + self.cosigners:
+            spend.sign(0, sk)
+        return spend.finalize()
+
+
+class Network:
+    """bitcoind + sync server + watchtower, with the test as wallet and manager."""
+
+    def __init__(self, tmp: Path, node: RegtestNode, deployed: Deployed, *,
+                 zmq: dict[str, str] | None = None, policy: dict | None = None,
+                 max_feerate: int = 50, reserve_coins: tuple[int, ...] = (200_000,) * 3,
+                 env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.node = node
+        self.deployed = deployed
+        self.d = deployed.deployment
+        self.reserve_wallet = f"reserve-{tmp.name}"
+        self.sync_noise = NoiseIdentity.create(tmp / "sync.key")
+        self.tower_noise = NoiseIdentity.create(tmp / "tower.key")
+        self.wallet_noise = NoiseIdentity.create(tmp / "wallet.key")
+        self.manager_noise = NoiseIdentity.create(tmp / "manager.key")
+        self.opinion_key = secret(f"{tmp.name} opinion")
+        create_key_file(tmp / "opinion.key", self.opinion_key)
+        self.reserve_coins = reserve_coins
+        write_config(tmp / "sync.toml", {
+            "listen": "127.0.0.1:0", "data_dir": "sync-data", "noise_key_file": "sync.key",
+            "log_level": "debug",
+            "peers": {"stakeholders": [], "managers": [self.manager_noise.public.hex()],
+                      "watchtowers": [self.tower_noise.public.hex()]},
+        })
+        self.sync = DaemonProcess("sync-server", tmp / "sync.toml", tmp)
+        self.tower = DaemonProcess("watchtower", tmp / "tower.toml", tmp)
+        self.tower_env = env
+        self.zmq = zmq or {}
+        self.policy = policy
+        self.max_feerate = max_feerate
+
+    def write_tower_config(self) -> None:
+        config = {
+            "listen": "127.0.0.1:0", "data_dir": "tower-data", "noise_key_file": "tower.key",
+            "log_level": "debug", "opinion_key_file": "opinion.key",
+            "wallet_noise_key": self.wallet_noise.public.hex(), "poll_interval": 0.2,
+            "sync_server": {"host": "127.0.0.1", "port": self.sync.port,
+                            "noise_key": self.sync_noise.public.hex()},
+            "bitcoind": {"rpc_url": f"http://127.0.0.1:{self.node.rpc_port}",
+                         "rpc_user": self.node.rpc_user,
+                         "rpc_password": self.node.rpc_password,
+                         "wallet": self.reserve_wallet, **self.zmq},
+            "fees": {"max_feerate": self.max_feerate},
+            "deployment": self.deployed.table,
+        }
+        if self.policy is not None:
+            config["policy"] = self.policy
+        write_config(self.tmp / "tower.toml", config)
+
+    async def start(self) -> Network:
+        self.node.cli("createwallet", self.reserve_wallet)
+        await self.fund_reserve(self.reserve_coins)
+        await self.sync.start()
+        self.write_tower_config()
+        await self.start_tower()
+        return self
+
+    async def start_tower(self) -> None:
+        if self.tower_env:
+            import os
+            saved = dict(os.environ)
+            os.environ.update(self.tower_env)
+            try:
+                await self.tower.start()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        else:
+            await self.tower.start()
+
+    def stop(self) -> None:
+        self.tower.ensure_dead()
+        self.sync.ensure_dead()
+
+    async def fund_reserve(self, values) -> None:
+        if not values:
+            return
+        address = self.node.cli("getnewaddress", "", "bech32", wallet=self.reserve_wallet)
+        for value in values:
+            self.node.cli("sendtoaddress", address, str(btc(value)),
+                          wallet=self.node.MINER_WALLET)
+        self.node.mine(1)
+
+    # --- as the paired wallet ------------------------------------------------------------
+
+    async def wallet_client(self) -> RpcClient:
+        return await RpcClient.connect("127.0.0.1", self.tower.port, self.wallet_noise.private,
+                                       self.tower_noise.public)
+
+    async def send_sig(self, params: dict) -> dict:
+        async with await self.wallet_client() as client:
+            return await client.call("sig", params)
+
+    def sig_params(self, vault: Vault, tx: RevaultTransaction,
+                   sighash: int | None = None) -> dict:
+        return {"signatures": self.deployed.signatures(tx, sighash), "txid": tx.txid,
+                "vault_txid": vault.deposit.outpoint.txid}
+
+    async def secure(self, vault: Vault) -> None:
+        """Send every revocation of the vault; each must be acked."""
+        for tx in vault.txs.revocations():
+            result = await self.send_sig(self.sig_params(vault, tx))
+            assert result == {"ack": True, "txid": tx.txid}, result
+
+    async def deposit(self, value: int = DEPOSIT_SATS, *, confirm: bool = True) -> Vault:
+        address = self.d.deposit_address(0)
+        txid = await self.node.rpc("sendtoaddress", address, Decimal(value) / Decimal(10**8),
+                                   wallet=self.node.MINER_WALLET)
+        tx = await self.node.rpc("getrawtransaction", txid, True)
+        for out in tx["vout"]:
+            if out["scriptPubKey"].get("address") == address and sats(out["value"]) == value:
+                coin = Coin(OutPoint(txid, out["n"]), value, 0)
+                break
+        else:
+            raise AssertionError(f"{txid} does not pay the deposit address")
+        if confirm:
+            self.node.mine(1)
+        return self.deployed.vault(coin)
+
+    async def unvault(self, vault: Vault) -> str:
+        tx = self.deployed.signed_unvault(vault)
+        return await self.node.rpc("sendrawtransaction", tx.to_hex())
+
+    # --- as a manager ------------------------------------------------------------------------
+
+    async def request_spend(self, vault: Vault, spend) -> None:
+        async with await RpcClient.connect("127.0.0.1", self.sync.port,
+                                           self.manager_noise.private,
+                                           self.sync_noise.public) as client:
+            result = await client.call("request_spend", {
+                "transaction": spend.to_base64(), "timestamp": int(time.time()),
+                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest(),
+            })
+            assert result == {"ack": True}
+
+    async def opinions(self, vault: Vault) -> list[dict]:
+        async with await RpcClient.connect("127.0.0.1", self.sync.port,
+                                           self.manager_noise.private,
+                                           self.sync_noise.public) as client:
+            result = await client.call("get_spend_opinions", {
+                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()})
+        return result["opinions"]
+
+    # --- watching ------------------------------------------------------------------------------
+
+    async def mempool_spender(self, outpoint: OutPoint) -> str | None:
+        [entry] = await self.node.rpc("gettxspendingprevout",
+                                      [{"txid": outpoint.txid, "vout": outpoint.vout}])
+        return entry.get("spendingtxid")
+
+    async def wait_cancel_in_mempool(self, vault: Vault, timeout: float = WAIT) -> dict:
+        """The cancel spending the vault's unvault output, once it is in the mempool."""
+        cancel_spk = vault.txs.cancel.tx.outputs[0].script_pubkey
+
+        async def found():
+            txid = await self.mempool_spender(vault.unvault_coin.outpoint)
+            if txid is None:
+                return None
+            tx = await self.node.rpc("getrawtransaction", txid, True)
+            if bytes.fromhex(tx["vout"][0]["scriptPubKey"]["hex"]) == cancel_spk:
+                return tx
+            return None
+
+        return await wait_for(found, f"the cancel of {vault.deposit.outpoint}", timeout)
+
+    def log(self) -> str:
+        return self.tower.stderr()

@@ -1,0 +1,262 @@
+"""The watchtower guarding vaults on regtest: cancels, accepted spends, reorgs, crashes.
+
+Real bitcoind (one per chain-watching mode: ZMQ, and polling), real sync server and
+watchtower processes; the test plays the stakeholders, the managers and the wallet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from revault.transactions import p2wpkh, script_pubkey_to_address
+from tests.support.daemons import REPO_ROOT
+from tests.support.regtest import sats, start_node
+from tests.support.watchtower import Deployed, Network, pub, secret, wait_for, zmq_conf
+
+MODES = ("zmq", "poll")
+
+
+@pytest.fixture(scope="module", params=MODES)
+def chain(request, tmp_path_factory):
+    """(node, ZMQ keys for the watchtower or None): one node per mode, own chain."""
+    if request.param == "zmq":
+        conf, keys = zmq_conf()
+    else:
+        conf, keys = (), None
+    node = start_node(tmp_path_factory.mktemp(f"bitcoind-watchtower-{request.param}"), conf)
+    try:
+        yield node, keys
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def poll_chain(tmp_path_factory):
+    """A node for tests that need only one mode (polling) and abuse the chain."""
+    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-abuse"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def network(tmp_path, node, zmq=None, **kwargs) -> Network:
+    return await Network(tmp_path, node, Deployed.create(tmp_path.name), zmq=zmq,
+                         **kwargs).start()
+
+
+async def confirmations(net: Network, txid: str) -> int:
+    tx = await net.node.rpc("getrawtransaction", txid, True)
+    return tx.get("confirmations", 0)
+
+
+def payee(label: str) -> bytes:
+    return p2wpkh(pub(secret(label)))
+
+
+async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_path, chain):
+    node, zmq = chain
+    net = await network(tmp_path, node, zmq)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        unvault_txid = await net.unvault(vault)
+        cancel = await net.wait_cancel_in_mempool(vault)
+        node.mine(1)
+        assert await confirmations(net, unvault_txid) == 1
+        assert await confirmations(net, cancel["txid"]) == 1
+        # The cancel's output is a deposit of the vault's own index again.
+        assert cancel["vout"][0]["scriptPubKey"]["hex"] == \
+            net.d.deposit_script_pubkey(0).hex()
+        log = net.log()
+        assert f"cancel {cancel['txid']} broadcast at" in log
+        assert f"unvault {unvault_txid} with no accepted spend" in log
+    finally:
+        net.stop()
+
+
+async def test_accepted_spend_left_alone_and_confirms_after_the_csv(tmp_path, chain):
+    node, zmq = chain
+    net = await network(tmp_path, node, zmq, policy={"accept_all": True})
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        spend = net.deployed.spend(vault, payee("payee"))
+        await net.request_spend(vault, spend)
+        [opinion] = await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
+        assert opinion["accepted"] is True and opinion["txid"] == spend.txid
+        unvault_txid = await net.unvault(vault)
+        node.mine(net.d.unvault_csv)
+        assert await net.mempool_spender(vault.unvault_coin.outpoint) is None
+        assert await node.rpc("sendrawtransaction", spend.to_hex()) == spend.txid
+        node.mine(1)
+        assert await confirmations(net, spend.txid) == 1
+        assert await confirmations(net, unvault_txid) == net.d.unvault_csv + 1
+        assert "broadcast at" not in net.log()
+        assert f"spend {spend.txid} of vault(s) {vault.deposit.outpoint} ACCEPTED" in net.log()
+    finally:
+        net.stop()
+
+
+async def test_spend_refused_by_the_default_policy_is_cancelled(tmp_path, chain):
+    node, zmq = chain
+    net = await network(tmp_path, node, zmq)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        spend = net.deployed.spend(vault, payee("payee"))
+        await net.request_spend(vault, spend)
+        [opinion] = await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
+        assert opinion["accepted"] is False and "no spend policy" in opinion["reason"]
+        await net.unvault(vault)
+        await net.wait_cancel_in_mempool(vault)
+    finally:
+        net.stop()
+
+
+async def test_accepted_spend_replaced_by_another_spend_is_cancelled(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node, policy={"accept_all": True})
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        spend = net.deployed.spend(vault, payee("payee"))
+        await net.request_spend(vault, spend)
+        await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
+        await net.unvault(vault)
+        node.mine(net.d.unvault_csv)
+        assert await node.rpc("sendrawtransaction", spend.to_hex()) == spend.txid
+        # A compromised manager set replaces it with another spend, paying more fee.
+        thief = net.deployed.spend(vault, payee("thief"), feerate_sat_per_kwu=3000)
+        assert await node.rpc("sendrawtransaction", thief.to_hex()) == thief.txid
+        cancel = await net.wait_cancel_in_mempool(vault)
+        assert f"unvault output spent by unapproved transaction {thief.txid}" in net.log()
+        node.mine(1)
+        assert await confirmations(net, cancel["txid"]) == 1
+    finally:
+        net.stop()
+
+
+async def test_reorg_of_the_unvault_and_cancel(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node)
+
+    def processed(block: str, times: int = 1):
+        return lambda: net.log().count(f" {block}: ") >= times
+
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        unvault_txid = await net.unvault(vault)
+        cancel = await net.wait_cancel_in_mempool(vault)
+        [block] = node.mine(1)
+        height = await node.rpc("getblockcount")
+        await wait_for(processed(block), "the watchtower reading the block")
+        # Both leave the chain and return to the mempool: the watchtower sees the reorg
+        # and the cancel it broadcast still spends the unvault output.
+        node.cli("invalidateblock", block)
+        await wait_for(lambda: f"reorg: blocks {height}..{height} left the chain" in net.log(),
+                       "the watchtower seeing the reorg")
+        assert await net.mempool_spender(vault.unvault_coin.outpoint) == cancel["txid"]
+        node.cli("reconsiderblock", block)
+        await wait_for(processed(block, 2), "the watchtower reading the block again")
+        assert await confirmations(net, cancel["txid"]) == 1
+        # The block leaves for good; a longer branch mines them again from the mempool.
+        node.cli("invalidateblock", block)
+        # (to another address: the same block again would be the invalid one)
+        branch = node.mine(2, node.cli("getnewaddress", wallet=node.MINER_WALLET))
+        await wait_for(processed(branch[-1]), "the watchtower reading the new branch")
+        assert await confirmations(net, unvault_txid) == 2
+        assert await confirmations(net, cancel["txid"]) == 2
+        # One cancel only, never a second one for the same unvault.
+        assert net.log().count("broadcast at") == 1
+        assert net.tower.proc.poll() is None
+        assert "Traceback" not in net.log()
+    finally:
+        net.stop()
+
+
+async def test_killed_between_unvault_and_csv_still_cancels_after_restart(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        await net.tower.kill()
+        unvault_txid = await net.unvault(vault)
+        node.mine(2)  # mined while nobody watched; the csv (6) has not passed
+        await net.tower.start()
+        cancel = await net.wait_cancel_in_mempool(vault)
+        node.mine(1)
+        assert await confirmations(net, cancel["txid"]) == 1
+        assert await confirmations(net, unvault_txid) == 3
+    finally:
+        net.stop()
+
+
+async def test_bitcoind_restarted_under_it(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        wallets = node.cli("listwallets")
+        node.stop()
+        await wait_for(lambda: "BITCOIND UNUSABLE, NO VAULT IS PROTECTED" in net.log(),
+                       "the watchtower noticing bitcoind is gone")
+        node.start_again(wallets)
+        await wait_for(lambda: "bitcoind is back" in net.log(), "the watchtower reconnecting")
+        await net.unvault(vault)
+        await net.wait_cancel_in_mempool(vault)
+        assert net.tower.proc.poll() is None
+    finally:
+        net.stop()
+
+
+def run_command(net: Network, command: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "revault.watchtower", "--config",
+                           str(net.tmp / "tower.toml"), command],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+async def test_reserve_and_emergency_commands(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node, max_feerate=20)
+    try:
+        vaults = [await net.deposit() for _ in range(2)]
+        for vault in vaults:
+            await net.secure(vault)
+        report = run_command(net, "reserve")
+        assert report.returncode == 0, report.stderr
+        out = report.stdout
+        assert "fund the fee reserve" in out and "bcrt1q" in out
+        assert "confirmed coins: 3, 600000 sat" in out
+        for vault in vaults:
+            assert f"vault {vault.deposit.outpoint}: cancel can reach 20.0 sat/vB" in out
+        assert "vaults that can be cancelled at once at max_feerate: 2 of 2" in out
+
+        # One vault is unvaulting when the emergency is declared.
+        await net.unvault(vaults[1])
+        await net.wait_cancel_in_mempool(vaults[1])
+        await net.tower.stop()
+        done = run_command(net, "emergency")
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = dict((line.split()[0], line.split()[1:]) for line in done.stdout.splitlines())
+        assert lines[str(vaults[0].deposit.outpoint)][0] == "emergency"
+        assert lines[str(vaults[1].deposit.outpoint)][0] == "unvault_emergency"
+        for vault in vaults:
+            txid = lines[str(vault.deposit.outpoint)][1]
+            tx = await node.rpc("getrawtransaction", txid, True)
+            assert tx["vout"][0]["scriptPubKey"]["address"] == \
+                net.deployed.table["emergency_address"]
+        node.mine(1)
+        for vault in vaults:
+            assert await confirmations(net, lines[str(vault.deposit.outpoint)][1]) == 1
+    finally:
+        net.stop()
