@@ -29,6 +29,7 @@ import sqlite3
 
 import aiosqlite
 
+from revault.errors import Refused
 from revault.storage import (
     open_database, open_read_only, run_in_database_thread, sqlite_connection,
 )
@@ -63,8 +64,8 @@ class Quotas:
     total_opinions: int = 100_000
 
 
-class QuotaExceeded(Exception):
-    """A write refused because it would take a table over one of its `Quotas`."""
+class QuotaExceeded(Refused):
+    """A write refused because it would take a table over one of its `Quotas` (-32002)."""
 
     def __init__(self, quota: str, limit: int):
         self.quota = quota
@@ -296,7 +297,7 @@ class SqliteSyncStore:
         its row-count changes, applied to the totals after COMMIT.
         """
         if self._closed:
-            raise RuntimeError("store is closed")
+            raise Refused("sync server is shutting down")
         future = asyncio.get_running_loop().create_future()
         # A caller cancelled while waiting (its peer went away) leaves the outcome to
         # nobody: retrieve it so asyncio does not report it as lost.
