@@ -38,12 +38,14 @@ from revault.fee_reserve import (
     max_reachable_feerate, plan_bump, sat,
 )
 from revault.keys import KeyFileError, read_key_file
+from revault.clients import SyncServerClient
+from revault.errors import WireError
 from revault.messages import (
-    GetSpendRequestsResult, ParamsError, SpendRequest, WatchtowerSigParams,
-    WatchtowerSigResult, sign_opinion,
+    WALLET, WATCHTOWER_METHODS, SpendRequest, WatchtowerSigParams, WatchtowerSigResult,
+    sign_opinion,
 )
 from revault.primitives import OutPoint, tx_uid
-from revault.rpc import Caller, Dispatcher, ProtocolError, RpcClient, RpcError
+from revault.rpc import Caller, Dispatcher, ProtocolError
 from revault.transactions import (
     Coin, Deployment, DeploymentError, FeeBumpError, FeeCoin, SignatureError,
     TransactionError, Tx, build_vault_transactions,
@@ -65,7 +67,6 @@ from revault.watchtower_store import (
 log = logging.getLogger("revault.watchtower")
 
 NAME = "watchtower"
-WALLET = "wallet"
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_REQUESTS_PER_SECOND = 10.0
 # With xpubs, a deposit's derivation index is found by trying the next indexes after the
@@ -586,24 +587,24 @@ class Watchtower:
     async def poll_spend_requests(self) -> None:
         server = self.config.sync_server
         backoff = Backoff()
-        client: RpcClient | None = None
+        client: SyncServerClient | None = None
         cursor = await self.store.sync_cursor()
         while True:
             try:
                 if client is None or client.closed:
-                    client = await RpcClient.connect(server.host, server.port,
-                                                     self.noise_private, server.noise_key)
-                params = {"since": cursor} if cursor is not None else {}
-                result = await client.call("get_spend_requests", params)
-                requests = GetSpendRequestsResult.parse(result).requests
-                for request in requests:
+                    client = await SyncServerClient.connect(server.host, server.port,
+                                                            self.noise_private,
+                                                            server.noise_key)
+                # With a cursor (a server that gives one) only what is new comes back;
+                # a seed server without cursors lists every pending request each time.
+                result = await client.get_spend_requests(cursor)
+                for request in result.requests:
                     opinion = await self.judge(request)
-                    if opinion is not None and opinion.sig and opinion.txid not in self.posted:
-                        await client.call("spend_opinion", opinion.to_json())
+                    if opinion is not None and opinion.txid not in self.posted:
+                        await client.spend_opinion(opinion)
                         self.posted.add(opinion.txid)
-                new_cursor = result.get("cursor")
-                if isinstance(new_cursor, str) and new_cursor != cursor:
-                    cursor = new_cursor
+                if result.cursor is not None and result.cursor != cursor:
+                    cursor = result.cursor
                     await self.store.set_sync_cursor(cursor)
                 self.last_sync_poll = time.time()
                 backoff.reset()
@@ -612,7 +613,7 @@ class Watchtower:
                 if client is not None:
                     await client.close()
                 raise
-            except (OSError, TransportError, RpcError, ProtocolError, ParamsError,
+            except (OSError, TransportError, WireError, ProtocolError,
                     asyncio.TimeoutError) as e:
                 delay = backoff.next()
                 log.warning("sync server %s:%d: %s: %s (retrying in %.0f s)", server.host,
@@ -748,8 +749,7 @@ class WatchtowerService:
         self._wallet = watchtower.config.wallet_noise_key
         self.known_peers = [self._wallet]
         self.dispatcher = Dispatcher()
-        self.dispatcher.method("sig", params=WatchtowerSigParams, roles=[WALLET])(
-            watchtower.on_sig)
+        self.dispatcher.serve_table(WATCHTOWER_METHODS, {"sig": watchtower.on_sig})
 
     def roles_of(self, peer_public: bytes) -> frozenset[str]:
         return frozenset({WALLET}) if peer_public == self._wallet else frozenset()
