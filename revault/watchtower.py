@@ -201,14 +201,13 @@ def read_config(table: ConfigTable, base: Path) -> WatchtowerConfig:
 
 # --- the watchtower --------------------------------------------------------------------------
 
-def guarded_vault(stored: StoredVault, accepted: set[str] = frozenset()) -> GuardedVault:
+def guarded_vault(stored: StoredVault, accepted: frozenset[str] = frozenset()) -> GuardedVault:
     deposit = stored.deposit
     return GuardedVault(
         deposit=(deposit.txid, deposit.vout), value=stored.value, index=stored.index,
         vault_id=tx_uid(deposit.txid), unvault_txid=stored.unvault_txid,
-        revocations={kind: (((r.output_value, r.output_script),), r)
-                     for kind, r in stored.revocations.items()},
-        accepted_spends=set(accepted))
+        revocations={kind: (output,) for kind, output in stored.revocation_outputs.items()},
+        accepted_spends=frozenset(accepted))
 
 
 def revocation_of(stored: StoredRevocation) -> Revocation:
@@ -268,17 +267,24 @@ class Watchtower:
         self._deposit_scripts: dict[bytes, int] = {}
         self._lookahead_to = -1
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def load(self) -> None:
         accepted = await self.store.accepted_spends()
         for stored in await self.store.vaults():
-            self.guard.add(guarded_vault(stored, accepted.get(stored.deposit, set())))
+            self.guard.add(guarded_vault(stored, accepted.get(stored.deposit, frozenset())))
         log.info("%d guarded vaults loaded, opinion key %s, policy: %s", len(self.guard),
                  self.opinion_pubkey,
                  "default (refuse every spend)" if not self.config.policy.has_rules
                  else self.config.policy)
+
+    async def revocation(self, vault: GuardedVault, kind: str) -> Revocation:
+        stored = await self.store.revocation(OutPoint(*vault.deposit), kind)
+        if stored is None:
+            raise TransactionError(f"no {kind} stored for vault {short(vault)}")
+        return revocation_of(stored)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,9 +296,19 @@ class Watchtower:
             self._tasks.append(loop.create_task(self._run_zmq(listener), name="zmq"))
 
     async def close(self) -> None:
+        self._stopping = True
+        self.wake()
+        # Cancel until every loop is done: a cancellation can be lost when it races a
+        # timeout's completion (asyncio.wait_for before Python 3.12), so ask again.
+        pending = [t for t in self._tasks if not t.done()]
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, still = await asyncio.wait(pending, timeout=1.0)
+            pending = list(still)
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s loop ended with %r", task.get_name(), task.exception())
         await self.store.close()
 
     def wake(self) -> None:
@@ -401,7 +417,8 @@ class Watchtower:
         deposit = OutPoint(p.vault_txid, vout)
         new = await self.store.put_revocation(deposit, value, index, txs.unvault.txid, stored)
         vault = self.guard.add(guarded_vault(StoredVault(
-            deposit, value, index, txs.unvault.txid, "guarded", {stored.kind: stored})))
+            deposit, value, index, txs.unvault.txid, "guarded",
+            {stored.kind: (stored.output_value, stored.output_script)})))
         log.info("vault %s (index %d, %d sat): %s %s verified and stored%s", deposit, index,
                  value, stored.kind, stored.txid, "" if new else " (already stored)")
         if vault.busy:
@@ -412,7 +429,7 @@ class Watchtower:
 
     async def follow_chain(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self._stopping:
             try:
                 if not self.chain.started:
                     await self.reserve.ensure_loaded()
@@ -444,8 +461,9 @@ class Watchtower:
                 await asyncio.sleep(backoff.next())
                 continue
             try:
-                await asyncio.wait_for(self.wake_event.wait(), self.config.poll_interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.config.poll_interval):
+                    await self.wake_event.wait()
+            except TimeoutError:
                 pass
             self.wake_event.clear()
 
@@ -515,7 +533,7 @@ class Watchtower:
 
     async def cancel(self, action: Cancel, tip: int) -> None:
         vault = action.vault
-        revocation = revocation_of(vault.revocations[action.kind][1])
+        revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
         min_fee = await self._replacement_fee(action.replaces) if action.replaces else 0
         incremental = await self._incremental_kwu() if action.replaces else 0
@@ -558,7 +576,7 @@ class Watchtower:
                     self.reserve.scripts[(txin.outpoint.txid, txin.outpoint.vout)] = \
                         bytes.fromhex(out["scriptPubKey"]["hex"])
         bump = await self.reserve.bump(
-            revocation_of(vault.revocations[kind][1]), target, min_fee=fee,
+            await self.revocation(vault, kind), target, min_fee=fee,
             incremental_kwu=await self._incremental_kwu(),
             exclude=self._pending_coins(vault) | {(c.outpoint.txid, c.outpoint.vout)
                                                   for c in extra},
@@ -589,39 +607,39 @@ class Watchtower:
         backoff = Backoff()
         client: SyncServerClient | None = None
         cursor = await self.store.sync_cursor()
-        while True:
-            try:
-                if client is None or client.closed:
-                    client = await SyncServerClient.connect(server.host, server.port,
-                                                            self.noise_private,
-                                                            server.noise_key)
-                # With a cursor (a server that gives one) only what is new comes back;
-                # a seed server without cursors lists every pending request each time.
-                result = await client.get_spend_requests(cursor)
-                for request in result.requests:
-                    opinion = await self.judge(request)
-                    if opinion is not None and opinion.txid not in self.posted:
-                        await client.spend_opinion(opinion)
-                        self.posted.add(opinion.txid)
-                if result.cursor is not None and result.cursor != cursor:
-                    cursor = result.cursor
-                    await self.store.set_sync_cursor(cursor)
-                self.last_sync_poll = time.time()
-                backoff.reset()
-                await asyncio.sleep(self.config.poll_interval)
-            except asyncio.CancelledError:
-                if client is not None:
-                    await client.close()
-                raise
-            except (OSError, TransportError, WireError, ProtocolError,
-                    asyncio.TimeoutError) as e:
-                delay = backoff.next()
-                log.warning("sync server %s:%d: %s: %s (retrying in %.0f s)", server.host,
-                            server.port, type(e).__name__, e, delay)
-                if client is not None:
-                    await client.close()
-                    client = None
-                await asyncio.sleep(delay)
+        try:
+            while not self._stopping:
+                try:
+                    if client is None or client.closed:
+                        client = await SyncServerClient.connect(server.host, server.port,
+                                                                self.noise_private,
+                                                                server.noise_key)
+                    # With a cursor (a server that gives one) only what is new comes
+                    # back; a seed server lists every pending request each time.
+                    result = await client.get_spend_requests(cursor)
+                    for request in result.requests:
+                        opinion = await self.judge(request)
+                        if opinion is not None and opinion.txid not in self.posted:
+                            await client.spend_opinion(opinion)
+                            self.posted.add(opinion.txid)
+                    if result.cursor is not None and result.cursor != cursor:
+                        cursor = result.cursor
+                        await self.store.set_sync_cursor(cursor)
+                    self.last_sync_poll = time.time()
+                    backoff.reset()
+                    await asyncio.sleep(self.config.poll_interval)
+                except (OSError, TransportError, WireError, ProtocolError,
+                        asyncio.TimeoutError) as e:
+                    delay = backoff.next()
+                    log.warning("sync server %s:%d: %s: %s (retrying in %.0f s)", server.host,
+                                server.port, type(e).__name__, e, delay)
+                    if client is not None:
+                        await client.close()
+                        client = None
+                    await asyncio.sleep(delay)
+        finally:
+            if client is not None:
+                await client.close()
 
     def internal_scripts(self, vaults: list[GuardedVault]) -> set[bytes]:
         """Outputs of a spend that stay in the deployment: change to a deposit script."""
@@ -686,7 +704,7 @@ class Watchtower:
             if kind not in vault.revocations:
                 report.append((short(vault), kind, f"error: no {kind} stored"))
                 continue
-            revocation = revocation_of(vault.revocations[kind][1])
+            revocation = await self.revocation(vault, kind)
             min_fee = await self._replacement_fee(replaces) if replaces else 0
             incremental = await self._incremental_kwu() if replaces else 0
             try:
@@ -723,7 +741,7 @@ class Watchtower:
         remaining = list(coins)
         at_once = 0
         for vault in vaults:
-            revocation = revocation_of(vault.revocations["cancel"][1])
+            revocation = await self.revocation(vault, "cancel")
             reachable = max_reachable_feerate(revocation, coins, cap)
             lines.append(f"  vault {short(vault)}: cancel can reach "
                          f"{reachable / SAT_PER_VB_TO_KWU:.1f} sat/vB")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 RETIRE_DEPTH = 100
 
@@ -58,19 +58,22 @@ class Sighting:
     height: int | None  # None: in the mempool, not mined
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class GuardedVault:
-    """One vault and what the chain shows of it. Identity-hashed: one object per vault."""
+    """One vault and what the chain shows of it. Identity-hashed: one object per vault.
+    Slotted, and sharing one empty `accepted_spends` until a spend is accepted: a
+    watchtower holds 100k of these."""
 
     deposit: OutPointKey
     value: int
     index: int
     vault_id: str
     unvault_txid: str
-    # kind -> (outputs of that revocation, signed transaction bytes): outputs identify a
-    # revocation once bumped (extra inputs change its txid, never its outputs).
-    revocations: dict[str, tuple[tuple[tuple[int, bytes], ...], bytes]]
-    accepted_spends: set[str] = field(default_factory=set)
+    # kind -> outputs of the stored revocation of that kind, which identify it once
+    # bumped (added inputs change its txid, never its outputs). The signed transactions
+    # themselves stay in the store until one is needed.
+    revocations: dict[str, tuple[tuple[int, bytes], ...]]
+    accepted_spends: frozenset[str] = frozenset()
     deposit_spender: Sighting | None = None
     unvault_spender: Sighting | None = None
     alarmed: bool = False
@@ -133,7 +136,7 @@ class Guard:
         if existing is not None:
             for kind, value in vault.revocations.items():
                 existing.revocations.setdefault(kind, value)
-            existing.accepted_spends |= vault.accepted_spends
+            existing.accepted_spends = existing.accepted_spends | vault.accepted_spends
             return existing
         self.vaults[vault.deposit] = vault
         self._by_outpoint[vault.deposit] = vault
@@ -190,8 +193,7 @@ class Guard:
 
     def _classify(self, vault: GuardedVault, prevout: OutPointKey, tx: ChainTx) -> SpenderKind:
         def shaped_as(kind: str) -> bool:
-            stored = vault.revocations.get(kind)
-            return stored is not None and stored[0] == tx.outputs
+            return vault.revocations.get(kind) == tx.outputs
 
         if prevout == vault.deposit:
             if tx.txid == vault.unvault_txid:
@@ -238,7 +240,7 @@ class Guard:
 
     def accept_spend(self, spend_txid: str, vaults: Iterable[GuardedVault]) -> None:
         for vault in vaults:
-            vault.accepted_spends.add(spend_txid)
+            vault.accepted_spends = vault.accepted_spends | {spend_txid}
             spender = vault.unvault_spender
             if spender is not None and spender.txid == spend_txid:
                 spender.kind = SpenderKind.ACCEPTED_SPEND

@@ -30,6 +30,7 @@ DATABASE_NAME = "watchtower.sqlite3"
 
 KINDS = ("cancel", "emergency", "unvault_emergency")
 VAULT_GUARDED, VAULT_RETIRED = "guarded", "retired"
+LOAD_CHUNK = 5000  # rows per hop to the database thread when loading every vault
 
 MIGRATIONS = [
     """
@@ -105,7 +106,9 @@ class StoredVault:
     index: int
     unvault_txid: str
     state: str
-    revocations: dict[str, StoredRevocation]
+    # kind -> the revocation's one output (value, scriptPubKey); the signed transaction
+    # is read with `revocation()` when it is needed, not kept in memory per vault.
+    revocation_outputs: dict[str, tuple[int, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,24 +176,26 @@ class WatchtowerStore:
                 "AND deposit_vout = ?", (note, deposit.txid, deposit.vout))
 
     async def vaults(self, *, include_retired: bool = False) -> list[StoredVault]:
-        """Every vault with its revocations, read in two statements (not one per vault:
-        100k vaults load in about a second)."""
+        """Every vault with the outputs of its revocations, read in two statements (not
+        one per vault), each fetched whole (not row by row through the database thread)."""
         async with self._lock:
-            revocations: dict[tuple[str, int], dict[str, StoredRevocation]] = {}
+            outputs: dict[tuple[str, int], dict[str, tuple[int, bytes]]] = {}
             async with self._db.execute(
-                    "SELECT deposit_txid, deposit_vout, kind, txid, signed_tx, spent_value, "
-                    "spent_script, output_value, output_script FROM revocations") as c:
-                async for row in c:
-                    revocations.setdefault((row[0], row[1]), {})[row[2]] = _revocation(row[2:])
+                    "SELECT deposit_txid, deposit_vout, kind, output_value, output_script "
+                    "FROM revocations") as c:
+                while rows := await c.fetchmany(LOAD_CHUNK):
+                    for txid, vout, kind, value, script in rows:
+                        outputs.setdefault((txid, vout), {})[kind] = (value, bytes(script))
             where = "" if include_retired else "WHERE state = 'guarded'"
-            out = []
+            vaults = []
             async with self._db.execute(
                     "SELECT deposit_txid, deposit_vout, value, derivation_index, unvault_txid, "
                     f"state FROM vaults {where}") as c:
-                async for txid, vout, value, index, unvault_txid, state in c:
-                    out.append(StoredVault(OutPoint(txid, vout), value, index, unvault_txid,
-                                           state, revocations.get((txid, vout), {})))
-            return out
+                while rows := await c.fetchmany(LOAD_CHUNK):
+                    vaults += [StoredVault(OutPoint(txid, vout), value, index, unvault_txid,
+                                           state, outputs.pop((txid, vout), {}))
+                               for txid, vout, value, index, unvault_txid, state in rows]
+            return vaults
 
     # --- verdicts ---------------------------------------------------------------------
 

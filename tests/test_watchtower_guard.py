@@ -25,7 +25,7 @@ def vault(n: int = 0, kinds=("cancel", "emergency", "unvault_emergency")) -> Gua
                "unvault_emergency": UNVAULT_EMERGENCY_OUT}
     return GuardedVault(deposit=(txid(f"deposit {n}"), 1), value=1_000_000, index=0,
                         vault_id=txid(f"vault id {n}"), unvault_txid=txid(f"unvault {n}"),
-                        revocations={k: (outputs[k], f"payload {k}") for k in kinds})
+                        revocations={k: outputs[k] for k in kinds})
 
 
 def unvault_tx(v: GuardedVault) -> ChainTx:

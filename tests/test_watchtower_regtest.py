@@ -7,7 +7,6 @@ watchtower processes; the test plays the stakeholders, the managers and the wall
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -35,7 +34,7 @@ def chain(request, tmp_path_factory):
         node.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def poll_chain(tmp_path_factory):
     """A node for tests that need only one mode (polling) and abuse the chain."""
     node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-abuse"))
@@ -227,7 +226,8 @@ def run_command(net: Network, command: str) -> subprocess.CompletedProcess:
 
 async def test_reserve_and_emergency_commands(tmp_path, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node, max_feerate=20)
+    # Small coins: a bump adds whole coins and has no change output.
+    net = await network(tmp_path, node, max_feerate=20, reserve_coins=(20_000,) * 8)
     try:
         vaults = [await net.deposit() for _ in range(2)]
         for vault in vaults:
@@ -236,7 +236,7 @@ async def test_reserve_and_emergency_commands(tmp_path, poll_chain):
         assert report.returncode == 0, report.stderr
         out = report.stdout
         assert "fund the fee reserve" in out and "bcrt1q" in out
-        assert "confirmed coins: 3, 600000 sat" in out
+        assert "confirmed coins: 8, 160000 sat" in out
         for vault in vaults:
             assert f"vault {vault.deposit.outpoint}: cancel can reach 20.0 sat/vB" in out
         assert "vaults that can be cancelled at once at max_feerate: 2 of 2" in out
@@ -258,5 +258,75 @@ async def test_reserve_and_emergency_commands(tmp_path, poll_chain):
         node.mine(1)
         for vault in vaults:
             assert await confirmations(net, lines[str(vault.deposit.outpoint)][1]) == 1
+    finally:
+        net.stop()
+
+
+PLUGIN = """
+def small(vaults, spend, deployment):
+    total = sum(o.value for o in spend.outputs)
+    return total < 1_500_000, f"{total} sat is not small"
+"""
+
+
+def install_plugin(tmp_path) -> dict[str, str]:
+    """A policy plugin installed the way pip would: a module and its dist-info with an
+    entry point of group revault.policies; the PYTHONPATH that makes it importable."""
+    root = tmp_path / "plugins"
+    info = root / "revault_test_policies-1.0.dist-info"
+    info.mkdir(parents=True)
+    (root / "revault_test_policies.py").write_text(PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: revault-test-policies\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text("[revault.policies]\n"
+                                           "small = revault_test_policies:small\n")
+    return {"PYTHONPATH": os.pathsep.join([str(root), str(REPO_ROOT)])}
+
+
+@pytest.mark.parametrize("policy", ["max_value", "max_value_per_day", "allowed_addresses",
+                                    "plugins"])
+async def test_each_built_in_policy(tmp_path, poll_chain, policy):
+    """Two spends each: the first within the rule (accepted), the second beyond it."""
+    node = poll_chain
+    allowed = script_pubkey_to_address(payee("allowed"), "regtest")
+    config, env = {
+        "max_value": ({"max_value": 1_500_000}, None),
+        "max_value_per_day": ({"max_value_per_day": 1_500_000}, None),
+        "allowed_addresses": ({"allowed_addresses": [allowed]}, None),
+        "plugins": ({"plugins": ["small"]}, install_plugin(tmp_path)),
+    }[policy]
+    net = await network(tmp_path, node, policy=config, env=env)
+    try:
+        small, large = await net.deposit(1_000_000), await net.deposit(2_000_000)
+        first, second = (small, large) if policy != "max_value_per_day" else (small, small)
+        if policy == "max_value_per_day":
+            second = await net.deposit(1_000_000)
+        spends = []
+        for vault, to in ((first, "allowed"), (second, "other")):
+            await net.secure(vault)
+            spend = net.deployed.spend(vault, payee(to))
+            await net.request_spend(vault, spend)
+            [opinion] = await wait_for(lambda: net.opinions(vault), f"opinion on {to}")
+            assert opinion["txid"] == spend.txid
+            spends.append(opinion)
+        assert spends[0]["accepted"] is True, spends[0]
+        assert spends[1]["accepted"] is False, spends[1]
+        assert {
+            "max_value": "above max_value 1500000",
+            "max_value_per_day": "above max_value_per_day 1500000",
+            "allowed_addresses": "not allowed",
+            "plugins": "policy plugin small refused",
+        }[policy] in spends[1]["reason"]
+        # A restart never changes a verdict: the accepted spend stays accepted even
+        # under a policy that now refuses everything.
+        await net.tower.stop()
+        net.policy = None
+        net.write_tower_config()
+        await net.start_tower()
+        await net.unvault(first)
+        node.mine(net.d.unvault_csv)
+        await net.unvault(second)
+        await net.wait_cancel_in_mempool(second)
+        assert await net.mempool_spender(first.unvault_coin.outpoint) is None
     finally:
         net.stop()
