@@ -16,21 +16,19 @@ operator. Everything here is read whole at start: the watcher keeps its index in
 
 from __future__ import annotations
 
-import asyncio
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
-
+from revault.errors import Refused
 from revault.primitives import OutPoint
-from revault.storage import Transaction, open_database
+from revault.storage import GroupCommitWriter, open_database, open_read_only
 
 DATABASE_NAME = "watchtower.sqlite3"
 
 KINDS = ("cancel", "emergency", "unvault_emergency")
 VAULT_GUARDED, VAULT_RETIRED = "guarded", "retired"
-LOAD_CHUNK = 5000  # rows per hop to the database thread when loading every vault
 
 MIGRATIONS = [
     """
@@ -122,20 +120,29 @@ class Verdict:
 
 
 class WatchtowerStore:
-    """One writer (serialized by a lock: the watchtower writes a few rows per vault,
-    never thousands per second), reads on the same connection."""
+    """Writes through the shared group-commit writer (each returns once durable); reads
+    on a read-only connection of the event loop thread, which sees every committed
+    write (WAL)."""
 
-    def __init__(self, db: aiosqlite.Connection):
-        self._db = db
-        self._lock = asyncio.Lock()
+    def __init__(self, writer: GroupCommitWriter, reader: sqlite3.Connection):
+        self._writer = writer
+        self._reader = reader
 
     @classmethod
     async def open(cls, path: Path) -> WatchtowerStore:
-        return cls(await open_database(path, MIGRATIONS, synchronous="FULL"))
+        db = await open_database(path, MIGRATIONS, synchronous="FULL")
+        try:
+            reader = open_read_only(path)
+        except BaseException:
+            await db.close()
+            raise
+        writer = GroupCommitWriter(db, name="watchtower store",
+                                   closed_error=lambda: Refused("watchtower is shutting down"))
+        return cls(writer, reader)
 
     async def close(self) -> None:
-        async with self._lock:
-            await self._db.close()
+        await self._writer.close()
+        self._reader.close()
 
     # --- revocations ----------------------------------------------------------------
 
@@ -146,13 +153,14 @@ class WatchtowerStore:
         if revocation.kind not in KINDS:
             raise ValueError(f"unknown revocation kind {revocation.kind!r}")
         r = revocation
-        async with self._lock, Transaction(self._db) as db:
-            await db.execute(
+
+        def job(conn: sqlite3.Connection) -> bool:
+            conn.execute(
                 "INSERT OR IGNORE INTO vaults (deposit_txid, deposit_vout, value, "
                 "derivation_index, unvault_txid, state, added_at) "
                 "VALUES (?, ?, ?, ?, ?, 'guarded', ?)",
                 (deposit.txid, deposit.vout, value, index, unvault_txid, int(time.time())))
-            cursor = await db.execute(
+            cursor = conn.execute(
                 "INSERT OR IGNORE INTO revocations (deposit_txid, deposit_vout, kind, txid, "
                 "signed_tx, spent_value, spent_script, output_value, output_script) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -160,123 +168,105 @@ class WatchtowerStore:
                  r.spent_script, r.output_value, r.output_script))
             return cursor.rowcount == 1
 
+        return await self._writer.run(job)
+
     async def revocation(self, deposit: OutPoint, kind: str) -> StoredRevocation | None:
-        async with self._lock:
-            async with self._db.execute(
-                    "SELECT kind, txid, signed_tx, spent_value, spent_script, output_value, "
-                    "output_script FROM revocations WHERE deposit_txid = ? AND "
-                    "deposit_vout = ? AND kind = ?", (deposit.txid, deposit.vout, kind)) as c:
-                row = await c.fetchone()
-            return _revocation(row) if row is not None else None
+        row = self._reader.execute(
+            "SELECT kind, txid, signed_tx, spent_value, spent_script, output_value, "
+            "output_script FROM revocations WHERE deposit_txid = ? AND deposit_vout = ? "
+            "AND kind = ?", (deposit.txid, deposit.vout, kind)).fetchone()
+        return _revocation(row) if row is not None else None
 
     async def retire(self, deposit: OutPoint, note: str) -> None:
-        async with self._lock, Transaction(self._db) as db:
-            await db.execute(
-                "UPDATE vaults SET state = 'retired', note = ? WHERE deposit_txid = ? "
-                "AND deposit_vout = ?", (note, deposit.txid, deposit.vout))
+        await self._writer.run(lambda conn: conn.execute(
+            "UPDATE vaults SET state = 'retired', note = ? WHERE deposit_txid = ? "
+            "AND deposit_vout = ?", (note, deposit.txid, deposit.vout)))
 
     async def vaults(self, *, include_retired: bool = False) -> list[StoredVault]:
-        """Every vault with the outputs of its revocations, read in two statements (not
-        one per vault), each fetched whole (not row by row through the database thread)."""
-        async with self._lock:
-            outputs: dict[tuple[str, int], dict[str, tuple[int, bytes]]] = {}
-            async with self._db.execute(
-                    "SELECT deposit_txid, deposit_vout, kind, output_value, output_script "
-                    "FROM revocations") as c:
-                while rows := await c.fetchmany(LOAD_CHUNK):
-                    for txid, vout, kind, value, script in rows:
-                        outputs.setdefault((txid, vout), {})[kind] = (value, bytes(script))
-            where = "" if include_retired else "WHERE state = 'guarded'"
-            vaults = []
-            async with self._db.execute(
-                    "SELECT deposit_txid, deposit_vout, value, derivation_index, unvault_txid, "
-                    f"state FROM vaults {where}") as c:
-                while rows := await c.fetchmany(LOAD_CHUNK):
-                    vaults += [StoredVault(OutPoint(txid, vout), value, index, unvault_txid,
-                                           state, outputs.pop((txid, vout), {}))
-                               for txid, vout, value, index, unvault_txid, state in rows]
-            return vaults
+        """Every vault with the outputs of its revocations, in two statements (not one
+        per vault)."""
+        outputs: dict[tuple[str, int], dict[str, tuple[int, bytes]]] = {}
+        for txid, vout, kind, value, script in self._reader.execute(
+                "SELECT deposit_txid, deposit_vout, kind, output_value, output_script "
+                "FROM revocations"):
+            outputs.setdefault((txid, vout), {})[kind] = (value, bytes(script))
+        where = "" if include_retired else "WHERE state = 'guarded'"
+        return [StoredVault(OutPoint(txid, vout), value, index, unvault_txid, state,
+                            outputs.pop((txid, vout), {}))
+                for txid, vout, value, index, unvault_txid, state in self._reader.execute(
+                    "SELECT deposit_txid, deposit_vout, value, derivation_index, "
+                    f"unvault_txid, state FROM vaults {where}")]
 
     # --- verdicts ---------------------------------------------------------------------
 
     async def verdict(self, spend_txid: str) -> Verdict | None:
-        async with self._lock:
-            return await self._verdict(spend_txid)
-
-    async def _verdict(self, spend_txid: str) -> Verdict | None:
-        async with self._db.execute(
-                "SELECT accepted, reason, payees_value, decided_at FROM verdicts "
-                "WHERE spend_txid = ?", (spend_txid,)) as c:
-            row = await c.fetchone()
-        if row is None:
-            return None
-        async with self._db.execute(
-                "SELECT deposit_txid, deposit_vout FROM verdict_vaults WHERE spend_txid = ? "
-                "ORDER BY deposit_txid, deposit_vout", (spend_txid,)) as c:
-            vaults = tuple(OutPoint(t, v) for t, v in await c.fetchall())
-        return Verdict(spend_txid, bool(row[0]), row[1], row[2], row[3], vaults)
+        return _verdict(self._reader, spend_txid)
 
     async def put_verdict(self, verdict: Verdict) -> Verdict:
-        """Record a verdict unless one exists for that spend; returns the one that holds."""
-        async with self._lock:
-            async with Transaction(self._db) as db:
-                existing = await self._verdict(verdict.spend_txid)
-                if existing is not None:
-                    return existing
-                await db.execute(
-                    "INSERT INTO verdicts (spend_txid, accepted, reason, payees_value, "
-                    "decided_at) VALUES (?, ?, ?, ?, ?)",
-                    (verdict.spend_txid, int(verdict.accepted), verdict.reason,
-                     verdict.payees_value, verdict.decided_at))
-                await db.executemany(
-                    "INSERT INTO verdict_vaults (spend_txid, deposit_txid, deposit_vout) "
-                    "VALUES (?, ?, ?)",
-                    [(verdict.spend_txid, o.txid, o.vout) for o in verdict.vaults])
+        """Record a verdict unless one exists for that spend; returns the one that holds
+        (decided in the writer's transaction: two concurrent verdicts cannot both win)."""
+        def job(conn: sqlite3.Connection) -> Verdict:
+            existing = _verdict(conn, verdict.spend_txid)
+            if existing is not None:
+                return existing
+            conn.execute(
+                "INSERT INTO verdicts (spend_txid, accepted, reason, payees_value, "
+                "decided_at) VALUES (?, ?, ?, ?, ?)",
+                (verdict.spend_txid, int(verdict.accepted), verdict.reason,
+                 verdict.payees_value, verdict.decided_at))
+            conn.executemany(
+                "INSERT INTO verdict_vaults (spend_txid, deposit_txid, deposit_vout) "
+                "VALUES (?, ?, ?)", [(verdict.spend_txid, o.txid, o.vout) for o in verdict.vaults])
             return verdict
+
+        return await self._writer.run(job)
 
     async def accepted_value_since(self, since: int) -> int:
         """What the spends accepted at or after `since` pay to payees, in total."""
-        async with self._lock:
-            async with self._db.execute(
-                    "SELECT COALESCE(SUM(payees_value), 0) FROM verdicts "
-                    "WHERE accepted = 1 AND decided_at >= ?", (since,)) as c:
-                return int((await c.fetchone())[0])
+        row = self._reader.execute(
+            "SELECT COALESCE(SUM(payees_value), 0) FROM verdicts "
+            "WHERE accepted = 1 AND decided_at >= ?", (since,)).fetchone()
+        return int(row[0])
 
-    async def accepted_spends(self) -> dict[OutPoint, set[str]]:
+    async def accepted_spends(self) -> dict[OutPoint, frozenset[str]]:
         """Deposit outpoint -> the spend txids accepted for that vault."""
-        async with self._lock:
-            out: dict[OutPoint, set[str]] = {}
-            async with self._db.execute(
-                    "SELECT v.deposit_txid, v.deposit_vout, v.spend_txid FROM verdict_vaults v "
-                    "JOIN verdicts d ON d.spend_txid = v.spend_txid WHERE d.accepted = 1") as c:
-                async for txid, vout, spend in c:
-                    out.setdefault(OutPoint(txid, vout), set()).add(spend)
-            return out
+        out: dict[OutPoint, frozenset[str]] = {}
+        for txid, vout, spend in self._reader.execute(
+                "SELECT v.deposit_txid, v.deposit_vout, v.spend_txid FROM verdict_vaults v "
+                "JOIN verdicts d ON d.spend_txid = v.spend_txid WHERE d.accepted = 1"):
+            key = OutPoint(txid, vout)
+            out[key] = out.get(key, frozenset()) | {spend}
+        return out
 
     # --- chain position and sync cursor -------------------------------------------------
 
     async def tip(self) -> tuple[int, str] | None:
-        async with self._lock:
-            async with self._db.execute("SELECT height, hash FROM tip") as c:
-                row = await c.fetchone()
-            return (row[0], row[1]) if row else None
+        row = self._reader.execute("SELECT height, hash FROM tip").fetchone()
+        return (row[0], row[1]) if row else None
 
     async def set_tip(self, height: int, block_hash: str) -> None:
-        async with self._lock, Transaction(self._db) as db:
-            await db.execute("INSERT OR REPLACE INTO tip (singleton, height, hash) "
-                             "VALUES (0, ?, ?)", (height, block_hash))
+        await self._writer.run(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO tip (singleton, height, hash) VALUES (0, ?, ?)",
+            (height, block_hash)))
 
     async def sync_cursor(self) -> str | None:
-        async with self._lock:
-            async with self._db.execute("SELECT cursor FROM sync_cursor") as c:
-                row = await c.fetchone()
-            return row[0] if row else None
+        row = self._reader.execute("SELECT cursor FROM sync_cursor").fetchone()
+        return row[0] if row else None
 
     async def set_sync_cursor(self, cursor: str) -> None:
-        async with self._lock, Transaction(self._db) as db:
-            await db.execute("INSERT OR REPLACE INTO sync_cursor (singleton, cursor) "
-                             "VALUES (0, ?)", (cursor,))
+        await self._writer.run(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO sync_cursor (singleton, cursor) VALUES (0, ?)", (cursor,)))
 
+
+def _verdict(conn: sqlite3.Connection, spend_txid: str) -> Verdict | None:
+    row = conn.execute("SELECT accepted, reason, payees_value, decided_at FROM verdicts "
+                       "WHERE spend_txid = ?", (spend_txid,)).fetchone()
+    if row is None:
+        return None
+    vaults = tuple(OutPoint(t, v) for t, v in conn.execute(
+        "SELECT deposit_txid, deposit_vout FROM verdict_vaults WHERE spend_txid = ? "
+        "ORDER BY deposit_txid, deposit_vout", (spend_txid,)))
+    return Verdict(spend_txid, bool(row[0]), row[1], row[2], row[3], vaults)
 
 
 def _revocation(row) -> StoredRevocation:
