@@ -23,14 +23,13 @@ from embit.script import Script, Witness
 from embit.transaction import Transaction, TransactionOutput
 
 from revault.bitcoind import BitcoindClient, BitcoindError
-from revault.transactions import (
-    RBF_SEQUENCE, FeeBumpError, FeeCoin, FeeSelection, OutPoint, Tx, TxIn, select_fee_inputs,
-)
+from revault.fees import FeeBumpError, FeeCoin, FeeSelection, Replaced, select_fee_inputs
+from revault.primitives import OutPoint
+from revault.transactions import RBF_SEQUENCE, Tx, TxIn
 
 log = logging.getLogger("revault.watchtower.reserve")
 
 SAT_PER_VB_TO_KWU = 250  # 1 sat/vB = 1 sat per 4 WU = 250 sat per 1000 WU
-MAX_FEE_ROUNDS = 8
 
 
 class ReserveError(Exception):
@@ -76,24 +75,13 @@ class Bump:
 
 
 def plan_bump(revocation: Revocation, coins: Sequence[FeeCoin], feerate_sat_per_kwu: int,
-              min_fee: int = 0, incremental_kwu: int = 0) -> FeeSelection:
-    """The coins that bring `revocation` to the feerate and, when it replaces mempool
-    transactions paying `min_fee`, to more than them by the incremental relay feerate
-    on its own weight (Bitcoin Core's replacement rule). FeeBumpError when they cannot."""
-    rate = max(1, feerate_sat_per_kwu)
-    base_weight = revocation.tx.weight
-    for _ in range(MAX_FEE_ROUNDS):
-        selection = select_fee_inputs(base_weight, revocation.fee, coins, rate,
-                                      base_inputs=len(revocation.tx.inputs))
-        needed = min_fee + -(-incremental_kwu * selection.max_weight // 1000) if min_fee else 0
-        if selection.fee >= needed:
-            return selection
-        # Raise the rate to what the needed fee is over this selection's weight; more
-        # coins mean more weight, hence the few rounds.
-        rate = max(rate + 1, -(-1000 * needed // selection.max_weight))
-    raise FeeBumpError(f"the fee reserve cannot pay the {min_fee} sat plus the incremental "
-                       "relay fee that replacing the mempool transaction needs",
-                       shortfall_sat=min_fee)
+              replaces: Replaced | None = None) -> FeeSelection:
+    """The coins that bring `revocation` to the feerate and, when it replaces a mempool
+    transaction, pay what Bitcoin Core's replacement rules ask. FeeBumpError when the
+    coins cannot."""
+    return select_fee_inputs(revocation.tx.weight, revocation.fee, coins,
+                             max(1, feerate_sat_per_kwu),
+                             base_inputs=len(revocation.tx.inputs), replaces=replaces)
 
 
 def max_reachable_feerate(revocation: Revocation, coins: Sequence[FeeCoin],
@@ -200,11 +188,11 @@ class FeeReserve:
             raise ReserveError("the reserve wallet returned a different transaction")
         return Bump(tx, selection, rate)
 
-    async def bump(self, revocation: Revocation, feerate_sat_per_kwu: int, *, min_fee: int = 0,
-                   incremental_kwu: int = 0, exclude: Iterable[tuple[str, int]] = (),
+    async def bump(self, revocation: Revocation, feerate_sat_per_kwu: int, *,
+                   replaces: Replaced | None = None, exclude: Iterable[tuple[str, int]] = (),
                    extra: Sequence[FeeCoin] = ()) -> Bump:
         """Select, sign, return. `extra`: coins usable although the wallet sees them spent
         (those of the pending bump this one replaces)."""
         coins = await self.coins(exclude) + list(extra)
-        selection = plan_bump(revocation, coins, feerate_sat_per_kwu, min_fee, incremental_kwu)
+        selection = plan_bump(revocation, coins, feerate_sat_per_kwu, replaces)
         return await self.sign(revocation, selection)

@@ -33,10 +33,12 @@ import coincurve
 from revault.bitcoind import BitcoindClient, BitcoindError, BitcoindUnreachable
 from revault.config import ConfigError, ConfigTable, ProblemCollector, parse_host_port
 from revault.daemon import CommonConfig, run_daemon
+from revault.deployment import Deployment, read_deployment
 from revault.fee_reserve import (
     SAT_PER_VB_TO_KWU, Bump, FeeReserve, ReserveError, Revocation, kwu_from_btc_per_kvb,
     max_reachable_feerate, plan_bump, sat,
 )
+from revault.fees import FeeBumpError, FeeCoin, Replaced
 from revault.keys import KeyFileError, read_key_file
 from revault.clients import SyncServerClient
 from revault.errors import WireError
@@ -47,10 +49,8 @@ from revault.messages import (
 from revault.primitives import OutPoint, tx_uid
 from revault.rpc import Caller, Dispatcher, ProtocolError
 from revault.transactions import (
-    Coin, Deployment, DeploymentError, FeeBumpError, FeeCoin, SignatureError,
-    TransactionError, Tx, build_vault_transactions,
+    Coin, SignatureError, TransactionError, Tx, build_vault_transactions,
 )
-from revault.transactions import OutPoint as TxOutPoint
 from revault.transport import TransportError
 from revault.watchtower_chain import ChainFollower, ZmqListener
 from revault.watchtower_guard import (
@@ -184,12 +184,12 @@ def read_config(table: ConfigTable, base: Path) -> WatchtowerConfig:
     if f is not None:
         max_feerate = p.read(f.integer, "max_feerate", minimum=1, maximum=100_000)
     deployment = None
-    raw = p.read(table.raw, "deployment")
-    if raw is not None:
-        try:
-            deployment = Deployment.from_dict(raw)
-        except DeploymentError as e:
-            p.add(str(e))
+    d = p.read(table.table, "deployment")
+    if d is not None:
+        deployment = read_deployment(d, p)
+        if deployment is not None and deployment.emergency_address is None:
+            p.add(f"{d.key_name('emergency_address')}: missing (a watchtower stores and "
+                  "broadcasts emergency transactions)")
     policy = p.read(read_policy, p.read(table.table, "policy", {}) or ConfigTable({}, "policy"),
                     deployment.network if deployment else None)
     p.finish()
@@ -374,17 +374,22 @@ class Watchtower:
         if funding.get("confirmations", 0) < 1:
             return "deposit unconfirmed"
         match = None
+        too_small = None
         for vout, value, index in candidates:
+            if value < self.deployment.min_deposit_value:
+                too_small = (f"deposit of {value} sat is under min_deposit_value "
+                             f"({self.deployment.min_deposit_value} sat): not a vault")
+                continue
             try:
                 txs = build_vault_transactions(
-                    self.deployment, Coin(TxOutPoint(p.vault_txid, vout), value, index))
+                    self.deployment, Coin(OutPoint(p.vault_txid, vout), value, index))
             except TransactionError:
                 continue
             for revocation in txs.revocations():
                 if revocation.txid == p.txid:
                     match = (vout, value, index, txs, revocation)
         if match is None:
-            return "txid matches none of this vault's revocation transactions"
+            return too_small or "txid matches none of this vault's revocation transactions"
         vout, value, index, txs, revocation = match
         if await self.node.call("gettxout", p.vault_txid, vout, True) is None:
             return "deposit already spent"
@@ -508,10 +513,6 @@ class Watchtower:
         rate = kwu_from_btc_per_kvb(estimate["feerate"]) if "feerate" in estimate else floor
         return max(floor, min(rate, self.config.max_feerate_kwu))
 
-    async def _incremental_kwu(self) -> int:
-        info = await self.node.call("getnetworkinfo")
-        return kwu_from_btc_per_kvb(info["incrementalfee"])
-
     def _pending_coins(self, but: GuardedVault | None = None) -> set[tuple[str, int]]:
         return {(c.outpoint.txid, c.outpoint.vout)
                 for v, p in self.pending.items() if v is not but for c in p.bump.coins}
@@ -523,23 +524,24 @@ class Watchtower:
         except BitcoindError:
             return False
 
-    async def _replacement_fee(self, txid: str) -> int:
-        """What the transactions a replacement evicts pay (it must pay more)."""
+    async def _replaced(self, txid: str | None) -> Replaced | None:
+        """What a replacement of mempool transaction `txid` must outbid: its fee with its
+        descendants' (all evicted with it) over its own weight; None if it is gone."""
+        if txid is None:
+            return None
         try:
             entry = await self.node.call("getmempoolentry", txid)
         except BitcoindError:
-            return 0  # gone already
-        return sat(entry["fees"]["descendant"])
+            return None
+        return Replaced(fee=sat(entry["fees"]["descendant"]), weight=entry["weight"])
 
     async def cancel(self, action: Cancel, tip: int) -> None:
         vault = action.vault
         revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
-        min_fee = await self._replacement_fee(action.replaces) if action.replaces else 0
-        incremental = await self._incremental_kwu() if action.replaces else 0
         try:
             bump = await self.reserve.bump(
-                revocation, target, min_fee=min_fee, incremental_kwu=incremental,
+                revocation, target, replaces=await self._replaced(action.replaces),
                 exclude=self._pending_coins(vault))
         except FeeBumpError as e:
             if action.replaces:
@@ -576,8 +578,8 @@ class Watchtower:
                     self.reserve.scripts[(txin.outpoint.txid, txin.outpoint.vout)] = \
                         bytes.fromhex(out["scriptPubKey"]["hex"])
         bump = await self.reserve.bump(
-            await self.revocation(vault, kind), target, min_fee=fee,
-            incremental_kwu=await self._incremental_kwu(),
+            await self.revocation(vault, kind), target,
+            replaces=Replaced(fee=sat(entry["fees"]["descendant"]), weight=entry["weight"]),
             exclude=self._pending_coins(vault) | {(c.outpoint.txid, c.outpoint.vout)
                                                   for c in extra},
             extra=extra)
@@ -642,8 +644,11 @@ class Watchtower:
                 await client.close()
 
     def internal_scripts(self, vaults: list[GuardedVault]) -> set[bytes]:
-        """Outputs of a spend that stay in the deployment: change to a deposit script."""
-        return {self.deployment.deposit_script_pubkey(v.index) for v in vaults}
+        """Outputs of a spend that stay in the deployment: its CPFP output and change to
+        a deposit script (of the vaults it spends)."""
+        d = self.deployment
+        return ({d.deposit_script_pubkey(v.index) for v in vaults}
+                | {d.cpfp_script_pubkey(v.index) for v in vaults})
 
     async def judge(self, request: SpendRequest):
         """The signed opinion on a spend request of one of our vaults, or None when it
@@ -705,18 +710,16 @@ class Watchtower:
                 report.append((short(vault), kind, f"error: no {kind} stored"))
                 continue
             revocation = await self.revocation(vault, kind)
-            min_fee = await self._replacement_fee(replaces) if replaces else 0
-            incremental = await self._incremental_kwu() if replaces else 0
+            replaced = await self._replaced(replaces)
             try:
                 try:
                     bump = await self.reserve.bump(revocation, self.config.max_feerate_kwu,
-                                                   min_fee=min_fee, incremental_kwu=incremental,
-                                                   exclude=used)
+                                                   replaces=replaced, exclude=used)
                 except FeeBumpError:
                     coins = await self.reserve.coins(used)
                     rate = max_reachable_feerate(revocation, coins, self.config.max_feerate_kwu)
-                    bump = await self.reserve.bump(revocation, max(rate, 1), min_fee=min_fee,
-                                                   incremental_kwu=incremental, exclude=used)
+                    bump = await self.reserve.bump(revocation, max(rate, 1),
+                                                   replaces=replaced, exclude=used)
                 used |= {(c.outpoint.txid, c.outpoint.vout) for c in bump.coins}
                 sent = await self.node.call("sendrawtransaction", bump.tx.to_hex(), 0)
                 log.warning("vault %s: %s %s broadcast at %.1f sat/vB (fee %d sat, reserve "

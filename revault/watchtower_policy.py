@@ -26,8 +26,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from revault.config import ConfigError, ConfigTable, ProblemCollector
-from revault.transactions import Deployment, Tx, address_to_script_pubkey, \
-    script_pubkey_to_address
+from revault.deployment import Deployment, address_to_script_pubkey, script_pubkey_to_address
+from revault.transactions import Tx
 
 PLUGIN_GROUP = "revault.policies"
 MAX_SATS = 21_000_000 * 100_000_000

@@ -30,7 +30,8 @@ def test_sample_config_is_valid_and_documents_every_key():
                 "cookie_file", "rpc_user", "rpc_password", "wallet", "zmq_rawtx",
                 "zmq_rawblock", "zmq_sequence", "max_feerate", "accept_all", "max_value",
                 "max_value_per_day", "allowed_addresses", "plugins", "stakeholders",
-                "managers", "cosigners", "unvault_csv", "emergency_address"):
+                "managers", "cosigners", "unvault_csv", "emergency_address", "cpfp_keys",
+                "managers_threshold", "min_deposit_value", "watchtowers"):
         line = re.search(rf"^#? ?{key} = ", text, re.MULTILINE)
         assert line, f"sample config does not show {key}"
         before = text[:line.start()].rstrip("\n").rsplit("\n", 1)[-1]

@@ -8,9 +8,9 @@ import coincurve
 import pytest
 
 from revault.config import ConfigError, ConfigTable
-from revault.transactions import (
-    Deployment, OutPoint, Tx, TxIn, TxOut, p2wpkh, script_pubkey_to_address,
-)
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.primitives import OutPoint
+from revault.transactions import Tx, TxIn, TxOut
 from revault.watchtower_policy import (
     NO_RULE, Payee, Policy, PolicyConfig, SpendFacts, payees_of, read_policy,
 )
@@ -23,7 +23,8 @@ def key(label: str) -> bytes:
 
 DEPLOYMENT = Deployment.from_dict({
     "network": "regtest", "stakeholders": [key("s0").hex(), key("s1").hex()],
-    "managers": [key("m0").hex()], "cosigners": [], "unvault_csv": 6,
+    "managers": [key("m0").hex()], "cosigners": [], "cpfp_keys": [key("c0").hex()],
+    "unvault_csv": 6,
     "emergency_address": script_pubkey_to_address(p2wpkh(key("e")), "regtest"),
 })
 ALICE = script_pubkey_to_address(p2wpkh(key("alice")), "regtest")

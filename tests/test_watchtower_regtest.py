@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from revault.transactions import p2wpkh, script_pubkey_to_address
+from revault.deployment import p2wpkh, script_pubkey_to_address
 from tests.support.daemons import REPO_ROOT
 from tests.support.regtest import sats, start_node
 from tests.support.watchtower import Deployed, Network, pub, secret, wait_for, zmq_conf

@@ -13,7 +13,7 @@ import hashlib
 import pytest
 
 from revault.rpc import INVALID_PARAMS, RpcClient, RpcError
-from revault.transactions import SIGHASH_ALL
+from revault.primitives import SIGHASH_ALL
 from revault.transport import TransportError
 from revault.watchtower_store import DATABASE_NAME
 from tests.support.daemons import NoiseIdentity

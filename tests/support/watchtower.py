@@ -19,10 +19,11 @@ import coincurve
 
 from revault.keys import create_key_file
 from revault.rpc import RpcClient
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.primitives import OutPoint
 from revault.transactions import (
-    SIGHASH_ALL, Coin, Deployment, OutPoint, RevaultTransaction, TxOut, VaultTransactions,
-    build_spend, build_vault_transactions, fee_for_weight, p2wpkh, script_pubkey_to_address,
-    sign_digest,
+    Coin, RevaultTransaction, TxOut, VaultTransactions, build_spend, build_vault_transactions,
+    fee_for_weight, sign_digest,
 )
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 from tests.support.regtest import RegtestNode, btc, free_port, sats
@@ -79,6 +80,7 @@ class Deployed:
     stakeholders: list[bytes]
     managers: list[bytes]
     cosigners: list[bytes]
+    cpfp: list[bytes]
     csv: int
     table: dict = field(init=False)
     deployment: Deployment = field(init=False)
@@ -89,6 +91,7 @@ class Deployed:
             "stakeholders": [pub(s).hex() for s in self.stakeholders],
             "managers": [pub(s).hex() for s in self.managers],
             "cosigners": [pub(s).hex() for s in self.cosigners],
+            "cpfp_keys": [pub(s).hex() for s in self.cpfp],
             "unvault_csv": self.csv,
             "emergency_address": script_pubkey_to_address(
                 p2wpkh(pub(secret(f"{self.label} emergency"))), "regtest"),
@@ -98,7 +101,8 @@ class Deployed:
     @classmethod
     def create(cls, label: str, csv: int = 6) -> Deployed:
         return cls(label, [secret(f"{label} stakeholder {i}") for i in range(2)],
-                   [secret(f"{label} manager 0")], [secret(f"{label} cosigner 0")], csv)
+                   [secret(f"{label} manager 0")], [secret(f"{label} cosigner 0")],
+                   [secret(f"{label} cpfp 0")], csv)
 
     def vault(self, deposit: Coin) -> Vault:
         return Vault(deposit, build_vault_transactions(self.deployment, deposit))
@@ -118,9 +122,11 @@ class Deployed:
         """The managers' and cosigner's fully signed spend of the vault's unvault output,
         paying all of it to `payee` but the fee."""
         coin = vault.unvault_coin
-        draft = build_spend(self.deployment, [coin], [TxOut(coin.value - 10_000, payee)])
+        draft = build_spend(self.deployment, [coin], [TxOut(coin.value // 2, payee)],
+                            max_feerate_sat_per_kwu=None)  # only sizes the real one
+        cpfp = draft.tx.outputs[0].value
         fee = fee_for_weight(draft.max_weight(), feerate_sat_per_kwu)
-        spend = build_spend(self.deployment, [coin], [TxOut(coin.value - fee, payee)])
+        spend = build_spend(self.deployment, [coin], [TxOut(coin.value - cpfp - fee, payee)])
         for sk in self.managers + self.cosigners:
             spend.sign(0, sk)
         return spend.finalize()
