@@ -15,7 +15,9 @@ import pytest
 from revault.deployment import p2wpkh, script_pubkey_to_address
 from tests.support.daemons import REPO_ROOT
 from tests.support.regtest import sats, start_node
-from tests.support.watchtower import Deployed, Network, pub, secret, wait_for, zmq_conf
+from tests.support.watchtower import (
+    Deployed, Network, fill_mempool, pub, secret, wait_for, zmq_conf,
+)
 
 MODES = ("zmq", "poll")
 
@@ -328,5 +330,64 @@ async def test_each_built_in_policy(tmp_path, poll_chain, policy):
         await net.unvault(second)
         await net.wait_cancel_in_mempool(second)
         assert await net.mempool_spender(first.unvault_coin.outpoint) is None
+    finally:
+        net.stop()
+
+
+@pytest.fixture
+def small_mempool_chain(tmp_path_factory):
+    """A node whose mempool holds 5 MB: filling it raises its minimum feerate."""
+    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-spike"), ("maxmempool=5",))
+    try:
+        node.mine(150)  # mature coinbases to fill the mempool with, twice
+        yield node
+    finally:
+        node.stop()
+
+
+async def cancel_feerate(net: Network, txid: str) -> float:
+    entry = await net.node.rpc("getmempoolentry", txid)
+    return sats(entry["fees"]["base"]) / entry["vsize"]
+
+
+async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
+        tmp_path, small_mempool_chain):
+    node = small_mempool_chain
+    net = await network(tmp_path, node, max_feerate=80, reserve_coins=(10_000,) * 30)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        # The unvault gets mined while the watchtower is down (no cancel yet).
+        await net.tower.kill()
+        unvault_txid = await net.unvault(vault)
+        node.mine(1)
+        # A fee spike: the mempool takes nothing under ~10 sat/vB any more.
+        await fill_mempool(node, 10, until_sat_vb=5)
+        await net.tower.start()
+        first = await net.wait_cancel_in_mempool(vault)
+        first_rate = await cancel_feerate(net, first["txid"])
+        assert first_rate >= 5, first_rate
+        assert len(first["vin"]) > 1  # reserve coins were added
+        # The spike rises above the first cancel, which the mempool evicts: the
+        # watchtower cancels again, outbidding the new minimum.
+        await fill_mempool(node, 50, until_sat_vb=35)
+
+        async def higher():
+            tx = await net.wait_cancel_in_mempool(vault)
+            if tx["txid"] != first["txid"] and await cancel_feerate(net, tx["txid"]) >= 35:
+                return tx
+            return None
+
+        second = await wait_for(higher, "a cancel outbidding the spike")
+        assert net.log().count(" broadcast at ") >= 2
+        # A cancel confirms (blocks take the spike's transactions first, so a few blocks).
+        for _ in range(8):
+            node.mine(1, node.cli("getnewaddress", wallet=node.MINER_WALLET))
+            if await node.rpc("gettxout", unvault_txid, 0, True) is None \
+                    and await net.mempool_spender(vault.unvault_coin.outpoint) is None:
+                break
+        else:
+            raise AssertionError("no cancel confirmed after 8 blocks")
+        assert await confirmations(net, unvault_txid) >= 2
     finally:
         net.stop()

@@ -300,3 +300,35 @@ class Network:
 
     def log(self) -> str:
         return self.tower.stderr()
+
+
+async def fill_mempool(node: RegtestNode, feerate_sat_vb: int, *, until_sat_vb: float,
+                       limit: int = 150) -> int:
+    """Fill the node's mempool (run it with a small maxmempool) with large transactions
+    at `feerate_sat_vb` until its minimum feerate reaches `until_sat_vb`. Each spends one
+    mature coinbase of the miner wallet into 2,000 outputs; returns how many were sent."""
+    from bitcoin.core import CMutableTransaction, COutPoint, CScript, CTxIn, CTxOut, lx
+
+    from revault.deployment import address_to_script_pubkey
+
+    miner = node.MINER_WALLET
+    change = address_to_script_pubkey(await node.rpc("getnewaddress", wallet=miner), "regtest")
+    coins = [u for u in await node.rpc("listunspent", 100, wallet=miner)
+             if sats(u["amount"]) >= 10 * 10**8]
+    sent = 0
+    for coin in coins[:limit]:
+        info = await node.rpc("getmempoolinfo")
+        if sats(info["mempoolminfee"]) / 1000 >= until_sat_vb:
+            return sent
+        outputs = [CTxOut(1000, CScript(b"\x00\x20" + hashlib.sha256(
+            f"{coin['txid']} {i}".encode()).digest())) for i in range(2000)]
+        vsize = 2000 * 43 + 200
+        rest = sats(coin["amount"]) - 2000 * 1000 - feerate_sat_vb * vsize
+        outputs.append(CTxOut(rest, CScript(change)))
+        tx = CMutableTransaction([CTxIn(COutPoint(lx(coin["txid"]), coin["vout"]))], outputs)
+        signed = await node.rpc("signrawtransactionwithwallet", tx.serialize().hex(),
+                                wallet=miner)
+        await node.rpc("sendrawtransaction", signed["hex"], 0)
+        sent += 1
+    raise AssertionError(f"the mempool minimum feerate did not reach {until_sat_vb} sat/vB "
+                         f"after {sent} transactions")
