@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from revault.deployment import p2wpkh, script_pubkey_to_address
+from revault.watchtower_guard import RETIRE_DEPTH
 from tests.support.daemons import REPO_ROOT
 from tests.support.regtest import sats, start_node
 from tests.support.watchtower import (
@@ -196,6 +197,13 @@ async def test_killed_between_unvault_and_csv_still_cancels_after_restart(tmp_pa
         node.mine(1)
         assert await confirmations(net, cancel["txid"]) == 1
         assert await confirmations(net, unvault_txid) == 3
+        # Buried under 100 blocks, the cancelled vault retires (its new deposit is a new
+        # vault), and stays retired across a restart.
+        node.mine(RETIRE_DEPTH - 1)
+        await wait_for(lambda: f"vault {vault.deposit.outpoint} retired: unvault output spent "
+                               f"by cancel {cancel['txid']}" in net.log(), "the vault retiring")
+        await net.tower.restart()
+        await wait_for(lambda: "0 guarded vaults loaded" in net.log(), "the restart")
     finally:
         net.stop()
 
@@ -389,5 +397,32 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
         else:
             raise AssertionError("no cancel confirmed after 8 blocks")
         assert await confirmations(net, unvault_txid) >= 2
+    finally:
+        net.stop()
+
+
+async def test_bitcoind_and_sync_server_down_at_start_then_back(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node, policy={"accept_all": True})
+    try:
+        await net.tower.stop()
+        await net.sync.stop()
+        wallets = node.cli("listwallets")
+        node.stop()
+        # Neither is there: the watchtower starts anyway, serves, and says so loudly.
+        await net.tower.start()
+        await wait_for(lambda: "BITCOIND UNUSABLE, NO VAULT IS PROTECTED" in net.log()
+                       and f"sync server 127.0.0.1:{net.sync_port}" in net.log(),
+                       "the watchtower reporting both down")
+        node.start_again(wallets)
+        await net.sync.start()
+        await wait_for(lambda: "bitcoind is back" in net.log(), "bitcoind found again")
+        vault = await net.deposit()
+        await net.secure(vault)
+        spend = net.deployed.spend(vault, payee("payee"))
+        await net.request_spend(vault, spend)
+        [opinion] = await wait_for(lambda: net.opinions(vault), "an opinion, once reconnected")
+        assert opinion["accepted"] is True
+        assert net.tower.proc.poll() is None and "Traceback" not in net.log()
     finally:
         net.stop()

@@ -151,8 +151,11 @@ class Network:
         self.opinion_key = secret(f"{tmp.name} opinion")
         create_key_file(tmp / "opinion.key", self.opinion_key)
         self.reserve_coins = reserve_coins
+        # A fixed port: a sync server stopped and started again is found where it was.
+        self.sync_port = free_port()
         write_config(tmp / "sync.toml", {
-            "listen": "127.0.0.1:0", "data_dir": "sync-data", "noise_key_file": "sync.key",
+            "listen": f"127.0.0.1:{self.sync_port}", "data_dir": "sync-data",
+            "noise_key_file": "sync.key",
             "log_level": "debug",
             "peers": {"stakeholders": [], "managers": [self.manager_noise.public.hex()],
                       "watchtowers": [self.tower_noise.public.hex()]},
@@ -169,7 +172,7 @@ class Network:
             "listen": "127.0.0.1:0", "data_dir": "tower-data", "noise_key_file": "tower.key",
             "log_level": "debug", "opinion_key_file": "opinion.key",
             "wallet_noise_key": self.wallet_noise.public.hex(), "poll_interval": 0.2,
-            "sync_server": {"host": "127.0.0.1", "port": self.sync.port,
+            "sync_server": {"host": "127.0.0.1", "port": self.sync_port,
                             "noise_key": self.sync_noise.public.hex()},
             "bitcoind": {"rpc_url": f"http://127.0.0.1:{self.node.rpc_port}",
                          "rpc_user": self.node.rpc_user,
