@@ -426,3 +426,23 @@ async def test_bitcoind_and_sync_server_down_at_start_then_back(tmp_path, poll_c
         assert net.tower.proc.poll() is None and "Traceback" not in net.log()
     finally:
         net.stop()
+
+
+async def test_xpub_deployment_vaults_found_at_their_derivation_index(tmp_path, poll_chain):
+    """With xpubs, a sig's deposit is found at its index among the next 200 after the
+    highest index guarded so far; further ones only once the gap is filled."""
+    node = poll_chain
+    net = await Network(tmp_path, node, Deployed.create(tmp_path.name, xpubs=True)).start()
+    try:
+        far = await net.deposit(index=260)
+        refusal = await net.send_sig(net.sig_params(far, far.txs.cancel))
+        assert refusal["ack"] is False and "pays no deposit script" in refusal["reason"]
+        near = await net.deposit(index=150)
+        await net.secure(near)
+        await net.secure(far)  # 260 is now within 150 + 200
+        await net.unvault(far)
+        cancel = await net.wait_cancel_in_mempool(far)
+        assert cancel["vout"][0]["scriptPubKey"]["hex"] == net.d.deposit_script_pubkey(260).hex()
+        assert f"vault {far.deposit.outpoint} (index 260," in net.log()
+    finally:
+        net.stop()

@@ -16,6 +16,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import coincurve
+from embit.bip32 import HDKey
+from embit.networks import NETWORKS as EMBIT_NETWORKS
 
 from revault.keys import create_key_file
 from revault.rpc import RpcClient
@@ -82,16 +84,27 @@ class Deployed:
     cosigners: list[bytes]
     cpfp: list[bytes]
     csv: int
+    xpubs: bool = False  # keys as BIP 32 roots of these seeds: vault i uses child i
     table: dict = field(init=False)
     deployment: Deployment = field(init=False)
+
+    def key_text(self, secret: bytes) -> str:
+        if not self.xpubs:
+            return pub(secret).hex()
+        return HDKey.from_seed(secret).to_public().to_string(
+            version=EMBIT_NETWORKS["regtest"]["xpub"])
+
+    def secret_at(self, secret: bytes, index: int) -> bytes:
+        """The private key of `secret`'s participant in vault number `index`."""
+        return HDKey.from_seed(secret).child(index).key.secret if self.xpubs else secret
 
     def __post_init__(self):
         self.table = {
             "network": "regtest",
-            "stakeholders": [pub(s).hex() for s in self.stakeholders],
-            "managers": [pub(s).hex() for s in self.managers],
-            "cosigners": [pub(s).hex() for s in self.cosigners],
-            "cpfp_keys": [pub(s).hex() for s in self.cpfp],
+            "stakeholders": [self.key_text(s) for s in self.stakeholders],
+            "managers": [self.key_text(s) for s in self.managers],
+            "cosigners": [self.key_text(s) for s in self.cosigners],
+            "cpfp_keys": [self.key_text(s) for s in self.cpfp],
             "unvault_csv": self.csv,
             "emergency_address": script_pubkey_to_address(
                 p2wpkh(pub(secret(f"{self.label} emergency"))), "regtest"),
@@ -99,10 +112,10 @@ class Deployed:
         self.deployment = Deployment.from_dict(self.table)
 
     @classmethod
-    def create(cls, label: str, csv: int = 6) -> Deployed:
+    def create(cls, label: str, csv: int = 6, xpubs: bool = False) -> Deployed:
         return cls(label, [secret(f"{label} stakeholder {i}") for i in range(2)],
                    [secret(f"{label} manager 0")], [secret(f"{label} cosigner 0")],
-                   [secret(f"{label} cpfp 0")], csv)
+                   [secret(f"{label} cpfp 0")], csv, xpubs)
 
     def vault(self, deposit: Coin) -> Vault:
         return Vault(deposit, build_vault_transactions(self.deployment, deposit))
@@ -110,12 +123,13 @@ class Deployed:
     def signatures(self, tx: RevaultTransaction, sighash: int | None = None) -> dict[str, str]:
         """Every stakeholder's signature of input 0, as the wallet sends them."""
         digest = tx.signature_hash(0, sighash)
-        return {pub(s).hex(): sign_digest(s, digest).hex() for s in self.stakeholders}
+        keys = [self.secret_at(s, tx.vault_index) for s in self.stakeholders]
+        return {pub(k).hex(): sign_digest(k, digest).hex() for k in keys}
 
     def signed_unvault(self, vault: Vault):
         unvault = build_vault_transactions(self.deployment, vault.deposit).unvault
         for s in self.stakeholders:
-            unvault.sign(0, s)
+            unvault.sign(0, self.secret_at(s, vault.deposit.index))
         return unvault.finalize()
 
     def spend(self, vault: Vault, payee: bytes, feerate_sat_per_kwu: int = 1000):
@@ -128,7 +142,7 @@ class Deployed:
         fee = fee_for_weight(draft.max_weight(), feerate_sat_per_kwu)
         spend = build_spend(self.deployment, [coin], [TxOut(coin.value - cpfp - fee, payee)])
         for sk in self.managers + self.cosigners:
-            spend.sign(0, sk)
+            spend.sign(0, self.secret_at(sk, coin.index))
         return spend.finalize()
 
 
@@ -240,14 +254,15 @@ class Network:
             result = await self.send_sig(self.sig_params(vault, tx))
             assert result == {"ack": True, "txid": tx.txid}, result
 
-    async def deposit(self, value: int = DEPOSIT_SATS, *, confirm: bool = True) -> Vault:
-        address = self.d.deposit_address(0)
+    async def deposit(self, value: int = DEPOSIT_SATS, *, confirm: bool = True,
+                      index: int = 0) -> Vault:
+        address = self.d.deposit_address(index)
         txid = await self.node.rpc("sendtoaddress", address, Decimal(value) / Decimal(10**8),
                                    wallet=self.node.MINER_WALLET)
         tx = await self.node.rpc("getrawtransaction", txid, True)
         for out in tx["vout"]:
             if out["scriptPubKey"].get("address") == address and sats(out["value"]) == value:
-                coin = Coin(OutPoint(txid, out["n"]), value, 0)
+                coin = Coin(OutPoint(txid, out["n"]), value, index)
                 break
         else:
             raise AssertionError(f"{txid} does not pay the deposit address")
