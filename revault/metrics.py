@@ -65,13 +65,22 @@ class CommonMetrics:
             registry=registry)
         self.handshakes = Counter(
             "revault_handshakes",
-            "Noise handshakes on the listener by outcome: ok; failed (no configured key "
-            "decrypts act one, or a wrong payload); timeout (not finished in time); "
-            "abandoned (the peer closed first, e.g. a liveness probe).",
+            "Noise handshakes on the listener by how they ended: ok (the first frame "
+            "decrypted: the peer holds its key); failed (no configured key decrypts act "
+            "one, or a wrong payload); refused (no connection slot for that peer); "
+            "timeout (no first frame in time); abandoned (the peer closed first, e.g. a "
+            "liveness probe); evicted (closed to make room, see connections_evicted).",
             ["outcome"], registry=registry)
         self.connections_rejected = Counter(
             "revault_connections_rejected",
-            "Connections closed at once, before any handshake, because a limit was reached.",
+            "Connections refused by a limit: max_connections (closed at once), or at act "
+            "one max_connections_per_peer, peer_slots (no slot left for a peer that "
+            "already holds one), unknown_peer.",
+            ["limit"], registry=registry)
+        self.connections_evicted = Counter(
+            "revault_connections_evicted",
+            "Connections still in their handshake closed to make room for a newer one: "
+            "max_handshakes_per_address, max_handshakes, newer_handshake (the same peer's).",
             ["limit"], registry=registry)
         self.requests = Counter(
             "revault_requests",
@@ -86,8 +95,12 @@ class CommonMetrics:
             ["method"], buckets=DURATION_BUCKETS, registry=registry)
         self.rate_limited = Counter(
             "revault_rate_limited_requests",
-            "Requests that arrived faster than the peer's requests_per_second.",
+            "Requests that arrived faster than their peer's requests_per_second (one "
+            "budget per key), held until the peer's turn: never refused for it.",
             registry=registry)
+        self.rate_limit_wait = Counter(
+            "revault_rate_limit_wait_seconds",
+            "Time requests were held for their peer's pace, added up.", registry=registry)
         self.db_commit_duration = Histogram(
             "revault_db_commit_duration_seconds",
             "Duration of each durable database COMMIT (its fsync included).",
@@ -96,9 +109,12 @@ class CommonMetrics:
             "revault_db_writes_per_commit",
             "Logical writes made durable by one COMMIT (group commit).",
             buckets=BATCH_BUCKETS, registry=registry)
-        for outcome in ("ok", "failed", "timeout", "abandoned"):
+        for outcome in ("ok", "failed", "refused", "timeout", "abandoned", "evicted"):
             self.handshakes.labels(outcome)
-        self.connections_rejected.labels("max_connections")
+        for limit in ("max_connections", "max_connections_per_peer", "peer_slots"):
+            self.connections_rejected.labels(limit)
+        for limit in ("max_handshakes_per_address", "max_handshakes", "newer_handshake"):
+            self.connections_evicted.labels(limit)
         # (method, outcome) -> (counter child, histogram child): a label lookup takes a
         # lock and hashes the labels; the cache is bounded by the fixed label sets.
         self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -111,6 +127,10 @@ class CommonMetrics:
             self._request_children[(method, outcome)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def rate_limit_paced(self, seconds: float) -> None:
+        self.rate_limited.inc()
+        self.rate_limit_wait.inc(seconds)
 
     def commit_done(self, seconds: float, writes: int) -> None:
         self.db_commit_duration.observe(seconds)

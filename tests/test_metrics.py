@@ -212,23 +212,18 @@ async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_pat
         sync.daemon.ensure_dead()
 
 
-async def test_requests_over_the_rate_are_counted(tmp_path):
-    sync = await started(tmp_path, metrics_listen=f"{HOST}:0", requests_per_second=2)
+async def test_requests_over_the_rate_are_paced_and_counted(tmp_path):
+    sync = await started(tmp_path, metrics_listen=f"{HOST}:0", requests_per_second=5)
     try:
         async with await sync.client(sync.peers.stakeholder) as rpc:
-            outcomes = []
-            for _ in range(6):
-                try:
-                    await rpc.call("get_sigs", {"id": h("x")})
-                    outcomes.append("ok")
-                except RpcError:
-                    outcomes.append("refused")
+            # A burst of 5 passes at once; the next 5 wait for their turn (0.2 s each).
+            for _ in range(10):
+                await rpc.call("get_sigs", {"id": h("x")})
         s = await scrape(sync.daemon.metrics_port)
-        limited = outcomes.count("refused")
-        assert limited >= 1
-        assert s.value("revault_rate_limited_requests_total") == limited
-        assert s.value("revault_requests_total", method="get_sigs", outcome="refused") == limited
-        assert s.value("revault_requests_total", method="get_sigs", outcome="ok") == 6 - limited
+        assert 4 <= s.value("revault_rate_limited_requests_total") <= 5
+        assert 0.6 <= s.value("revault_rate_limit_wait_seconds_total") <= 1.5
+        assert s.value("revault_requests_total", method="get_sigs", outcome="ok") == 10
+        assert s.total("revault_requests_total", outcome="refused") == 0
     finally:
         sync.daemon.ensure_dead()
 
