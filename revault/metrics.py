@@ -226,8 +226,15 @@ class CosignerMetrics:
             registry=registry)
 
 
+class _WatchtowerSource(Protocol):
+    def metric_values(self) -> dict[str, dict[tuple[str, ...], float]]: ...
+
+
 class WatchtowerMetrics:
-    """Exported by the watchtower; each is set where the watchtower learns the value.
+    """Exported by the watchtower. Its state (vaults, heights, bitcoind, the last poll,
+    pending cancels) is read from the running watchtower at each scrape (`watch`), so
+    it costs nothing between scrapes; events are counted as they happen; the reserve
+    gauges are set where the reserve is evaluated (each new block).
 
     Heights and timestamps are exported as they are; lags and ages are computed by the
     queries (`revault_watchtower_bitcoind_height - revault_watchtower_processed_height`,
@@ -236,25 +243,22 @@ class WatchtowerMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry):
-        self.vaults = Gauge(
-            "revault_watchtower_vaults",
-            "Vaults guarded now, by state (retired vaults are not counted).",
-            ["state"], registry=registry)
-        self.processed_height = Gauge(
-            "revault_watchtower_processed_height",
-            "Height of the last block the watchtower has fully processed.",
-            registry=registry)
-        self.bitcoind_height = Gauge(
-            "revault_watchtower_bitcoind_height",
-            "Height of bitcoind's chain tip, as last seen.", registry=registry)
-        self.bitcoind_up = Gauge(
-            "revault_watchtower_bitcoind_up",
-            "1 if the last call to bitcoind succeeded, else 0 (nothing is protected "
-            "while bitcoind is unreachable).", registry=registry)
-        self.sync_poll_last_success = Gauge(
-            "revault_watchtower_sync_poll_last_success_timestamp_seconds",
-            "Unix time of the last successful get_spend_requests poll of the sync server.",
-            registry=registry)
+        self.state = _CallbackCollector([
+            ("revault_watchtower_vaults", "Vaults guarded now, by state (retired vaults "
+             "are not counted).", ("state",)),
+            ("revault_watchtower_processed_height", "Height of the last block the "
+             "watchtower has fully processed.", ()),
+            ("revault_watchtower_bitcoind_height", "Height of bitcoind's chain tip, as "
+             "last seen.", ()),
+            ("revault_watchtower_bitcoind_up", "1 if the last call to bitcoind succeeded, "
+             "else 0 (nothing is protected while bitcoind is unreachable).", ()),
+            ("revault_watchtower_sync_poll_last_success_timestamp_seconds", "Unix time of "
+             "the last successful get_spend_requests poll of the sync server.", ()),
+            ("revault_watchtower_oldest_pending_cancel_blocks", "Blocks mined since the "
+             "oldest still unconfirmed cancel was first broadcast; 0 when none is "
+             "pending.", ()),
+        ])
+        registry.register(self.state)
         self.opinions = Counter(
             "revault_watchtower_opinions",
             "Spend opinions given, by verdict (accept, refuse).",
@@ -266,10 +270,6 @@ class WatchtowerMetrics:
         self.cancels_confirmed = Counter(
             "revault_watchtower_cancels_confirmed",
             "Cancel transactions seen confirmed.", registry=registry)
-        self.oldest_pending_cancel_blocks = Gauge(
-            "revault_watchtower_oldest_pending_cancel_blocks",
-            "Blocks mined since the oldest still unconfirmed cancel was first broadcast; "
-            "0 when none is pending.", registry=registry)
         self.reserve_coins = Gauge(
             "revault_watchtower_reserve_coins",
             "Confirmed coins in the fee reserve wallet.", registry=registry)
@@ -280,6 +280,12 @@ class WatchtowerMetrics:
             "revault_watchtower_reserve_cancellable_vaults",
             "How many guarded vaults the reserve can cancel at once at max_feerate.",
             registry=registry)
+        for verdict in ("accept", "refuse"):
+            self.opinions.labels(verdict)
+
+    def watch(self, watchtower: _WatchtowerSource | None) -> None:
+        """Read the state gauges from `watchtower.metric_values()` at each scrape."""
+        self.state.source = None if watchtower is None else watchtower.metric_values
 
 
 COMMON = CommonMetrics(REGISTRY)

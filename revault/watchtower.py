@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 
 import coincurve
 
+from revault import metrics
 from revault.bitcoind import BitcoindClient, BitcoindError, BitcoindUnreachable
 from revault.config import ConfigError, ConfigTable, ProblemCollector, parse_host_port
 from revault.daemon import CommonConfig, run_daemon
@@ -55,13 +57,13 @@ from revault.transport import TransportError
 from revault.watchtower_chain import ChainFollower, ZmqListener
 from revault.watchtower_guard import (
     RETIRE_DEPTH, Alarm, Cancel, ChainTx, ConsiderRebump, Guard, GuardedVault, Retire,
-    chain_tx_from_bitcoinlib, outputs_of,
+    SpenderKind, chain_tx_from_bitcoinlib, outputs_of,
 )
 from revault.watchtower_policy import (
     Policy, PolicyConfig, SpendFacts, load_plugins, payees_of, read_policy,
 )
 from revault.watchtower_store import (
-    DATABASE_NAME, StoredRevocation, StoredVault, Verdict, WatchtowerStore,
+    DATABASE_NAME, StoredRevocation, StoredVault, Verdict, WatchtowerStore, status_summary,
 )
 
 log = logging.getLogger("revault.watchtower")
@@ -225,6 +227,32 @@ class PendingBump:
 
     bump: Bump
     height: int  # the tip it was broadcast at
+    first_height: int  # the tip its first broadcast (before any re-bump) was at
+    confirmed: bool = False  # seen mined (and counted in the metrics)
+
+
+# What the metrics call a vault, from what the chain shows of it (a fixed set of labels).
+VAULT_STATES = ("active", "unvaulting", "cancelling", "cancelled", "spending", "spent",
+                "emergency", "foreign_spend")
+
+
+def vault_state(vault: GuardedVault) -> str:
+    deposit, unvault = vault.deposit_spender, vault.unvault_spender
+    if deposit is None:
+        return "active"
+    if deposit.kind is SpenderKind.EMERGENCY:
+        return "emergency"
+    if deposit.kind is not SpenderKind.UNVAULT:
+        return "foreign_spend"
+    if unvault is None:
+        return "unvaulting"
+    if unvault.kind is SpenderKind.CANCEL:
+        return "cancelling" if unvault.height is None else "cancelled"
+    if unvault.kind is SpenderKind.ACCEPTED_SPEND:
+        return "spending" if unvault.height is None else "spent"
+    if unvault.kind is SpenderKind.UNVAULT_EMERGENCY:
+        return "emergency"
+    return "foreign_spend"
 
 
 class Backoff:
@@ -446,6 +474,7 @@ class Watchtower:
                 await self.react(new_block=changed)
                 if changed:
                     await self.store.set_tip(*self.chain.tip)
+                    await self.update_reserve_metrics()
                 if self.bitcoind_down_since is not None:
                     log.warning("bitcoind is back after %.0f s: guarding %d vaults again",
                                 time.monotonic() - self.bitcoind_down_since, len(self.guard))
@@ -475,6 +504,7 @@ class Watchtower:
     async def react(self, new_block: bool) -> None:
         async with self.react_lock:
             tip = self.chain.tip[0]
+            self._count_confirmed_cancels()
             for action in self.guard.decide_all(tip):
                 vault = action.vault
                 try:
@@ -591,7 +621,11 @@ class Watchtower:
                          reason: str) -> None:
         # maxfeerate 0: our own bound (max_feerate) applies, and whole coins may overshoot.
         txid = await self.node.call("sendrawtransaction", bump.tx.to_hex(), 0)
-        self.pending[vault] = PendingBump(bump, tip)
+        previous = self.pending.get(vault)
+        self.pending[vault] = PendingBump(bump, tip, tip if previous is None
+                                          else previous.first_height)
+        if kind == "cancel":
+            metrics.watchtower().cancels_broadcast.inc()
         self.failed.pop(vault, None)
         self.chain.see(ChainTx(txid, tuple((i.outpoint.txid, i.outpoint.vout)
                                            for i in bump.tx.inputs),
@@ -624,6 +658,8 @@ class Watchtower:
                         if opinion is not None and opinion.txid not in self.posted:
                             await client.spend_opinion(opinion)
                             self.posted.add(opinion.txid)
+                            metrics.watchtower().opinions.labels(
+                                "accept" if opinion.accept else "refuse").inc()
                     if result.cursor is not None and result.cursor != cursor:
                         cursor = result.cursor
                         await self.store.set_sync_cursor(cursor)
@@ -682,6 +718,76 @@ class Watchtower:
         return sign_opinion(self.opinion_key, request.vault_id, verdict.accepted,
                             verdict.reason, spend.txid)
 
+    # --- metrics -----------------------------------------------------------------------------
+
+    def metric_values(self) -> dict[str, dict[tuple[str, ...], float]]:
+        """The state gauges (metrics.WatchtowerMetrics), read at each scrape: one pass
+        over the vaults that have something going on, the others are active."""
+        states = dict.fromkeys(VAULT_STATES, 0)
+        states["active"] = len(self.guard) - len(self.guard.busy)
+        for vault in self.guard.busy:
+            states[vault_state(vault)] += 1
+        tip = self.chain.tip[0] if self.chain.tip is not None else None
+        pending = [tip - p.first_height + 1 for v, p in self.pending.items()
+                   if vault_state(v) == "cancelling"] if tip is not None else []
+        values = {
+            "revault_watchtower_vaults": {(state,): n for state, n in states.items()},
+            "revault_watchtower_bitcoind_up": {(): float(
+                self.chain.started and self.bitcoind_down_since is None)},
+            "revault_watchtower_oldest_pending_cancel_blocks": {(): max(pending, default=0)},
+        }
+        if tip is not None:
+            values["revault_watchtower_processed_height"] = {(): tip}
+        if self.chain.node_height is not None:
+            values["revault_watchtower_bitcoind_height"] = {(): self.chain.node_height}
+        if self.last_sync_poll is not None:
+            values["revault_watchtower_sync_poll_last_success_timestamp_seconds"] = {
+                (): self.last_sync_poll}
+        return values
+
+    def _count_confirmed_cancels(self) -> None:
+        for vault, pending in self.pending.items():
+            if not pending.confirmed and vault_state(vault) == "cancelled":
+                pending.confirmed = True
+                metrics.watchtower().cancels_confirmed.inc()
+
+    async def update_reserve_metrics(self) -> None:
+        """The reserve gauges, once per block: a store read per vault with a cancel."""
+        try:
+            coins = await self.reserve.coins()
+            at_once, _ = await self.cancellable_at_once(coins)
+        except (ReserveError, TransactionError, BitcoindError) as e:
+            # The chain loop reports bitcoind itself; the guarding goes on regardless.
+            log.warning("fee reserve metrics not updated: %s", e)
+            return
+        exported = metrics.watchtower()
+        exported.reserve_coins.set(len(coins))
+        exported.reserve_value.set(sum(c.value for c in coins))
+        exported.reserve_cancellable_vaults.set(at_once)
+
+    async def cancellable_at_once(self, coins: list[FeeCoin]) -> tuple[int, list]:
+        """How many guarded vaults `coins` can cancel at once at max_feerate, each taking
+        the coins it needs from what the others left; and (vault, the feerate its cancel
+        alone can reach) for every vault with a cancel."""
+        cap = self.config.max_feerate_kwu
+        remaining = list(coins)
+        at_once = 0
+        reachable = []
+        for n, vault in enumerate(v for v in list(self.guard.vaults.values())
+                                  if "cancel" in v.revocations):
+            if n % 64 == 63:
+                await asyncio.sleep(0)  # a large guard must not hold the loop
+            revocation = await self.revocation(vault, "cancel")
+            reachable.append((vault, max_reachable_feerate(revocation, coins, cap)))
+            try:
+                selection = plan_bump(revocation, remaining, cap)
+            except FeeBumpError:
+                continue
+            at_once += 1
+            chosen = set(selection.coins)
+            remaining = [c for c in remaining if c not in chosen]
+        return at_once, reachable
+
     # --- commands ----------------------------------------------------------------------------
 
     async def emergency(self) -> list[tuple[str, str, str]]:
@@ -734,29 +840,16 @@ class Watchtower:
     async def reserve_report(self) -> str:
         address = await self.reserve.address()
         coins = await self.reserve.coins()
-        cap = self.config.max_feerate_kwu
         lines = [f"fund the fee reserve (wallet {self.config.bitcoind.wallet!r}) at: {address}",
                  f"confirmed coins: {len(coins)}, {sum(c.value for c in coins)} sat"]
         lines += [f"  {c.outpoint} {c.value} sat" for c in coins]
-        vaults = [v for v in self.guard.vaults.values() if "cancel" in v.revocations]
-        lines.append(f"guarded vaults with a cancel: {len(vaults)} "
+        at_once, reachable = await self.cancellable_at_once(coins)
+        lines.append(f"guarded vaults with a cancel: {len(reachable)} "
                      f"(max_feerate {self.config.max_feerate} sat/vB)")
-        remaining = list(coins)
-        at_once = 0
-        for vault in vaults:
-            revocation = await self.revocation(vault, "cancel")
-            reachable = max_reachable_feerate(revocation, coins, cap)
-            lines.append(f"  vault {short(vault)}: cancel can reach "
-                         f"{reachable / SAT_PER_VB_TO_KWU:.1f} sat/vB")
-            try:
-                selection = plan_bump(revocation, remaining, cap)
-            except FeeBumpError:
-                continue
-            at_once += 1
-            chosen = set(selection.coins)
-            remaining = [c for c in remaining if c not in chosen]
+        lines += [f"  vault {short(vault)}: cancel can reach "
+                  f"{rate / SAT_PER_VB_TO_KWU:.1f} sat/vB" for vault, rate in reachable]
         lines.append(f"vaults that can be cancelled at once at max_feerate: {at_once} of "
-                     f"{len(vaults)}")
+                     f"{len(reachable)}")
         return "\n".join(lines)
 
 
@@ -776,6 +869,7 @@ class WatchtowerService:
         return frozenset({WALLET}) if peer_public == self._wallet else frozenset()
 
     async def close(self) -> None:
+        metrics.watchtower().watch(None)
         await self.watchtower.close()
 
 
@@ -805,6 +899,7 @@ async def open_watchtower(config: WatchtowerConfig, noise_private: bytes) -> Wat
 
 async def make_service(config: WatchtowerConfig, noise_private: bytes) -> WatchtowerService:
     watchtower = await open_watchtower(config, noise_private)
+    metrics.watchtower().watch(watchtower)
     watchtower.start()
     return WatchtowerService(watchtower)
 
@@ -841,8 +936,27 @@ async def emergency_command(config: WatchtowerConfig) -> int:
     return await _command(config, run)
 
 
+STATUS_BITCOIND_TIMEOUT = 5.0  # seconds for `status` to ask bitcoind its height
+
+
+async def read_status(config: WatchtowerConfig, db: sqlite3.Connection) -> dict:
+    """`revault-watchtower --config FILE status`: the database, and bitcoind's height."""
+    summary = status_summary(db)
+    try:
+        height = await config.bitcoind.client().call("getblockcount",
+                                                     timeout=STATUS_BITCOIND_TIMEOUT)
+    except (BitcoindUnreachable, BitcoindError, TimeoutError) as e:
+        summary["bitcoind"] = {"reachable": False, "error": str(e) or type(e).__name__}
+        return summary
+    processed = summary["processed_height"]
+    summary["bitcoind"] = {"reachable": True, "height": height,
+                           "blocks_behind": None if processed is None else height - processed}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_daemon(NAME, argv, read_config, make_service,
+                      database_name=DATABASE_NAME, status=read_status,
                       commands={"reserve": reserve_command, "emergency": emergency_command})
 
 

@@ -38,13 +38,14 @@ class ChainFollower:
         self.guard = guard
         self.rescan_depth = rescan_depth
         self.tip: tuple[int, str] | None = None
+        self.node_height: int | None = None  # the node's tip height, as last asked
         self.hashes: dict[int, str] = {}  # height -> hash of the blocks we processed, recent
         self.mempool: set[str] = set()
         self.started = False
 
     async def start(self, stored_tip: tuple[int, str] | None) -> None:
         """Rebuild the guard's sightings from the recent chain and the mempool."""
-        best = await self.node.call("getblockcount")
+        best = self.node_height = await self.node.call("getblockcount")
         first = best if stored_tip is None else min(best, stored_tip[0])
         first = max(0, first - self.rescan_depth)
         for height in range(first, best + 1):
@@ -71,6 +72,7 @@ class ChainFollower:
         assert self.tip is not None
         best_hash = await self.node.call("getbestblockhash")
         if best_hash == self.tip[1]:
+            self.node_height = self.tip[0]
             return False
         height = self.tip[0]
         # Step back to the last block of ours still on the node's chain (a reorg deeper
@@ -84,7 +86,7 @@ class ChainFollower:
                         self.tip[0], height + 1)
             self.guard.disconnect_above(height)
             self.tip = (height, block_hash)
-        best = await self.node.call("getblockcount")
+        best = self.node_height = await self.node.call("getblockcount")
         for h in range(height + 1, best + 1):
             await self._connect(h, await self.node.call("getblockhash", h))
         return True

@@ -273,3 +273,23 @@ def _revocation(row) -> StoredRevocation:
     kind, txid, signed, spent_value, spent_script, output_value, output_script = row
     return StoredRevocation(kind, txid, bytes(signed), spent_value, bytes(spent_script),
                             output_value, bytes(output_script))
+
+
+def status_summary(db: sqlite3.Connection) -> dict:
+    """What `revault-watchtower status` shows of the database: vaults by state,
+    revocations by kind, verdicts, the last processed block. Reads only."""
+    vaults = dict(db.execute("SELECT state, COUNT(*) FROM vaults GROUP BY state").fetchall())
+    revocations = dict(db.execute(
+        "SELECT kind, COUNT(*) FROM revocations JOIN vaults USING (deposit_txid, deposit_vout) "
+        "WHERE state = ? GROUP BY kind", (VAULT_GUARDED,)).fetchall())
+    accepted, refused, last = db.execute(
+        "SELECT COUNT(*) FILTER (WHERE accepted), COUNT(*) FILTER (WHERE NOT accepted), "
+        "MAX(decided_at) FROM verdicts").fetchone()
+    tip = db.execute("SELECT height, hash FROM tip").fetchone()
+    return {
+        "vaults": {state: vaults.get(state, 0) for state in (VAULT_GUARDED, VAULT_RETIRED)},
+        "revocations_of_guarded_vaults": {kind: revocations.get(kind, 0) for kind in KINDS},
+        "verdicts": {"accepted": accepted, "refused": refused,
+                     "last_at": last},
+        "processed_height": tip[0] if tip is not None else None,
+    }

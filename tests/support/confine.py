@@ -93,6 +93,15 @@ class Hardening:
     umask: int | None = None
 
 
+# The yes/no options, by their Hardening field.
+BOOLEAN_OPTIONS = {
+    "MemoryDenyWriteExecute": "memory_deny_write_execute",
+    "RestrictNamespaces": "restrict_namespaces", "RestrictRealtime": "restrict_realtime",
+    "RestrictSUIDSGID": "restrict_suid_sgid", "LockPersonality": "lock_personality",
+    "NoNewPrivileges": "no_new_privileges",
+}
+
+
 def read_unit(path: Path) -> Hardening:
     hardening = Hardening()
     section = ""
@@ -114,20 +123,10 @@ def read_unit(path: Path) -> Hardening:
                 hardening.syscall_allow += value.split()
         elif key == "SystemCallErrorNumber":
             hardening.syscall_errno = value
-        elif key == "MemoryDenyWriteExecute":
-            hardening.memory_deny_write_execute = yes
+        elif key in BOOLEAN_OPTIONS:
+            setattr(hardening, BOOLEAN_OPTIONS[key], yes)
         elif key == "RestrictAddressFamilies":
             hardening.address_families = value.split()
-        elif key == "RestrictNamespaces":
-            hardening.restrict_namespaces = yes
-        elif key == "RestrictRealtime":
-            hardening.restrict_realtime = yes
-        elif key == "RestrictSUIDSGID":
-            hardening.restrict_suid_sgid = yes
-        elif key == "LockPersonality":
-            hardening.lock_personality = yes
-        elif key == "NoNewPrivileges":
-            hardening.no_new_privileges = yes
         elif key == "CapabilityBoundingSet":
             hardening.capability_bounding_set = value
         elif key == "UMask":

@@ -152,7 +152,7 @@ class Network:
     def __init__(self, tmp: Path, node: RegtestNode, deployed: Deployed, *,
                  zmq: dict[str, str] | None = None, policy: dict | None = None,
                  max_feerate: int = 50, reserve_coins: tuple[int, ...] = (200_000,) * 3,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, tower_extra: dict | None = None):
         self.tmp = tmp
         self.node = node
         self.deployed = deployed
@@ -180,6 +180,7 @@ class Network:
         self.zmq = zmq or {}
         self.policy = policy
         self.max_feerate = max_feerate
+        self.tower_extra = tower_extra or {}  # more keys of the watchtower's config
 
     def write_tower_config(self) -> None:
         config = {
@@ -197,6 +198,7 @@ class Network:
         }
         if self.policy is not None:
             config["policy"] = self.policy
+        config.update(self.tower_extra)
         write_config(self.tmp / "tower.toml", config)
 
     async def start(self) -> Network:
