@@ -14,8 +14,10 @@
    (three revocations each), against the same process before loading them.
 
 Real bitcoind, sync server and watchtower processes for 1, all on 127.0.0.1; 2 and 3
-in-process. Bounded: every wait has a deadline.
-Usage: .venv/bin/python bench/watchtower.py [--quick]
+in-process. Bounded: every wait has a deadline. The watchtowers of 1 serve their
+Prometheus metrics (`metrics_listen`); `--scrape FILE` saves the ZMQ one's, scraped
+halfway through its vaults.
+Usage: .venv/bin/python bench/watchtower.py [--quick] [--scrape FILE]
 """
 
 from __future__ import annotations
@@ -176,11 +178,12 @@ def bench_memory(workdir: Path, quick: bool) -> None:
 
 # --- 1. reaction -----------------------------------------------------------------------------
 
-async def bench_reaction(workdir: Path, quick: bool) -> None:
+async def bench_reaction(workdir: Path, quick: bool, scrape_to: Path | None = None) -> None:
     import zmq
     import zmq.asyncio
 
     from tests.support.regtest import start_node
+    from tests.support.scrape import scrape
     from tests.support.watchtower import Deployed, Network, zmq_conf
 
     n = 5 if quick else 20
@@ -235,7 +238,8 @@ async def bench_reaction(workdir: Path, quick: bool) -> None:
             tmp = workdir / mode
             tmp.mkdir()
             net = Network(tmp, node, Deployed.create(f"bench {mode}"),
-                          zmq=keys if mode == "zmq" else None)
+                          zmq=keys if mode == "zmq" else None,
+                          tower_extra={"metrics_listen": "127.0.0.1:0"})
             if mode == "baseline":
                 node.cli("createwallet", net.reserve_wallet)
                 await net.fund_reserve([10**6])
@@ -263,6 +267,8 @@ async def bench_reaction(workdir: Path, quick: bool) -> None:
                         await node.rpc("sendrawtransaction", signed)
                     cancel_txid = await spender((unvault_txid, 0))
                     latencies.append(await arrival(cancel_txid) - t0)
+                    if mode == "zmq" and scrape_to is not None and len(latencies) == n // 2:
+                        scrape_to.write_text((await scrape(net.tower.metrics_port)).text)
                 results[mode] = latencies
             finally:
                 net.stop()
@@ -280,13 +286,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rss-child")
+    parser.add_argument("--scrape", metavar="FILE",
+                        help="save the ZMQ watchtower's metrics, scraped halfway through")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child)
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="revault-bench-watchtower-"))
     try:
-        asyncio.run(bench_reaction(workdir, args.quick))
+        asyncio.run(bench_reaction(workdir, args.quick,
+                                   Path(args.scrape).resolve() if args.scrape else None))
         bench_blocks(args.quick)
         bench_memory(workdir, args.quick)
     finally:
