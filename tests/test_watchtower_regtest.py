@@ -75,9 +75,9 @@ async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_
         # The cancel's output is a deposit of the vault's own index again.
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == \
             net.d.deposit_script_pubkey(0).hex()
-        log = net.log()
-        assert f"cancel {cancel['txid']} broadcast at" in log
-        assert f"unvault {unvault_txid} with no accepted spend" in log
+        await wait_for(lambda: f"cancel {cancel['txid']} broadcast at" in net.log(),
+                       "the watchtower's log line")
+        assert f"unvault {unvault_txid} with no accepted spend" in net.log()
     finally:
         net.stop()
 
@@ -137,7 +137,9 @@ async def test_accepted_spend_replaced_by_another_spend_is_cancelled(tmp_path, p
         thief = net.deployed.spend(vault, payee("thief"), feerate_sat_per_kwu=3000)
         assert await node.rpc("sendrawtransaction", thief.to_hex()) == thief.txid
         cancel = await net.wait_cancel_in_mempool(vault)
-        assert f"unvault output spent by unapproved transaction {thief.txid}" in net.log()
+        # (bitcoind has it before the watchtower's log line is written)
+        await wait_for(lambda: f"unvault output spent by unapproved transaction {thief.txid}"
+                       in net.log(), "the watchtower's log line")
         node.mine(1)
         assert await confirmations(net, cancel["txid"]) == 1
     finally:
@@ -387,7 +389,7 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
             return None
 
         second = await wait_for(higher, "a cancel outbidding the spike")
-        assert net.log().count(" broadcast at ") >= 2
+        await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
         # A cancel confirms (blocks take the spike's transactions first, so a few blocks).
         for _ in range(8):
             node.mine(1, node.cli("getnewaddress", wallet=node.MINER_WALLET))
