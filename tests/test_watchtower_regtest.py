@@ -7,6 +7,7 @@ watchtower processes; the test plays the stakeholders, the managers and the wall
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -446,5 +447,54 @@ async def test_xpub_deployment_vaults_found_at_their_derivation_index(tmp_path, 
         cancel = await net.wait_cancel_in_mempool(far)
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == net.d.deposit_script_pubkey(260).hex()
         assert f"vault {far.deposit.outpoint} (index 260," in net.log()
+    finally:
+        net.stop()
+
+
+@pytest.fixture
+def fresh_chain(tmp_path_factory):
+    """A node whose fee estimator has seen nothing yet, mining nothing under 5 sat/vB."""
+    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-estimates"),
+                      ("blockmintxfee=0.00005",))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(tmp_path, fresh_chain):
+    node = fresh_chain
+    net = await network(tmp_path, node, max_feerate=100, reserve_coins=(10_000,) * 30)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        await net.unvault(vault)
+        # No estimate yet: the cancel goes out at its own pre-signed feerate.
+        first = await net.wait_cancel_in_mempool(vault)
+        assert len(first["vin"]) == 1
+        # Miners take nothing under 5 sat/vB here, so it stays unconfirmed (with its
+        # unvault) while blocks of 50 sat/vB transactions teach the node's estimator a
+        # higher feerate: at one of the next blocks the watchtower re-bumps it.
+        payee_address = await node.rpc("getnewaddress", wallet=node.MINER_WALLET)
+        for _ in range(12):
+            for _ in range(4):
+                await node.rpc("sendtoaddress", payee_address, 0.01, "", "", False, True,
+                               None, "unset", None, 50, wallet=node.MINER_WALLET)
+            [block] = node.mine(1)
+            await wait_for(lambda: f" {block}: " in net.log(), "the watchtower reading the block")
+            if "because re-bump: 1.0 sat/vB is below the" in net.log():
+                break
+        else:
+            raise AssertionError("no re-bump after 12 blocks")
+        line = next(line for line in net.log().splitlines() if "because re-bump:" in line)
+        bumped_txid = re.search(r"cancel ([0-9a-f]{64}) broadcast", line).group(1)
+        assert bumped_txid != first["txid"]
+        bumped = await node.rpc("getrawtransaction", bumped_txid, True)
+        assert len(bumped["vin"]) > 1  # reserve coins
+        # Minable now (it may already be in the block that ended the loop).
+        if not await confirmations(net, bumped_txid):
+            node.mine(1)
+        assert await confirmations(net, bumped_txid) >= 1
+        assert float(re.search(r"broadcast at ([0-9.]+) sat/vB", line).group(1)) >= 5
     finally:
         net.stop()
