@@ -129,8 +129,9 @@ class RegtestNode:
         self._spawn()
         self._wait_ready()
         for wallet in wallets:
+            # A client that reconnects first (a watchtower loading its fee reserve)
+            # may have loaded it already: the wallet is loaded either way.
             proc = self._run_cli(["loadwallet", wallet], check=False)
-            # A client of the node (a watchtower loading its reserve) may have been first.
             if proc.returncode != 0 and "already loaded" not in proc.stderr:
                 raise RegtestError(f"bitcoin-cli loadwallet failed: {proc.stderr.strip()}")
 
