@@ -21,7 +21,7 @@ from tests.support.watchtower import (
     Deployed, Network, fill_mempool, pub, secret, wait_for, zmq_conf,
 )
 
-MODES = ("zmq", "poll")
+MODES = ("zmq", "zmq-sequence", "poll")
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -29,6 +29,8 @@ def chain(request, tmp_path_factory):
     """(node, ZMQ keys for the watchtower or None): one node per mode, own chain."""
     if request.param == "zmq":
         conf, keys = zmq_conf()
+    elif request.param == "zmq-sequence":
+        conf, keys = zmq_conf(("sequence",))
     else:
         conf, keys = (), None
     node = start_node(tmp_path_factory.mktemp(f"bitcoind-watchtower-{request.param}"), conf)
@@ -79,6 +81,8 @@ async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_
         await wait_for(lambda: f"cancel {cancel['txid']} broadcast at" in net.log(),
                        "the watchtower's log line")
         assert f"unvault {unvault_txid} with no accepted spend" in net.log()
+        if zmq:
+            assert f"ZMQ: subscribed to {', '.join(t[4:] for t in zmq)}" in net.log()
     finally:
         net.stop()
 

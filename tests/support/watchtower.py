@@ -42,12 +42,12 @@ def pub(sk: bytes) -> bytes:
     return coincurve.PrivateKey(sk).public_key.format(compressed=True)
 
 
-def zmq_conf() -> tuple[tuple[str, ...], dict[str, str]]:
-    """bitcoin.conf lines publishing rawtx and rawblock, and the watchtower's keys."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    return ((f"zmqpubrawtx={endpoint}", f"zmqpubrawblock={endpoint}"),
-            {"zmq_rawtx": endpoint, "zmq_rawblock": endpoint})
+def zmq_conf(topics: tuple[str, ...] = ("rawtx", "rawblock")
+             ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """bitcoin.conf lines publishing `topics` on one endpoint, and the watchtower's keys."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    return (tuple(f"zmqpub{topic}={endpoint}" for topic in topics),
+            {f"zmq_{topic}": endpoint for topic in topics})
 
 
 async def wait_for(predicate, what: str, timeout: float = WAIT):
