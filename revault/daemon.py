@@ -21,7 +21,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol, TypeVar
+from typing import Awaitable, Callable, Mapping, Protocol, TypeVar
 
 from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
 from revault.keys import KeyFileError, noise_public_key, read_key_file
@@ -221,17 +221,28 @@ def run_daemon(
     argv: list[str] | None,
     read_config: Callable[[ConfigTable, Path], AppConfig],
     make_service: Callable[[AppConfig, bytes], Awaitable[Service]],
+    commands: Mapping[str, Callable[[AppConfig], Awaitable[int]]] | None = None,
 ) -> int:
-    """Entry point body of `revault-<name>`; returns the process exit status."""
+    """Entry point body of `revault-<name>`; returns the process exit status.
+
+    `commands`: one-shot subcommands (`revault-<name> --config FILE COMMAND`) run
+    with the validated config instead of the daemon; each returns the exit status.
+    """
     prog = f"revault-{name}"
     parser = argparse.ArgumentParser(prog=prog, description=f"Revault {name} daemon.")
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    if commands:
+        parser.add_argument("command", nargs="?", choices=sorted(commands),
+                            help="run this command instead of the daemon")
     args = parser.parse_args(argv)
 
     try:
         config = load_app_config(name, args.config, read_config)
         check_descriptor_limit(config.common.max_connections)
         ensure_data_dir(config.common.data_dir)
+        if commands and args.command:
+            setup_logging(config.common.log_level)
+            return asyncio.run(commands[args.command](config))
         noise_private = read_key_file(config.common.noise_key_file)
     except ConfigError as e:
         for problem in e.problems:
