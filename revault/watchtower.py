@@ -266,6 +266,7 @@ class Watchtower:
         self.last_sync_poll: float | None = None
         self._deposit_scripts: dict[bytes, int] = {}
         self._lookahead_to = -1
+        self._highest_index = -1  # of the vaults guarded: where the xpub lookahead starts
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -275,6 +276,7 @@ class Watchtower:
         accepted = await self.store.accepted_spends()
         for stored in await self.store.vaults():
             self.guard.add(guarded_vault(stored, accepted.get(stored.deposit, frozenset())))
+            self._highest_index = max(self._highest_index, stored.index)
         log.info("%d guarded vaults loaded, opinion key %s, policy: %s", len(self.guard),
                  self.opinion_pubkey,
                  "default (refuse every spend)" if not self.config.policy.has_rules
@@ -338,8 +340,7 @@ class Watchtower:
             if not self._deposit_scripts:
                 self._deposit_scripts[d.deposit_script_pubkey(0)] = 0
             return self._deposit_scripts.get(script_pubkey)
-        highest = max((v.index for v in self.guard.vaults.values()), default=-1)
-        while self._lookahead_to < highest + XPUB_LOOKAHEAD:
+        while self._lookahead_to < self._highest_index + XPUB_LOOKAHEAD:
             self._lookahead_to += 1
             self._deposit_scripts[d.deposit_script_pubkey(self._lookahead_to)] = \
                 self._lookahead_to
@@ -350,6 +351,8 @@ class Watchtower:
             reason = await self._check_and_store(p)
         except BitcoindUnreachable as e:
             reason = f"cannot check the deposit: bitcoind unreachable ({e})"
+        except BitcoindError as e:  # e.g. still loading its block index after a restart
+            reason = f"cannot check the deposit: {e}"
         if reason is None:
             return WatchtowerSigResult(ack=True, txid=p.txid)
         log.info("sig for revocation %s of vault tx %s refused: %s", p.txid, p.vault_txid,
@@ -421,6 +424,7 @@ class Watchtower:
             return f"the fee reserve wallet is not usable: {e}"
         deposit = OutPoint(p.vault_txid, vout)
         new = await self.store.put_revocation(deposit, value, index, txs.unvault.txid, stored)
+        self._highest_index = max(self._highest_index, index)
         vault = self.guard.add(guarded_vault(StoredVault(
             deposit, value, index, txs.unvault.txid, "guarded",
             {stored.kind: (stored.output_value, stored.output_script)})))
