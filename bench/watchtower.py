@@ -152,7 +152,7 @@ def rss_child(path: str) -> None:
         start = time.perf_counter()
         store = await WatchtowerStore.open(Path(path))
         guard = Guard()
-        for stored in await store.vaults():
+        for stored in store.iter_vaults():  # as Watchtower.load does
             guard.add(guarded_vault(stored))
         elapsed = time.perf_counter() - start
         await store.close()

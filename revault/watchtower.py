@@ -274,7 +274,7 @@ class Watchtower:
 
     async def load(self) -> None:
         accepted = await self.store.accepted_spends()
-        for stored in await self.store.vaults():
+        for stored in self.store.iter_vaults():
             self.guard.add(guarded_vault(stored, accepted.get(stored.deposit, frozenset())))
             self._highest_index = max(self._highest_index, stored.index)
         log.info("%d guarded vaults loaded, opinion key %s, policy: %s", len(self.guard),
