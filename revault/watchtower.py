@@ -541,6 +541,7 @@ class Watchtower:
 
     async def cancel(self, action: Cancel, tip: int) -> None:
         vault = action.vault
+        await self._free_evicted(vault)
         revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
         try:
@@ -556,6 +557,21 @@ class Watchtower:
                       target / SAT_PER_VB_TO_KWU, e)
             bump = await self.reserve.bump(revocation, 1)
         await self._broadcast(vault, action.kind, bump, tip, action.reason)
+
+    async def _free_evicted(self, vault: GuardedVault) -> None:
+        """A bump of ours that left the mempool unmined (evicted by a fee spike, or
+        replaced by someone else's) still holds its reserve coins in the wallet's eyes:
+        abandon it so that they can bump the next one."""
+        previous = self.pending.pop(vault, None)
+        if previous is None or not previous.bump.coins:
+            return
+        try:
+            await self.reserve.client.call("abandontransaction", previous.bump.tx.txid)
+        except BitcoindError:
+            return  # back in the mempool or mined: its coins are spent indeed
+        log.info("vault %s: %s left the mempool unmined; its reserve coins %s are free again",
+                 short(vault), previous.bump.tx.txid,
+                 ", ".join(str(c.outpoint) for c in previous.bump.coins))
 
     async def rebump(self, action: ConsiderRebump, tip: int) -> None:
         vault, kind = action.vault, action.kind

@@ -395,6 +395,10 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
 
         second = await wait_for(higher, "a cancel outbidding the spike")
         await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
+        # The evicted first cancel's reserve coin is usable again (abandoned in the wallet).
+        [freed] = [line for line in net.log().splitlines()
+                   if f"{first['txid']} left the mempool unmined" in line]
+        assert all(f"{i['txid']}:{i['vout']}" in freed for i in first["vin"][1:])
         # A cancel confirms (blocks take the spike's transactions first, so a few blocks).
         for _ in range(8):
             node.mine(1, node.cli("getnewaddress", wallet=node.MINER_WALLET))
