@@ -259,7 +259,8 @@ class Watchtower:
         self.policy = Policy(config.policy, self.deployment, load_plugins(config.policy.plugins))
         self.pending: dict[GuardedVault, PendingBump] = {}
         self.failed: dict[GuardedVault, float] = {}
-        self.posted: set[str] = set()  # spend txids whose opinion was posted by this run
+        # (vault_id, spend txid) of the opinions posted by this run
+        self.posted: set[tuple[str, str]] = set()
         self.wake_event = asyncio.Event()
         self.react_lock = asyncio.Lock()
         self.bitcoind_down_since: float | None = None
@@ -641,9 +642,10 @@ class Watchtower:
                     result = await client.get_spend_requests(cursor)
                     for request in result.requests:
                         opinion = await self.judge(request)
-                        if opinion is not None and opinion.txid not in self.posted:
+                        if opinion is not None \
+                                and (opinion.vault_id, opinion.txid) not in self.posted:
                             await client.spend_opinion(opinion)
-                            self.posted.add(opinion.txid)
+                            self.posted.add((opinion.vault_id, opinion.txid))
                     if result.cursor is not None and result.cursor != cursor:
                         cursor = result.cursor
                         await self.store.set_sync_cursor(cursor)
@@ -684,6 +686,12 @@ class Watchtower:
                 vaults.append(vault)
         if not vaults:
             return None
+        if request.vault_id not in {v.vault_id for v in vaults}:
+            # A manager's mistake, or an attempt to have our verdict on this spend shown
+            # under another vault: refused, and not remembered as the spend's verdict.
+            reason = "vault_id is not the id of a vault this transaction spends"
+            log.info("spend %s refused: %s (%s)", spend.txid, reason, request.vault_id)
+            return sign_opinion(self.opinion_key, request.vault_id, False, reason, spend.txid)
         verdict = await self.store.verdict(spend.txid)
         if verdict is None:
             payees = payees_of(spend, self.internal_scripts(vaults), self.deployment.network)

@@ -94,6 +94,11 @@ async def test_accepted_spend_left_alone_and_confirms_after_the_csv(tmp_path, ch
         vault = await net.deposit()
         await net.secure(vault)
         spend = net.deployed.spend(vault, payee("payee"))
+        # Asked under another vault's id first: refused there, and not remembered.
+        other_id = "ab" * 32
+        await net.request_spend(vault, spend, vault_id=other_id)
+        [wrong] = await wait_for(lambda: net.opinions(vault, other_id), "an opinion there")
+        assert wrong["accepted"] is False and "not the id of a vault" in wrong["reason"]
         await net.request_spend(vault, spend)
         [opinion] = await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
         assert opinion["accepted"] is True and opinion["txid"] == spend.txid

@@ -64,6 +64,10 @@ async def wait_for(predicate, what: str, timeout: float = WAIT):
         await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
 
 
+def vault_uid(vault) -> str:
+    return hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()
+
+
 @dataclass
 class Vault:
     deposit: Coin
@@ -276,22 +280,22 @@ class Network:
 
     # --- as a manager ------------------------------------------------------------------------
 
-    async def request_spend(self, vault: Vault, spend) -> None:
+    async def request_spend(self, vault: Vault, spend, vault_id: str | None = None) -> None:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
             result = await client.call("request_spend", {
                 "transaction": spend.to_base64(), "timestamp": int(time.time()),
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest(),
+                "vault_id": vault_id or vault_uid(vault),
             })
             assert result == {"ack": True}
 
-    async def opinions(self, vault: Vault) -> list[dict]:
+    async def opinions(self, vault: Vault, vault_id: str | None = None) -> list[dict]:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
-            result = await client.call("get_spend_opinions", {
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()})
+            result = await client.call("get_spend_opinions",
+                                       {"vault_id": vault_id or vault_uid(vault)})
         return result["opinions"]
 
     # --- watching ------------------------------------------------------------------------------
