@@ -18,12 +18,19 @@ from typing import Any, Self
 import coincurve
 from bitcoin.core import CTransaction
 
+from revault.paging import MAX_CURSOR_CHARS
+from revault.transport import MAX_PLAINTEXT
+
 # secp256k1 group order: signatures with s > N/2 are malleable (BIP 62 / BIP 146).
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_N = SECP256K1_N // 2
 
 MAX_DER_BYTES = 72           # 6 bytes of framing + two 33-byte integers
 MAX_REASON_CHARS = 1024
+# A reason as the relay encodes it (compact JSON, UTF-8): any 1024 characters of any
+# script fit, but padding with escapes ("\u0001" is 6 bytes) does not, so a few
+# watchtowers cannot fill a get_spend_opinions page with a handful of opinions.
+MAX_REASON_JSON_BYTES = 4 * MAX_REASON_CHARS + 2
 MAX_TIMESTAMP = 2**63        # exclusive; what a signed 64-bit integer holds elsewhere
 MAX_INDEX = 2**32            # exclusive; input indexes are u32 in Bitcoin
 # Standard transactions weigh at most 400 000 WU, so no standard serialization is
@@ -38,6 +45,16 @@ MAX_REQUESTS = 10_000
 MAX_OPINIONS = 1_000
 # A bad map key is echoed in the field name; never echo more than a pubkey's length.
 _MAX_KEY_ECHO = 66
+
+# What a response's `result` may take: the rest of a frame carries the JSON-RPC envelope
+# and the caller's echoed `id` (a longer string id gets "response too large").
+RESULT_BUDGET = MAX_PLAINTEXT - 4096
+# What the list of one get_spend_requests / get_spend_opinions page may take, next to
+# the other members of its result and the longest cursor.
+SPEND_REQUESTS_PAGE_BUDGET = (RESULT_BUDGET - len('{"requests":,"cursor":""}')
+                              - MAX_CURSOR_CHARS)
+SPEND_OPINIONS_PAGE_BUDGET = (RESULT_BUDGET - len('{"vault_id":"","opinions":,"cursor":""}')
+                              - 64 - MAX_CURSOR_CHARS)
 
 PSBT_MAGIC = b"psbt\xff"
 
@@ -176,7 +193,9 @@ def _check_base64(field: str, value: Any, max_bytes: int) -> bytes:
     return raw
 
 
-def _check_transaction(field: str, value: Any) -> str:
+def _check_transaction(field: str, value: Any, max_chars: int | None = None) -> str:
+    if max_chars is not None and isinstance(value, str) and len(value) > max_chars:
+        raise ParamsError(field, f"longer than {max_chars} characters")
     raw = _check_base64(field, value, MAX_TX_BYTES)
     try:
         tx = CTransaction.deserialize(raw)
@@ -307,7 +326,8 @@ class RequestSpendParams:
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
         return cls(
-            transaction=_check_transaction("transaction", _require(obj, "transaction")),
+            transaction=_check_transaction("transaction", _require(obj, "transaction"),
+                                           MAX_SPEND_REQUEST_TX_CHARS),
             timestamp=_check_int("timestamp", _require(obj, "timestamp"), MAX_TIMESTAMP),
             vault_id=_id("vault_id", _require(obj, "vault_id")),
         )
@@ -317,18 +337,41 @@ class RequestSpendParams:
                 "vault_id": self.vault_id}
 
 
+def _check_cursor(field: str, value: Any) -> str:
+    """An opaque cursor as a server wrote it: printable ASCII, bounded."""
+    if not isinstance(value, str):
+        raise ParamsError(field, "not a string")
+    if len(value) > MAX_CURSOR_CHARS:
+        raise ParamsError(field, f"longer than {MAX_CURSOR_CHARS} characters")
+    if not value.isascii() or not value.isprintable():
+        raise ParamsError(field, "not a cursor")
+    return value
+
+
+def _optional_cursor(obj: dict, field: str) -> str | None:
+    # Absent and null both mean "from the oldest" (seed clients send {}).
+    value = obj.get(field)
+    return None if value is None else _check_cursor(field, value)
+
+
 @dataclass(frozen=True, slots=True)
 class GetSpendRequestsParams:
+    since: str | None = None      # a previous result's `cursor`; None: from the oldest
+
     @classmethod
     def parse(cls, obj: Any) -> Self:
-        _require_object(obj)
-        return cls()
+        obj = _require_object(obj)
+        return cls(since=_optional_cursor(obj, "since"))
 
     def to_json(self) -> dict:
-        return {}
+        return {} if self.since is None else {"since": self.since}
 
 
 _SPEND_REQUEST_JSON_OVERHEAD = len('{"transaction":"","timestamp":,"vault_id":""}')
+# A spend request must fit alone in one get_spend_requests page, or no poller could
+# ever be given it (and it would sit in every page's way).
+MAX_SPEND_REQUEST_TX_CHARS = (SPEND_REQUESTS_PAGE_BUDGET - len("[]") - _SPEND_REQUEST_JSON_OVERHEAD
+                              - 64 - len(str(MAX_TIMESTAMP - 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,22 +402,35 @@ class SpendRequest:
 @dataclass(frozen=True, slots=True)
 class GetSpendRequestsResult:
     requests: list[SpendRequest] = field(default_factory=list)
+    cursor: str | None = None     # pass as `since` next time; None from a seed server
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
         items = _check_list("requests", _require(obj, "requests"), MAX_REQUESTS)
         return cls(requests=[_nested(f"requests[{i}]", SpendRequest.parse, item)
-                             for i, item in enumerate(items)])
+                             for i, item in enumerate(items)],
+                   cursor=_optional_cursor(obj, "cursor"))
 
     def to_json(self) -> dict:
-        return {"requests": [r.to_json() for r in self.requests]}
+        result: dict = {"requests": [r.to_json() for r in self.requests]}
+        if self.cursor is not None:
+            result["cursor"] = self.cursor
+        return result
+
+
+def reason_json_bytes(reason: str) -> int:
+    """Bytes of `reason` in the relay's encoding (compact JSON string, UTF-8)."""
+    return len(json.dumps(reason, ensure_ascii=False).encode("utf-8"))
 
 
 def _check_opinion_reason(accept: bool, reason: Any) -> str:
     reason = _check_str("reason", reason, MAX_REASON_CHARS)
     if not accept and not reason:
         raise ParamsError("reason", "must be non-empty when the spend is refused")
+    if reason_json_bytes(reason) > MAX_REASON_JSON_BYTES:
+        raise ParamsError("reason", f"longer than {MAX_REASON_JSON_BYTES} bytes once "
+                                    "encoded as JSON")
     return reason
 
 
@@ -441,24 +497,39 @@ class RelayedOpinion:
         return {"accepted": self.accepted, "reason": self.reason, "sig": self.sig,
                 "pubkey": self.pubkey, "txid": self.txid}
 
+    def json_size(self) -> int:
+        """Bytes of `to_json()` in the compact encoding; only `reason` may be escaped."""
+        return (_RELAYED_OPINION_JSON_OVERHEAD + (4 if self.accepted else 5)
+                + reason_json_bytes(self.reason) + len(self.sig) + len(self.pubkey)
+                + len(self.txid))
+
+
+_RELAYED_OPINION_JSON_OVERHEAD = len('{"accepted":,"reason":,"sig":"","pubkey":"","txid":""}')
+
 
 @dataclass(frozen=True, slots=True)
 class GetSpendOpinionsParams:
     vault_id: str
+    since: str | None = None      # a previous result's `cursor` for this vault
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
-        return cls(vault_id=_id("vault_id", _require(obj, "vault_id")))
+        return cls(vault_id=_id("vault_id", _require(obj, "vault_id")),
+                   since=_optional_cursor(obj, "since"))
 
     def to_json(self) -> dict:
-        return {"vault_id": self.vault_id}
+        params = {"vault_id": self.vault_id}
+        if self.since is not None:
+            params["since"] = self.since
+        return params
 
 
 @dataclass(frozen=True, slots=True)
 class GetSpendOpinionsResult:
     vault_id: str
     opinions: list[RelayedOpinion] = field(default_factory=list)
+    cursor: str | None = None     # pass as `since` next time; None from a seed server
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
@@ -467,10 +538,15 @@ class GetSpendOpinionsResult:
         items = _check_list("opinions", _require(obj, "opinions"), MAX_OPINIONS)
         return cls(vault_id=vault_id,
                    opinions=[_nested(f"opinions[{i}]", RelayedOpinion.parse, item)
-                             for i, item in enumerate(items)])
+                             for i, item in enumerate(items)],
+                   cursor=_optional_cursor(obj, "cursor"))
 
     def to_json(self) -> dict:
-        return {"vault_id": self.vault_id, "opinions": [o.to_json() for o in self.opinions]}
+        result: dict = {"vault_id": self.vault_id,
+                        "opinions": [o.to_json() for o in self.opinions]}
+        if self.cursor is not None:
+            result["cursor"] = self.cursor
+        return result
 
 
 @dataclass(frozen=True, slots=True)
