@@ -120,12 +120,9 @@ def sync_config(peers: Peers, **extra) -> dict:
 class Sync:
     """A running sync server and a way to talk to it as any of the peers."""
 
-    def __init__(self, tmp: Path, peers: Peers, config: dict, name: str = "sync-server"):
+    def __init__(self, tmp: Path, peers: Peers, config: dict):
         self.peers = peers
-        self.config = config
-        self.daemon = DaemonProcess("sync-server", write_config(tmp / f"{name}.toml", config),
-                                    tmp)
-        self.daemon.stderr_path = tmp / f"{name}.stderr"
+        self.daemon = DaemonProcess("sync-server", write_config(tmp / "sync.toml", config), tmp)
 
     async def client(self, who: NoiseIdentity) -> RpcClient:
         return await RpcClient.connect(HOST, self.daemon.port, who.private,
