@@ -38,7 +38,9 @@ from typing import Callable
 
 import aiosqlite
 
-from revault.cosigner_signing import Outpoint, SigningRequest
+from revault.cosigner_signing import SigningRequest
+from revault.errors import Refused
+from revault.primitives import OutPoint
 from revault.storage import open_database, run_in_database_thread
 
 log = logging.getLogger("revault.cosigner.store")
@@ -73,13 +75,13 @@ def lookup_sql(count: int) -> str:
             "JOIN signatures AS s ON s.txid = q.column1 AND s.vout = q.column2")
 
 
-class StoreClosed(Exception):
-    """The store is shutting down; the request was not signed."""
+class StoreClosed(Refused):
+    """The store is shutting down; the request was not signed (-32002 on the wire)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StoredSignature:
-    outpoint: Outpoint
+    outpoint: OutPoint
     signature: bytes   # DER, no sighash byte
     digest: bytes      # what was signed
     spend_txid: str    # the transaction of the first request
@@ -95,7 +97,7 @@ class SignOutcome:
 
 @dataclass(slots=True)
 class _Job:
-    outpoint: Outpoint
+    outpoint: OutPoint
     request: SigningRequest | None      # None: a read-only lookup
     manager: bytes
     future: asyncio.Future
@@ -125,7 +127,7 @@ class SignatureStore:
         row is durable."""
         return await self._submit(_Job(request.outpoint, request, manager, self._future()))
 
-    async def get(self, outpoint: Outpoint) -> StoredSignature | None:
+    async def get(self, outpoint: OutPoint) -> StoredSignature | None:
         outcome = await self._submit(_Job(outpoint, None, b"", self._future()))
         return outcome.stored if outcome is not None else None
 
@@ -190,7 +192,7 @@ class SignatureStore:
 
 
 def _transaction(conn: sqlite3.Connection,
-                 work: list[tuple[Outpoint, SigningRequest | None, bytes]],
+                 work: list[tuple[OutPoint, SigningRequest | None, bytes]],
                  signer: Signer, now: int) -> list[SignOutcome | None]:
     """On the database thread: BEGIN IMMEDIATE, read every outpoint of the batch, sign
     the absent ones in arrival order (a later job for an outpoint signed earlier in the
@@ -200,9 +202,9 @@ def _transaction(conn: sqlite3.Connection,
         outpoints = list(dict.fromkeys(outpoint for outpoint, _, _ in work))
         rows = conn.execute(lookup_sql(len(outpoints)),
                             [v for op in outpoints for v in (op.txid, op.vout)]).fetchall()
-        known: dict[Outpoint, StoredSignature] = {}
+        known: dict[OutPoint, StoredSignature] = {}
         for txid, vout, signature, digest, spend_txid, manager, created_at in rows:
-            outpoint = Outpoint(txid, vout)
+            outpoint = OutPoint(txid, vout)
             known[outpoint] = StoredSignature(outpoint, bytes(signature), bytes(digest),
                                               spend_txid, bytes(manager), created_at)
         results: list[SignOutcome | None] = []

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator
 
+from revault.errors import Refused
 from revault.paging import Cursor, Stream, stream_name
 
 DAY = 86_400
@@ -93,8 +94,8 @@ QUOTA_NAMES = {
 }
 
 
-class QuotaExceeded(Exception):
-    """A write refused because it would take a table over one of its `Quotas`."""
+class QuotaExceeded(Refused):
+    """A write refused because it would take a table over one of its `Quotas` (-32002)."""
 
     def __init__(self, quota: str, limit: int, per_peer_share: bool = False):
         self.quota = quota
@@ -103,8 +104,9 @@ class QuotaExceeded(Exception):
         super().__init__(f"quota {quota} reached ({limit}{share})")
 
 
-class Taken(Exception):
-    """A write refused because the entry belongs to another peer (DESIGN.md, "Roles")."""
+class Taken(Refused):
+    """A write refused because the entry belongs to another peer (DESIGN.md, "Roles"),
+    -32002."""
 
     def __init__(self, field: str, reason: str):
         self.field = field

@@ -31,6 +31,7 @@ import sqlite3
 
 import aiosqlite
 
+from revault.errors import Refused
 from revault.paging import Cursor, Stream
 from revault.storage import (
     open_database, open_read_only, run_in_database_thread, sqlite_connection,
@@ -278,7 +279,7 @@ class SqliteSyncStore:
     async def _write(self, make_plan: Callable[[Rules], Plan]) -> object:
         """Run the plan atomically and return once it is durably committed."""
         if self._closed:
-            raise RuntimeError("store is closed")
+            raise Refused("sync server is shutting down")
         future = asyncio.get_running_loop().create_future()
         # A caller cancelled while waiting (its peer went away) leaves the outcome to
         # nobody: retrieve it so asyncio does not report it as lost.

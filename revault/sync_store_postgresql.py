@@ -25,6 +25,7 @@ from typing import Callable
 
 import asyncpg
 
+from revault.errors import Refused
 from revault.paging import Cursor, Stream
 from revault.storage import StorageError
 from revault.sync_rules import (
@@ -242,7 +243,7 @@ class PostgresSyncStore:
     async def _write(self, make_plan: Callable[[Rules], Plan]):
         """Run the plan in the next group transaction; return once it is committed."""
         if self._closed:
-            raise RuntimeError("store is closed")
+            raise Refused("sync server is shutting down")
         future = asyncio.get_running_loop().create_future()
         # A caller cancelled while waiting (its peer went away) leaves the outcome to
         # nobody: retrieve it so asyncio does not report it as lost.

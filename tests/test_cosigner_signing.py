@@ -9,8 +9,9 @@ import sqlite3
 
 import pytest
 
-from revault.cosigner_signing import CosignerKey, Outpoint, PsbtRefused, script_pushes
+from revault.cosigner_signing import CosignerKey, PsbtRefused, script_pushes
 from revault.cosigner_store import DATABASE_NAME, MIGRATIONS, SignatureStore, lookup_sql
+from revault.primitives import OutPoint
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, kv, make_spend,
                                          p2wsh, pubkey, random_key, serialize_psbt)
 
@@ -36,7 +37,7 @@ def test_signature_verifies_against_independent_bip143_digest(key, index):
     request = key.prepare(spend.psbt(), index)
     digest = spend.digest(index)  # python-bitcoinlib, not embit
     assert request.digest == digest
-    assert request.outpoint == Outpoint(spend.inputs[index].txid.hex(), spend.inputs[index].vout)
+    assert request.outpoint == OutPoint(spend.inputs[index].txid.hex(), spend.inputs[index].vout)
     assert request.amount == spend.inputs[index].amount
     assert request.spend_txid == spend.tx().GetTxid()[::-1].hex()
     assert_valid_signature(key.sign(request.digest), digest, key.public_key)
@@ -266,8 +267,8 @@ async def test_store_signs_once_per_outpoint(tmp_path, key):
     third = make_spend(key.public_key, txid=txid, vout=1)
     d = await store.sign_once(key.prepare(third.psbt(), 0), b"o" * 32)
     assert not d.new and d.stored.signature == a.stored.signature
-    assert await store.get(Outpoint(txid.hex(), 1)) == a.stored
-    assert await store.get(Outpoint(txid.hex(), 7)) is None
+    assert await store.get(OutPoint(txid.hex(), 1)) == a.stored
+    assert await store.get(OutPoint(txid.hex(), 7)) is None
     await store.close()
     assert len(rows(path)) == 2
 
@@ -350,7 +351,7 @@ async def test_store_batch_with_repeats_and_lookups(tmp_path, key):
     txid = os.urandom(32)
     same = [key.prepare(make_spend(key.public_key, txid=txid).psbt(), 0) for _ in range(5)]
     fresh = [key.prepare(make_spend(key.public_key).psbt(), 0) for _ in range(5)]
-    jobs = [store.sign_once(same[0], b"a" * 32), store.get(Outpoint(txid.hex(), 0)),
+    jobs = [store.sign_once(same[0], b"a" * 32), store.get(OutPoint(txid.hex(), 0)),
             *(store.sign_once(r, b"b" * 32) for r in same[1:] + fresh)]
     first, looked_up, *rest = await asyncio.gather(*jobs)
     await store.close()
