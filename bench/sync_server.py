@@ -66,7 +66,12 @@ def spend_tx(seed: str) -> tuple[str, str]:
 
 class Workload:
     """The six sync-server calls, cycled per client; rows are replaced, not piled up,
-    so the run measures steady state rather than quota refusals."""
+    so the run measures steady state rather than quota refusals. A client's
+    request_spend re-sends its pending request (as a resuming wallet does), and every
+    NEW_ATTEMPT_EVERY-th one is a new attempt (a new timestamp): what a watchtower's
+    cursor brings back."""
+
+    NEW_ATTEMPT_EVERY = 8
 
     METHODS = ("sig", "get_sigs", "request_spend", "get_spend_requests", "spend_opinion",
                "get_spend_opinions")
@@ -90,8 +95,9 @@ class Workload:
         params = {
             "sig": lambda: {"pubkey": self.pubkey, "signature": self.sigs[n % 8], "id": tx_id},
             "get_sigs": lambda: {"id": tx_id},
-            "request_spend": lambda: {"transaction": self.tx, "timestamp": n,
-                                      "vault_id": self.vault},
+            "request_spend": lambda: {
+                "transaction": self.tx, "vault_id": self.vault,
+                "timestamp": n // (len(self.METHODS) * self.NEW_ATTEMPT_EVERY)},
             "get_spend_requests": lambda: (
                 {"since": self.cursor} if self.cursors and self.cursor else {}),
             "spend_opinion": lambda: self.opinion,

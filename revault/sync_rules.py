@@ -245,8 +245,28 @@ class Rules:
         yield Execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
         return live[0][0]
 
+    def _refresh_if_same(self, table: str, key: dict[str, Any], values: dict[str, Any],
+                         submitter: bytes) -> Plan:
+        """True (and the row's age refreshed) when the live row at `key` already holds
+        `values` from `submitter`: sent again, it is not stored anew, so a poller's
+        cursor does not bring it back (a wallet resuming re-sends what it sent)."""
+        where = " AND ".join(f"{column} = ?" for column in key)
+        columns = ", ".join(values)
+        rows = yield Query(f"SELECT {columns}, submitter FROM {table} WHERE {where} "
+                           f"AND stored_at > ?", (*key.values(), self.cutoff(table)))
+        if not rows or tuple(rows[0][:-1]) != tuple(values.values()) \
+                or bytes(rows[0][-1]) != submitter:
+            return False
+        yield Execute(f"UPDATE {table} SET stored_at = ? WHERE {where}",
+                      (self.now, *key.values()))
+        return True
+
     def put_spend_request(self, vault_id: str, txid: str, transaction: str, timestamp: int,
                           submitter: bytes) -> Plan:
+        if (yield from self._refresh_if_same(
+                "spend_requests", {"vault_id": vault_id, "txid": txid},
+                {"tx": transaction, "request_timestamp": timestamp}, submitter)):
+            return
         yield from self._admit("spend_requests", {"vault_id": vault_id, "txid": txid},
                                submitter)
         seq = yield from self._next_seq("spend_requests")
@@ -265,8 +285,14 @@ class Rules:
                             "AND stored_at > ?", (pubkey, self.cutoff("opinions")))
         if owner and bytes(owner[0][0]) != submitter:
             raise Taken("pubkey", "this opinion key is used by another watchtower")
-        yield from self._admit("opinions", {"vault_id": vault_id, "txid": txid,
-                                            "pubkey": pubkey}, submitter)
+        key = {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}
+        if (yield from self._refresh_if_same(
+                "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
+                                  "sig": sig}, submitter)):
+            yield Execute("UPDATE opinion_keys SET stored_at = ? WHERE pubkey = ?",
+                          (self.now, pubkey))
+            return
+        yield from self._admit("opinions", key, submitter)
         seq = yield from self._next_seq("opinions")
         yield Execute(
             "INSERT INTO opinions "

@@ -598,6 +598,11 @@ async def test_cursor_lists_only_what_is_new_and_seed_clients_still_work(own_syn
     assert isinstance(first["cursor"], str)
     same = await sync.call(p.watchtower, "get_spend_requests", {"since": first["cursor"]})
     assert same == {"requests": [], "cursor": first["cursor"]}
+    # The same request sent again (a wallet resuming) is not new.
+    await sync.call(p.manager, "request_spend",
+                    {"transaction": txs[1][0], "timestamp": 1, "vault_id": vault})
+    same = await sync.call(p.watchtower, "get_spend_requests", {"since": first["cursor"]})
+    assert same == {"requests": [], "cursor": first["cursor"]}
     # A new request, and a replaced one (stored anew), are what the cursor brings.
     await sync.call(p.manager, "request_spend",
                     {"transaction": txs[2][0], "timestamp": 2, "vault_id": vault})

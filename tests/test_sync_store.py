@@ -603,3 +603,22 @@ async def test_postgresql_lost_connection_fails_that_group_only(pg_dsn, clock, p
         assert await store.get_signatures(ID1) == {PK1: "30aa", PK2: "30bb"}
     finally:
         await store.close()
+
+
+async def test_the_same_write_sent_again_is_not_stored_anew(store, clock):
+    await store.put_spend_request(ID1, TXA, "tx-a", 10, ALICE)
+    await store.put_opinion(ID1, TXA, PK1, False, "no", "30aa", ALICE)
+    cursor = Cursor(store.epoch)
+    requests = fill_page(cursor, await store.spend_request_streams(cursor, 10),
+                         lambda r: 1, 100)
+    opinions = fill_page(cursor, await store.opinion_streams(ID1, cursor), lambda o: 1, 100)
+    clock.now += 5
+    await store.put_spend_request(ID1, TXA, "tx-a", 10, ALICE)
+    await store.put_opinion(ID1, TXA, PK1, False, "no", "30aa", ALICE)
+    assert await store.spend_request_streams(requests.cursor, 10) == []
+    assert await store.opinion_streams(ID1, opinions.cursor) == []
+    # ... but its age is refreshed, and anything different is new.
+    await store.put_spend_request(ID1, TXA, "tx-a", 11, ALICE)
+    await store.put_opinion(ID1, TXA, PK1, True, "", "30bb", ALICE)
+    assert len(await store.spend_request_streams(requests.cursor, 10)) == 1
+    assert len(await store.opinion_streams(ID1, opinions.cursor)) == 1
