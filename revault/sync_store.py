@@ -22,7 +22,6 @@ stores nothing.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -33,9 +32,7 @@ import aiosqlite
 
 from revault.errors import Refused
 from revault.paging import Cursor, Stream
-from revault.storage import (
-    open_database, open_read_only, run_in_database_thread, sqlite_connection,
-)
+from revault.storage import GroupCommitWriter, open_database, open_read_only
 from revault.sync_rules import (
     TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, Sharers,
     StoredOpinion, StoredSpendRequest, Taken, purge_all,
@@ -209,7 +206,6 @@ MIGRATIONS = [
 ]
 
 DATABASE_NAME = "sync-server.sqlite3"
-MAX_GROUP = 256      # writes per transaction: bounds the wait of the writes behind them
 
 
 def run_plan(db: sqlite3.Connection, plan: Plan):
@@ -228,26 +224,26 @@ def run_plan(db: sqlite3.Connection, plan: Plan):
 class SqliteSyncStore:
     """`SyncStore` on SQLite: one connection for writes, one for reads.
 
-    Writes go through a queue to a single writer task, which holds the write connection
-    and never waits on the network; a peer that hangs up while its write is queued or
-    committing changes nothing for that write or the others. Reads use their own
-    read-only connection on the event loop thread (see storage.open_read_only), so in
-    WAL mode they never wait for a commit's fsync nor for the GIL.
+    Writes are jobs of the database's `GroupCommitWriter` (storage.py), which holds the
+    write connection and never waits on the network; a peer that hangs up while its
+    write is queued or committing changes nothing for that write or the others. Each job
+    drives one sync_rules plan. Reads use their own read-only connection on the event
+    loop thread (see storage.open_read_only), so in WAL mode they never wait for a
+    commit's fsync nor for the GIL.
     """
 
     def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection, epoch: str,
                  retention: Retention, quotas: Quotas, sharers: Sharers,
                  clock: Callable[[], float]):
-        self._writer = writer
         self._reader = reader
         self.epoch = epoch
         self._retention = retention
         self._quotas = quotas
         self._sharers = sharers
         self._clock = clock
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._writer_task: asyncio.Task | None = None
-        self._closed = False
+        self._writer = GroupCommitWriter(
+            writer, name="sync-store",
+            closed_error=lambda: Refused("sync server is shutting down"))
 
     @classmethod
     async def open(cls, path: Path, retention: Retention = Retention(),
@@ -265,9 +261,7 @@ class SqliteSyncStore:
             reader.close()
             await writer.close()
             raise
-        store = cls(writer, reader, epoch, retention, quotas, sharers, clock)
-        store._writer_task = asyncio.get_running_loop().create_task(store._write_loop())
-        return store
+        return cls(writer, reader, epoch, retention, quotas, sharers, clock)
 
     def _rules(self) -> Rules:
         return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
@@ -278,83 +272,7 @@ class SqliteSyncStore:
 
     async def _write(self, make_plan: Callable[[Rules], Plan]) -> object:
         """Run the plan atomically and return once it is durably committed."""
-        if self._closed:
-            raise Refused("sync server is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        # A caller cancelled while waiting (its peer went away) leaves the outcome to
-        # nobody: retrieve it so asyncio does not report it as lost.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.put_nowait((make_plan, future))
-        return await asyncio.shield(future)
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = await self._queue.get()
-            if item is None:
-                break
-            group = [item]
-            while len(group) < MAX_GROUP and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            try:
-                # Statements on the loop thread (microseconds each), then the COMMIT and
-                # its fsync in one hop to the database thread: one GIL hand-over per group.
-                outcomes = self._run_group(sqlite_connection(self._writer),
-                                           [make_plan for make_plan, _ in group])
-                await run_in_database_thread(self._writer, self._finish_transaction)
-            except Exception as e:
-                # Nothing of this group is durable: every write in it fails, none is acked.
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), (error, result) in zip(group, outcomes):
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-
-    def _run_group(self, db: sqlite3.Connection, plans: list) -> list:
-        """One transaction, one savepoint per write; left open for _finish_transaction."""
-        rules = self._rules()
-        outcomes: list[tuple[Exception | None, object]] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for make_plan in plans:
-                db.execute("SAVEPOINT write")
-                try:
-                    result = run_plan(db, make_plan(rules))
-                except Exception as e:
-                    db.execute("ROLLBACK TO write")
-                    db.execute("RELEASE write")
-                    outcomes.append((e, None))
-                    continue
-                db.execute("RELEASE write")
-                outcomes.append((None, result))
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return outcomes
-
-    def _finish_transaction(self, db: sqlite3.Connection) -> None:
-        """On the database thread: COMMIT (durable with synchronous=FULL), or roll back."""
-        try:
-            self._commit(db)
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    @staticmethod
-    def _commit(db: sqlite3.Connection) -> None:
-        db.execute("COMMIT")
+        return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
 
     # --- the SyncStore methods ---------------------------------------------------------
 
@@ -393,12 +311,6 @@ class SqliteSyncStore:
         return self._read(lambda r: r.row_counts())
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer_task is not None:
-            # Writes already queued are committed (and acknowledged) before closing.
-            self._queue.put_nowait(None)
-            await self._writer_task
-        self._reader.close()
+        # Writes already queued are committed (and acknowledged) before closing.
         await self._writer.close()
+        self._reader.close()

@@ -19,7 +19,6 @@ plans, the same the SQLite store runs, so a write means the same on both:
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Callable
 
@@ -27,18 +26,15 @@ import asyncpg
 
 from revault.errors import Refused
 from revault.paging import Cursor, Stream
-from revault.storage import StorageError
+from revault.storage import GroupCommitWriter, StorageError
 from revault.sync_rules import (
-    Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, Sharers,
-    StoredOpinion, StoredSpendRequest, TABLES, Taken, purge_all,
+    TABLES, Execute, Plan, Quotas, Retention, Rules, Sharers, StoredOpinion,
+    StoredSpendRequest, purge_all,
 )
-
-log = logging.getLogger("revault.sync_store")
 
 # pg_advisory_xact_lock keys: one for writers, one for migrations ("revault" in ASCII).
 WRITE_LOCK = 0x7265_7661_756C_7401
 MIGRATION_LOCK = 0x7265_7661_756C_7402
-MAX_GROUP = 256          # writes per transaction: bounds the wait of the writes behind
 POOL_SIZE = 8
 
 _COUNT_TRIGGERS = "".join(f"""
@@ -191,6 +187,30 @@ def describe_dsn(dsn: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}@{host}" if at else dsn
 
 
+class PostgresGroupCommit(GroupCommitWriter):
+    """storage.GroupCommitWriter's batching on a PostgreSQL pool: each batch is one
+    transaction holding the write lock, each job (a coroutine function of the
+    connection) in its own SAVEPOINT."""
+
+    async def _transaction(self, jobs: list) -> list[tuple[Exception | None, object]]:
+        outcomes: list[tuple[Exception | None, object]] = []
+        async with self.db.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+                for job in jobs:
+                    try:
+                        async with conn.transaction():  # a SAVEPOINT
+                            outcomes.append((None, await job(conn)))
+                    except Exception as e:
+                        # As on SQLite, a refused or failed write rolls back alone; a
+                        # broken connection fails the ROLLBACK TO, and so the batch.
+                        outcomes.append((e, None))
+        return outcomes
+
+    async def _close_database(self) -> None:
+        await self.db.close()
+
+
 class PostgresSyncStore:
     """`SyncStore` on PostgreSQL: a connection pool, one write transaction at a time."""
 
@@ -202,9 +222,9 @@ class PostgresSyncStore:
         self._quotas = quotas
         self._sharers = sharers
         self._clock = clock
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._writer_task: asyncio.Task | None = None
-        self._closed = False
+        self._writer = PostgresGroupCommit(
+            pool, name="sync-store (postgresql)",
+            closed_error=lambda: Refused("sync server is shutting down"))
 
     @classmethod
     async def open(cls, dsn: str, retention: Retention = Retention(),
@@ -228,9 +248,7 @@ class PostgresSyncStore:
         except BaseException:
             await pool.close()
             raise
-        store = cls(pool, epoch, retention, quotas, sharers, clock)
-        store._writer_task = asyncio.get_running_loop().create_task(store._write_loop())
-        return store
+        return cls(pool, epoch, retention, quotas, sharers, clock)
 
     def _rules(self) -> Rules:
         return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
@@ -242,58 +260,7 @@ class PostgresSyncStore:
 
     async def _write(self, make_plan: Callable[[Rules], Plan]):
         """Run the plan in the next group transaction; return once it is committed."""
-        if self._closed:
-            raise Refused("sync server is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        # A caller cancelled while waiting (its peer went away) leaves the outcome to
-        # nobody: retrieve it so asyncio does not report it as lost.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.put_nowait((make_plan, future))
-        return await asyncio.shield(future)
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = await self._queue.get()
-            if item is None:
-                break
-            group = [item]
-            while len(group) < MAX_GROUP and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            try:
-                outcomes = await self._commit_group([make_plan for make_plan, _ in group])
-            except Exception as e:
-                # Nothing of this group is durable: every write in it fails, none is acked.
-                log.error("write transaction failed: %s: %s", type(e).__qualname__, e)
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), (error, result) in zip(group, outcomes):
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-
-    async def _commit_group(self, plans: list) -> list:
-        outcomes: list[tuple[Exception | None, object]] = []
-        rules = self._rules()
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-                for make_plan in plans:
-                    try:
-                        async with conn.transaction():  # a SAVEPOINT
-                            outcomes.append((None, await run_plan(conn, make_plan(rules))))
-                    except (QuotaExceeded, Taken) as e:
-                        outcomes.append((e, None))
-        return outcomes
+        return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
 
     # --- the SyncStore methods ---------------------------------------------------------
 
@@ -332,12 +299,6 @@ class PostgresSyncStore:
         return await self._read(lambda r: r.row_counts())
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer_task is not None:
-            # Writes already queued are committed (and acknowledged) before closing.
-            self._queue.put_nowait(None)
-            await self._writer_task
-        await self._pool.close()
+        # Writes already queued are committed (and acknowledged) before closing.
+        await self._writer.close()
 
