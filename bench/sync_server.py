@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import os
 import resource
 import sys
 import tempfile
@@ -135,8 +136,18 @@ async def close_all(clients: list[RpcClient]) -> None:
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used (their /proc stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 async def load(port: int | list[int], identities, server, clients: int, seconds: float,
-               make_request, cursors: bool = True) -> dict:
+               make_request, cursors: bool = True, pids: list[int] = ()) -> dict:
     conns = await connect_many(port, identities, server, clients)
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
@@ -168,11 +179,17 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(conns)]
     measure_from = loop.time() + warmup
     measure_until = measure_from + seconds
+    # The servers' own CPU over the window: on a busy machine wall rates move with the
+    # other load, CPU per request much less.
+    cpu: list[float] = []
+    loop.call_at(measure_from, lambda: cpu.append(cpu_seconds(pids)))
+    loop.call_at(measure_until, lambda: cpu.append(cpu_seconds(pids)))
     start.set()
     await asyncio.gather(*tasks)
     await close_all(conns)
     every = sorted(x for xs in latencies.values() for x in xs)
     return {
+        "cpu_us": (cpu[1] - cpu[0]) / max(1, len(every)) * 1e6 if len(cpu) == 2 else 0.0,
         "rps": len(every) / seconds,
         "p50": percentile(every, 50),
         "p99": percentile(every, 99),
@@ -265,7 +282,7 @@ async def postgres_phases(tmp: Path, ids, server, args) -> dict[str, dict]:
                 await daemon.start()
             results[f"postgresql, {processes} process{'es' if processes > 1 else ''}"] = (
                 await load([d.port for d in group], ids, server, args.clients, args.seconds,
-                           lambda w, n: w.request(n)))
+                           lambda w, n: w.request(n), pids=[d.proc.pid for d in group]))
             for daemon in group:
                 status = await daemon.stop()
                 if status != 0:
@@ -294,12 +311,12 @@ async def main_async(args) -> int:
                       f"per connection, {args.seconds:g} s measured after warm-up; both "
                       f"servers are daemon subprocesses; the client is one asyncio process")
                 ceiling = await load(echo.port, ids, server, args.clients, args.seconds,
-                                     echo_request)
+                                     echo_request, pids=[echo.proc.pid])
                 mixed = await load(sync.port, ids, server, args.clients, args.seconds,
-                                   lambda w, n: w.request(n))
+                                   lambda w, n: w.request(n), pids=[sync.proc.pid])
                 others = {"sqlite, watchtowers polling without cursors": await load(
                     sync.port, ids, server, args.clients, args.seconds,
-                    lambda w, n: w.request(n), cursors=False)}
+                    lambda w, n: w.request(n), cursors=False, pids=[sync.proc.pid])}
                 echo_rss = await idle_rss(echo, ids, server, args.idle)
                 sync_rss = await idle_rss(sync, ids, server, args.idle)
                 if not args.no_postgresql:
@@ -321,15 +338,18 @@ async def main_async(args) -> int:
 def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss, others: dict) -> None:
     print()
     print(f"echo ceiling:        {ceiling['rps']:8.0f} req/s   p50 {ms(ceiling['p50'])}   "
-          f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)")
+          f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)   "
+          f"server CPU {ceiling['cpu_us']:.0f} us/request")
     for name, result in {"sync server, mixed (sqlite, watchtowers with cursors)": mixed,
                          **{f"sync server, mixed ({k})": v for k, v in others.items()}}.items():
         print(f"{name}:")
         print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
-              f"p99 {ms(result['p99'])}   ({result['count']} requests)")
+              f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
+              f"server CPU {result['cpu_us']:.0f} us/request")
         print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
               f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
-              f"p99 {result['p99'] / ceiling['p99']:.2f}x")
+              f"p99 {result['p99'] / ceiling['p99']:.2f}x   "
+              f"CPU per request (ceiling's / ours) {ceiling['cpu_us'] / result['cpu_us']:.2f}x")
         print("  per method:          req/s        p50          p99")
         for method, (rps, p50, p99) in result["by_method"].items():
             print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")

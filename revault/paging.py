@@ -134,30 +134,24 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
     an item's size below the budget), so a page never comes back empty while something
     is pending, and a poller always makes progress.
     """
+    # Round k offers every stream's k-th unlisted item; a round is served in storage
+    # order. So the order of consideration is (k, seq), and each stream's listed items
+    # are a prefix of its items. The page ends at the first item that does not fit.
+    order = sorted((k, seq, s.name, item) for s in streams
+                   for k, (seq, item) in enumerate(s.items))
     used = 2
     listed: list[tuple[int, str, Item]] = []
     heads = {s.name: 0 for s in streams}
-    by_name = {s.name: s for s in streams}
     tracked = {name for name, _ in cursor.positions}
-    full = False
-    while not full:
-        # One round: every stream with something left offers its oldest unlisted item;
-        # the round is served in storage order.
-        offers = sorted((s.items[heads[s.name]][0], s.name) for s in streams
-                        if heads[s.name] < len(s.items))
-        if not offers:
+    for _, seq, name, item in order:
+        cost = size(item) + (1 if listed else 0)
+        if used + cost > budget or (name not in tracked
+                                    and len(tracked) >= MAX_CURSOR_STREAMS):
             break
-        for seq, name in offers:
-            item = by_name[name].items[heads[name]][1]
-            cost = size(item) + (1 if listed else 0)
-            if used + cost > budget or (name not in tracked
-                                        and len(tracked) >= MAX_CURSOR_STREAMS):
-                full = True
-                break
-            used += cost
-            listed.append((seq, name, item))
-            tracked.add(name)
-            heads[name] += 1
+        used += cost
+        listed.append((seq, name, item))
+        tracked.add(name)
+        heads[name] += 1
     listed.sort(key=lambda entry: entry[0])
     return Page(items=[item for _, _, item in listed],
                 cursor=_advance(cursor, streams, heads, listed),

@@ -184,6 +184,7 @@ MIGRATIONS = [
         SELECT rowid AS id, ROW_NUMBER() OVER (ORDER BY stored_at, rowid) AS n
         FROM opinions) AS ordered WHERE opinions.rowid = ordered.id;
     CREATE INDEX spend_requests_by_seq ON spend_requests (submitter, seq);
+    CREATE INDEX spend_requests_in_order ON spend_requests (seq);
     CREATE INDEX opinions_by_vault_seq ON opinions (vault_id, seq);
 
     CREATE TABLE sequences (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;

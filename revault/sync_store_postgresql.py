@@ -70,6 +70,7 @@ MIGRATIONS = [
         PRIMARY KEY (vault_id, txid)
     );
     CREATE INDEX spend_requests_by_submitter ON spend_requests (submitter, seq);
+    CREATE INDEX spend_requests_in_order ON spend_requests (seq);
     CREATE INDEX spend_requests_by_age ON spend_requests (stored_at);
 
     -- reason is the one free text: BYTEA holds any UTF-8, NUL included, unlike TEXT.
