@@ -151,6 +151,13 @@ class StoredOpinion(NamedTuple):
     stored_at: int
 
 
+class _Row(NamedTuple):
+    """What a write needs of the row it would replace."""
+    submitter: bytes
+    live: bool                  # not expired
+    values: tuple               # the other columns asked for
+
+
 @dataclass(frozen=True, slots=True)
 class Rules:
     """The rules as configured, at one instant (`now`), in one backend's dialect."""
@@ -199,13 +206,22 @@ class Rules:
         if (yield from self._used(table, submitter)) >= limit:
             raise QuotaExceeded(quota, limit)
 
-    def _admit(self, table: str, key: dict[str, str], submitter: bytes) -> Plan:
-        """Every quota check before writing the row of `table` that `key` identifies."""
-        group_column, total, per_group, per_peer = QUOTA_NAMES[table]
+    def _existing(self, table: str, key: dict[str, Any], columns: tuple[str, ...] = ()) -> Plan:
+        """The row of `table` at `key`, live or expired, as a `_Row`, or None."""
         where = " AND ".join(f"{column} = ?" for column in key)
-        existing = yield Query(f"SELECT submitter FROM {table} WHERE {where}",
-                               tuple(key.values()))
-        if not existing:
+        rows = yield Query(f"SELECT submitter, stored_at{''.join(', ' + c for c in columns)} "
+                           f"FROM {table} WHERE {where}", tuple(key.values()))
+        if not rows:
+            return None
+        row = rows[0]
+        return _Row(bytes(row[0]), row[1] > self.cutoff(table), tuple(row[2:]))
+
+    def _admit(self, table: str, key: dict[str, str], submitter: bytes,
+               existing: _Row | None) -> Plan:
+        """Every quota check before writing the row of `table` that `key` identifies
+        (`existing`, as `_existing` read it)."""
+        group_column, total, per_group, per_peer = QUOTA_NAMES[table]
+        if existing is None:
             yield from self._check_total(table, total)
             group = yield Query(f"SELECT submitter FROM {table} WHERE {group_column} = ? "
                                 f"AND stored_at > ?", (key[group_column], self.cutoff(table)))
@@ -215,7 +231,7 @@ class Rules:
             share = max(1, limit // self.sharers.of(table))
             if sum(1 for row in group if bytes(row[0]) == submitter) >= share:
                 raise QuotaExceeded(per_group, share, per_peer_share=True)
-        if not existing or bytes(existing[0][0]) != submitter:
+        if existing is None or existing.submitter != submitter:
             yield from self._check_peer(table, submitter, per_peer)
 
     def _next_seq(self, table: str) -> Plan:
@@ -226,12 +242,12 @@ class Rules:
     # --- writes ---------------------------------------------------------------------
 
     def put_signature(self, tx_id: str, pubkey: str, signature: str, submitter: bytes) -> Plan:
-        owner = yield Query("SELECT submitter FROM signatures WHERE tx_id = ? AND pubkey = ? "
-                            "AND stored_at > ?", (tx_id, pubkey, self.cutoff("signatures")))
-        if owner and bytes(owner[0][0]) != submitter:
+        key = {"tx_id": tx_id, "pubkey": pubkey}
+        existing = yield from self._existing("signatures", key)
+        if existing is not None and existing.live and existing.submitter != submitter:
             raise Taken("pubkey", "its signature for this id was posted by another "
                                   "stakeholder (err_sig releases it)")
-        yield from self._admit("signatures", {"tx_id": tx_id, "pubkey": pubkey}, submitter)
+        yield from self._admit("signatures", key, submitter, existing)
         yield Execute(
             "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
@@ -247,28 +263,28 @@ class Rules:
 
     def _refresh_if_same(self, table: str, key: dict[str, Any], values: dict[str, Any],
                          submitter: bytes) -> Plan:
-        """True (and the row's age refreshed) when the live row at `key` already holds
-        `values` from `submitter`: sent again, it is not stored anew, so a poller's
-        cursor does not bring it back (a wallet resuming re-sends what it sent)."""
+        """(True, row) with the row's age refreshed when the live row at `key` already
+        holds `values` from `submitter`: sent again, it is not stored anew, so a poller's
+        cursor does not bring it back (a wallet resuming re-sends what it sent).
+        Otherwise (False, the row as `_existing` read it)."""
+        existing = yield from self._existing(table, key, tuple(values))
+        if (existing is None or not existing.live or existing.submitter != submitter
+                or existing.values != tuple(values.values())):
+            return False, existing
         where = " AND ".join(f"{column} = ?" for column in key)
-        columns = ", ".join(values)
-        rows = yield Query(f"SELECT {columns}, submitter FROM {table} WHERE {where} "
-                           f"AND stored_at > ?", (*key.values(), self.cutoff(table)))
-        if not rows or tuple(rows[0][:-1]) != tuple(values.values()) \
-                or bytes(rows[0][-1]) != submitter:
-            return False
         yield Execute(f"UPDATE {table} SET stored_at = ? WHERE {where}",
                       (self.now, *key.values()))
-        return True
+        return True, existing
 
     def put_spend_request(self, vault_id: str, txid: str, transaction: str, timestamp: int,
                           submitter: bytes) -> Plan:
-        if (yield from self._refresh_if_same(
-                "spend_requests", {"vault_id": vault_id, "txid": txid},
-                {"tx": transaction, "request_timestamp": timestamp}, submitter)):
+        key = {"vault_id": vault_id, "txid": txid}
+        same, existing = yield from self._refresh_if_same(
+            "spend_requests", key, {"tx": transaction, "request_timestamp": timestamp},
+            submitter)
+        if same:
             return
-        yield from self._admit("spend_requests", {"vault_id": vault_id, "txid": txid},
-                               submitter)
+        yield from self._admit("spend_requests", key, submitter, existing)
         seq = yield from self._next_seq("spend_requests")
         yield Execute(
             "INSERT INTO spend_requests "
@@ -286,13 +302,14 @@ class Rules:
         if owner and bytes(owner[0][0]) != submitter:
             raise Taken("pubkey", "this opinion key is used by another watchtower")
         key = {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}
-        if (yield from self._refresh_if_same(
-                "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
-                                  "sig": sig}, submitter)):
+        same, existing = yield from self._refresh_if_same(
+            "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
+                              "sig": sig}, submitter)
+        if same:
             yield Execute("UPDATE opinion_keys SET stored_at = ? WHERE pubkey = ?",
                           (self.now, pubkey))
             return
-        yield from self._admit("opinions", key, submitter)
+        yield from self._admit("opinions", key, submitter, existing)
         seq = yield from self._next_seq("opinions")
         yield Execute(
             "INSERT INTO opinions "
