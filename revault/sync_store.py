@@ -42,7 +42,6 @@ __all__ = ["SyncStore", "SqliteSyncStore", "QuotaExceeded", "Taken", "Quotas", "
            "Sharers", "StoredSpendRequest", "StoredOpinion", "MIGRATIONS", "DATABASE_NAME"]
 
 
-
 class SyncStore(Protocol):
     """The sync server's storage. Every write method returns once the write is durable."""
 
