@@ -23,7 +23,8 @@ from bitcoin.core import CTransaction
 
 from revault.errors import InvalidParams
 from revault.paging import MAX_CURSOR_CHARS
-from revault.primitives import MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex
+from revault.primitives import (MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex,
+                                pubkey_problem)
 from revault.transport import MAX_PLAINTEXT
 
 MAX_REASON_CHARS = 1024
@@ -100,12 +101,9 @@ def check_hex(field: str, value: Any, nbytes: int | None) -> bytes:
 def check_pubkey(field: str, value: Any) -> bytes:
     """33-byte compressed secp256k1 point, lowercase hex; returns the bytes."""
     raw = check_hex(field, value, 33)
-    if raw[0] not in (2, 3):
-        raise InvalidParams(field, "not a compressed public key")
-    try:
-        coincurve.PublicKey(raw)
-    except ValueError:
-        raise InvalidParams(field, "not a valid public key") from None
+    problem = pubkey_problem(raw)
+    if problem is not None:
+        raise InvalidParams(field, problem)
     return raw
 
 
@@ -545,15 +543,19 @@ class WatchtowerSigParams:
 class WatchtowerSigResult:
     ack: bool
     txid: str
+    reason: str = ""  # why the watchtower refused (DESIGN.md: only with "ack": false)
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
-        return cls(ack=_check_bool("ack", _require(obj, "ack")),
-                   txid=_id("txid", _require(obj, "txid")))
+        ack = _check_bool("ack", _require(obj, "ack"))
+        reason = "" if ack else _check_str("reason", obj.get("reason", ""), MAX_REASON_CHARS)
+        return cls(ack=ack, txid=_id("txid", _require(obj, "txid")), reason=reason)
 
     def to_json(self) -> dict:
-        return {"ack": self.ack, "txid": self.txid}
+        if self.ack:
+            return {"ack": True, "txid": self.txid}
+        return {"ack": False, "txid": self.txid, "reason": self.reason}
 
 
 # --- cosigner -------------------------------------------------------------------

@@ -16,6 +16,7 @@ import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from revault.bitcoind import BitcoindClient
@@ -85,9 +86,10 @@ class RegtestNode:
 
     MINER_WALLET = "miner"
 
-    def __init__(self, datadir: Path, bin_dir: Path | None = None):
+    def __init__(self, datadir: Path, bin_dir: Path | None = None, extra_conf: Sequence[str] = ()):
         self.bin_dir = bin_dir if bin_dir is not None else bitcoind_bin_dir()
         self.datadir = Path(datadir)
+        self.extra_conf = tuple(extra_conf)  # more `key=value` lines for [regtest]
         self.rpc_user = "revault-" + secrets.token_hex(4)
         self.rpc_password = secrets.token_hex(16)
         self.rpc_port = 0
@@ -120,6 +122,15 @@ class RegtestNode:
                     break
         raise RegtestError(f"bitcoind did not start: {last_error}")
 
+    def start_again(self, wallets: list[str]) -> None:
+        """Start a stopped node on the same ports (its clients keep their configuration)
+        and load `wallets` (what `listwallets` said before the stop)."""
+        self._write_conf()
+        self._spawn()
+        self._wait_ready()
+        for wallet in wallets:
+            self.cli("loadwallet", wallet)
+
     def _write_conf(self) -> None:
         conf = self.datadir / "bitcoin.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -145,6 +156,7 @@ class RegtestNode:
                 "fixedseeds=0\n"
                 "keypool=10\n"
                 "printtoconsole=0\n"
+                + "".join(f"{line}\n" for line in self.extra_conf)
             )
 
     def _spawn(self) -> None:
@@ -285,9 +297,9 @@ class RegtestNode:
         raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
 
 
-def start_node(datadir: Path) -> RegtestNode:
+def start_node(datadir: Path, extra_conf: Sequence[str] = ()) -> RegtestNode:
     """A started node with a funded miner wallet; stopped again if setup fails."""
-    node = RegtestNode(datadir)
+    node = RegtestNode(datadir, extra_conf=extra_conf)
     try:
         node.start()
         node.setup_miner_wallet()
