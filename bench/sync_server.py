@@ -118,16 +118,25 @@ def echo_request(workload: Workload, n: int) -> tuple[str, dict]:
 
 
 async def connect_many(port: int | list[int], identities: list[NoiseIdentity],
-                       server: NoiseIdentity, count: int) -> list[RpcClient]:
-    """`count` connections, spread over the ports of several processes if given."""
+                       server: NoiseIdentity, count: int,
+                       first_call: tuple[str, dict] | None = None) -> list[RpcClient]:
+    """`count` connections, spread over the ports of several processes if given.
+
+    With `first_call`, each connection makes that call before the next one opens: a
+    server counts a connection as in its handshake until its first frame decrypts, and
+    keeps few of those per address, so silent connections opened by the hundred would
+    be refused."""
     ports = port if isinstance(port, list) else [port]
     slots = asyncio.Semaphore(64)  # stay within the listen backlog
 
     async def one(i: int) -> RpcClient:
         async with slots:
-            return await RpcClient.connect(HOST, ports[i % len(ports)],
-                                           identities[i % len(identities)].private,
-                                           server.public, timeout=30)
+            rpc = await RpcClient.connect(HOST, ports[i % len(ports)],
+                                          identities[i % len(identities)].private,
+                                          server.public, timeout=30)
+            if first_call is not None:
+                await rpc.call(*first_call, timeout=60)
+            return rpc
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -154,7 +163,12 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     warmup = min(1.0, seconds / 4)
     start = asyncio.Event()
     loop = asyncio.get_running_loop()
-    measure_from = measure_until = 0.0
+    # The window opens once every client has gone through the six calls once (a
+    # watchtower's first poll, which lists everything, belongs to its start-up, not to
+    # the steady state), and no sooner than `warmup`.
+    measure_from = measure_until = float("inf")
+    warm = asyncio.Event()
+    cold = set(range(clients))
 
     async def run(i: int, rpc: RpcClient) -> None:
         workload = Workload(i, cursors)
@@ -175,16 +189,21 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
             if ok and t0 >= measure_from and t1 <= measure_until:
                 latencies[method].append(t1 - t0)
             n += 1
+            if i in cold and n - i >= len(Workload.METHODS):
+                cold.discard(i)
+                if not cold:
+                    warm.set()
 
     tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(conns)]
-    measure_from = loop.time() + warmup
-    measure_until = measure_from + seconds
+    start.set()
+    await asyncio.sleep(warmup)
+    await asyncio.wait_for(warm.wait(), PHASE_DEADLINE)
     # The servers' own CPU over the window: on a busy machine wall rates move with the
     # other load, CPU per request much less.
-    cpu: list[float] = []
-    loop.call_at(measure_from, lambda: cpu.append(cpu_seconds(pids)))
+    cpu = [cpu_seconds(pids)]
+    measure_from = loop.time()
+    measure_until = measure_from + seconds
     loop.call_at(measure_until, lambda: cpu.append(cpu_seconds(pids)))
-    start.set()
     await asyncio.gather(*tasks)
     await close_all(conns)
     every = sorted(x for xs in latencies.values() for x in xs)
@@ -217,12 +236,12 @@ def rss_kib(pid: int) -> int:
 async def idle_rss(daemon: DaemonProcess, identities, server, count: int) -> tuple[int, int]:
     """(RSS before, RSS while holding `count` idle connections) of the daemon, in KiB."""
     before = rss_kib(daemon.proc.pid)
-    conns = await connect_many(daemon.port, identities, server, count)
+    # One round trip on each: every connection has gone through the handler once, as a
+    # real idle peer between two polls has.
+    method = "get_sigs" if daemon.name == "sync-server" else "echo"
+    conns = await connect_many(daemon.port, identities, server, count,
+                               first_call=(method, {"id": h("idle")}))
     try:
-        # One round trip on each: every connection has gone through the handler once,
-        # as a real idle peer between two polls has.
-        await asyncio.gather(*(c.call("get_sigs" if daemon.name == "sync-server" else "echo",
-                                      {"id": h("idle")}, timeout=60) for c in conns))
         return before, rss_kib(daemon.proc.pid)
     finally:
         await close_all(conns)
@@ -238,8 +257,9 @@ def raise_fd_limit(needed: int) -> None:
 
 
 COMMON = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning",
-          # 8 keys hold up to 1,200 connections: lift the per-key share of slots.
-          "max_connections_per_peer": 1024}
+          # 8 keys hold up to 1,200 connections: lift the per-key share of slots, and
+          # the slots themselves (peers share max_connections - max_handshakes).
+          "max_connections_per_peer": 1024, "max_connections": 2048}
 
 
 def sync_daemon(tmp: Path, name: str, keys: list[str], storage: dict) -> DaemonProcess:
@@ -302,7 +322,7 @@ def ms(seconds: float) -> str:
 
 
 async def main_async(args) -> int:
-    raise_fd_limit(IDLE_CONNECTIONS + args.clients + 512)
+    raise_fd_limit(2048 + IDLE_CONNECTIONS + args.clients + 512)  # daemons check theirs
     with tempfile.TemporaryDirectory(prefix="revault-bench-") as tmp_name:
         tmp = Path(tmp_name)
         sync = echo = None
