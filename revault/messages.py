@@ -349,8 +349,13 @@ class SpendRequest:
         Exact because every member is ASCII that JSON never escapes (base64, hex,
         digits): a relay sizing hundreds of requests per poll need not encode them twice.
         """
-        return (_SPEND_REQUEST_JSON_OVERHEAD + len(self.transaction)
-                + len(str(self.timestamp)) + len(self.vault_id))
+        return spend_request_json_size(self.transaction, self.timestamp, self.vault_id)
+
+
+def spend_request_json_size(transaction: str, timestamp: int, vault_id: str) -> int:
+    """`SpendRequest(...).json_size()` without building the object (a relay sizes every
+    candidate of a page and builds only those it lists)."""
+    return _SPEND_REQUEST_JSON_OVERHEAD + len(transaction) + len(str(timestamp)) + len(vault_id)
 
 
 @dataclass(frozen=True, slots=True)

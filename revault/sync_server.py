@@ -33,7 +33,7 @@ from revault.messages import (
     SYNC_SERVER_METHODS, WATCHTOWER, AckResult, ErrSigParams, GetSigsParams, GetSigsResult,
     GetSpendOpinionsParams, GetSpendOpinionsResult, GetSpendRequestsParams,
     GetSpendRequestsResult, RelayedOpinion, RequestSpendParams, SigParams, SpendOpinionParams,
-    SpendRequest, verify_opinion,
+    SpendRequest, spend_request_json_size, verify_opinion,
 )
 from revault.paging import Cursor, CursorError, Stream, fill_page, merge_streams
 from revault.rpc import Caller, Dispatcher
@@ -318,8 +318,7 @@ class SyncServer:
 
 
 def _request_json_size(r: StoredSpendRequest) -> int:
-    return SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
-                        vault_id=r.vault_id).json_size()
+    return spend_request_json_size(r.transaction, r.timestamp, r.vault_id)
 
 
 def _relayed(o: StoredOpinion) -> RelayedOpinion:
