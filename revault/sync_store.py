@@ -311,6 +311,8 @@ class SqliteSyncStore:
         return self._read(lambda r: r.row_counts())
 
     async def close(self) -> None:
-        # Writes already queued are committed (and acknowledged) before closing.
-        await self._writer.close()
+        # The reader first: the writer's connection, closing last, checkpoints the WAL
+        # into the file and removes it. Writes already queued are committed (and
+        # acknowledged) before it closes.
         self._reader.close()
+        await self._writer.close()
