@@ -134,6 +134,15 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
     an item's size below the budget), so a page never comes back empty while something
     is pending, and a poller always makes progress.
     """
+    tracked = {name for name, _ in cursor.positions}
+    everything = [(seq, s.name, item) for s in streams for seq, item in s.items]
+    if (sum(size(item) for _, _, item in everything) + len(everything) + 1 <= budget
+            and len(tracked | {s.name for s in streams}) <= MAX_CURSOR_STREAMS):
+        # All of it fits (a poller keeping up, or a short queue): no turns to take.
+        everything.sort(key=lambda entry: entry[0])
+        return Page(items=[item for _, _, item in everything],
+                    cursor=_advance(cursor, streams, {s.name: len(s.items) for s in streams},
+                                    everything))
     # Round k offers every stream's k-th unlisted item; a round is served in storage
     # order. So the order of consideration is (k, seq), and each stream's listed items
     # are a prefix of its items. The page ends at the first item that does not fit.
@@ -142,7 +151,6 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
     used = 2
     listed: list[tuple[int, str, Item]] = []
     heads = {s.name: 0 for s in streams}
-    tracked = {name for name, _ in cursor.positions}
     for _, seq, name, item in order:
         cost = size(item) + (1 if listed else 0)
         if used + cost > budget or (name not in tracked
