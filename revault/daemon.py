@@ -247,13 +247,19 @@ def load_app_config(
     return config
 
 
-StatusReader = Callable[[Any, sqlite3.Connection], Awaitable[dict[str, Any]]]
+StatusReader = Callable[[Any, sqlite3.Connection | None], Awaitable[dict[str, Any]]]
 """`status(config, db)`: a daemon's own summary, from its database opened read-only.
 
 Returns a dict of JSON values (nested dicts for sections); it is printed as indented
 `key: value` lines, or as JSON with --json. Raise sqlite3.Error or StorageError when
-the database cannot be read.
+the database cannot be read. `db` is None when the database is no file of data_dir
+(`DatabaseName` said None): the reader then connects to it itself, read-only, and
+returns its `database` entry (where, schema version) within the summary.
 """
+
+DatabaseName = str | Callable[[Any], str | None]
+"""The daemon's database file in data_dir, or a function of the config giving it (None:
+the database lives elsewhere, e.g. on a PostgreSQL server)."""
 
 
 Command = Callable[[Any], Awaitable[int]]
@@ -266,7 +272,7 @@ def run_daemon(
     read_config: Callable[[ConfigTable, Path], AppConfig],
     make_service: Callable[[AppConfig, bytes], Awaitable[Service]],
     *,
-    database_name: str | None = None,
+    database_name: DatabaseName | None = None,
     status: StatusReader | None = None,
     commands: Mapping[str, Command] | None = None,
 ) -> int:
@@ -398,7 +404,7 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
 # --- status ----------------------------------------------------------------------------
 
 def _print_status(prog: str, name: str, args: argparse.Namespace, config: HasCommon,
-                  database_name: str, read_status: StatusReader) -> int:
+                  database_name: DatabaseName, read_status: StatusReader) -> int:
     try:
         report = asyncio.run(collect_status(name, config, database_name, read_status))
     except (sqlite3.Error, StorageError, OSError) as e:
@@ -408,7 +414,7 @@ def _print_status(prog: str, name: str, args: argparse.Namespace, config: HasCom
     return 0
 
 
-async def collect_status(name: str, config: HasCommon, database_name: str,
+async def collect_status(name: str, config: HasCommon, database_name: DatabaseName,
                          read_status: StatusReader) -> dict[str, Any]:
     """The common part of `status` (config, liveness, database file) and the daemon's own."""
     common = config.common
@@ -425,7 +431,15 @@ async def collect_status(name: str, config: HasCommon, database_name: str,
                            if common.metrics_listen else None),
         "data_dir": str(common.data_dir),
     }
-    path = common.data_dir / database_name
+    file_name = database_name(config) if callable(database_name) else database_name
+    section = name.replace("-", "_")
+    if file_name is None:
+        summary = await read_status(config, None)
+        report["database"] = summary.pop("database")
+        if summary:  # nothing more when the daemon never started on that database
+            report[section] = summary
+        return report
+    path = common.data_dir / file_name
     if not path.exists():
         report["database"] = None  # never started with this data_dir
         return report
@@ -436,7 +450,7 @@ async def collect_status(name: str, config: HasCommon, database_name: str,
             "size_bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
             "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
         }
-        report[name.replace("-", "_")] = await read_status(config, db)
+        report[section] = await read_status(config, db)
     finally:
         db.close()
     return report

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterable, Protocol, TypeVar
+import weakref
+from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
@@ -35,7 +36,14 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from revault.log_limit import LimitedLog
+
 log = logging.getLogger("revault.metrics")
+
+# Collectors whose values may be read asynchronously (see _CallbackCollector).
+_async_collectors: weakref.WeakSet[_CallbackCollector] = weakref.WeakSet()
+# A database down fails every scrape: a few lines per minute say so.
+_refresh_failures = LimitedLog(log)
 
 # `*_created` series double every counter's size for information Prometheus does not use.
 disable_created_metrics()
@@ -137,24 +145,47 @@ class CommonMetrics:
         self.db_writes_per_commit.observe(writes)
 
 
+Values = dict[str, dict[tuple[str, ...], float]]
+"""Metric name -> {label values: value}."""
+
+
 class _CallbackCollector:
     """Gauges computed at scrape time from whatever `source` currently returns.
 
-    `source()` yields (name, documentation, labels, {label values: value}); it is read
-    on the thread serving the scrape (the event loop's, see MetricsListener). Replacing
-    `source` (a store re-opened in the same process) needs no re-registration.
+    `source()` returns `Values`; it is read on the thread serving the scrape (the event
+    loop's, see MetricsListener). A source that must wait for its values (a query to a
+    database server) is set as `read` instead: the listener awaits `refresh()` of every
+    such collector before it answers (`refresh_async_sources`), and the scrape shows
+    what that read returned. Replacing either (a store re-opened in the same process)
+    needs no re-registration.
     """
 
     def __init__(self, names: Iterable[tuple[str, str, tuple[str, ...]]]):
         self._names = list(names)
-        self.source: Callable[[], dict[str, dict[tuple[str, ...], float]]] | None = None
+        self.source: Callable[[], Values] | None = None
+        self.read: Callable[[], Awaitable[Values]] | None = None
+        self._read_values: Values = {}
+        _async_collectors.add(self)
+
+    async def refresh(self) -> None:
+        if self.read is None:
+            self._read_values = {}
+            return
+        try:
+            self._read_values = await self.read()
+        except Exception as e:
+            # No value rather than a stale one: the series are absent from this scrape
+            # (what absent() alerts see), and the log says why.
+            self._read_values = {}
+            _refresh_failures.log(logging.WARNING, id(self), "metrics: cannot read %s: %s",
+                                  ", ".join(n for n, _, _ in self._names), e)
 
     def describe(self):
         for name, documentation, labels in self._names:
             yield GaugeMetricFamily(name, documentation, labels=list(labels))
 
     def collect(self):
-        values = self.source() if self.source is not None else {}
+        values = self.source() if self.source is not None else self._read_values
         for name, documentation, labels in self._names:
             family = GaugeMetricFamily(name, documentation, labels=list(labels))
             for label_values, value in values.get(name, {}).items():
@@ -163,9 +194,9 @@ class _CallbackCollector:
 
 
 class _QuotaSource(Protocol):
-    def row_counts(self) -> dict[str, int]: ...
+    async def row_counts(self) -> dict[str, int]: ...
 
-    def quota_use(self) -> dict[str, tuple[int, int]]: ...
+    async def quota_use(self) -> dict[str, tuple[int, int]]: ...
 
 
 class SyncServerMetrics:
@@ -192,20 +223,21 @@ class SyncServerMetrics:
             ["quota"], registry=registry)
 
     def watch(self, store: _QuotaSource | None) -> None:
-        """Read the table gauges from `store` at each scrape (None: stop reading)."""
+        """Read the table gauges from `store` at each scrape (None: stop reading); the
+        store's reads are awaited (a PostgreSQL store asks its server)."""
         if store is None:
-            self.tables.source = None
+            self.tables.read = None
             return
 
-        def values() -> dict[str, dict[tuple[str, ...], float]]:
-            use = store.quota_use()
+        async def values() -> Values:
+            use = await store.quota_use()
             return {
-                "revault_sync_rows": {(t,): n for t, n in store.row_counts().items()},
+                "revault_sync_rows": {(t,): n for t, n in (await store.row_counts()).items()},
                 "revault_sync_quota_used_rows": {(q,): u for q, (u, _) in use.items()},
                 "revault_sync_quota_limit_rows": {(q,): b for q, (_, b) in use.items()},
             }
 
-        self.tables.source = values
+        self.tables.read = values
 
 
 class CosignerMetrics:
@@ -331,6 +363,12 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
             for suffix in suffixes.get(family.type, ("",))}
 
 
+async def refresh_async_sources() -> None:
+    """Await every gauge source that reads from elsewhere, before a scrape."""
+    await asyncio.gather(*(collector.refresh() for collector in _async_collectors
+                           if collector.read is not None))
+
+
 def scrape() -> bytes:
     return generate_latest(REGISTRY)
 
@@ -367,7 +405,9 @@ class MetricsListener:
         self._handlers.add(task)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                writer.write(_response(await reader.readuntil(b"\r\n\r\n")))
+                head = await reader.readuntil(b"\r\n\r\n")
+                await refresh_async_sources()
+                writer.write(_response(head))
                 await writer.drain()
             writer.close()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,

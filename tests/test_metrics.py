@@ -9,10 +9,13 @@ import pytest
 from revault import metrics, transport
 from revault.rpc import RpcClient, RpcError
 from revault.sync_store import Quotas, Retention, SqliteSyncStore
+from revault.sync_store_postgresql import PostgresSyncStore
 from tests.support.cosigner_psbt import make_spend
 from tests.support.scrape import http_get, scrape, scrape_until
 from tests.test_cosigner import setup_cosigner, sign
-from tests.test_sync_server import HOST, der, h, pubkey, spend_tx, started
+from tests.test_sync_server import (  # noqa: F401  (backend: a fixture, both backends)
+    HOST, backend, der, h, pubkey, spend_tx, started,
+)
 
 # --- the listener, in process --------------------------------------------------------
 
@@ -40,6 +43,41 @@ async def test_listener_answers_get_and_head_of_metrics_only(listener):
     assert (await http_get(listener.port, method="POST")).status == 405
     assert (await http_get(listener.port, raw=b"hello there\r\n\r\n")).status == 400
     assert (await http_get(listener.port, "/metrics?name[]=x")).status == 200
+
+
+class _StoreReads:
+    """A sync store's two scrape-time reads, answering or failing on demand."""
+
+    def __init__(self):
+        self.fail = False
+
+    async def row_counts(self) -> dict[str, int]:
+        if self.fail:
+            raise ConnectionError("database server unreachable")
+        return {"signatures": 7, "spend_requests": 0, "opinions": 0}
+
+    async def quota_use(self) -> dict[str, tuple[int, int]]:
+        return {"total_signatures": (7, 1_000_000)}
+
+
+async def test_store_gauges_are_read_at_each_scrape_and_absent_when_unreadable(listener):
+    store = _StoreReads()
+    metrics.sync_server().watch(store)
+    try:
+        ok = await http_get(listener.port)
+        assert ok.value("revault_sync_rows", table="signatures") == 7
+        assert ok.value("revault_sync_quota_limit_rows", quota="total_signatures") == 1_000_000
+        store.fail = True
+        # No stale value: the series are gone from the scrape, and the log says why.
+        failed = await http_get(listener.port)
+        assert failed.status == 200
+        assert failed.total("revault_sync_rows") == 0
+        assert failed.value("revault_sync_quota_used_rows", quota="total_signatures") is None
+        store.fail = False
+        assert (await http_get(listener.port)).value("revault_sync_rows",
+                                                     table="signatures") == 7
+    finally:
+        metrics.sync_server().watch(None)
 
 
 async def _answer(port: int, data: bytes) -> bytes:
@@ -95,10 +133,15 @@ def test_every_metric_is_named_the_prometheus_way():
             assert family.name.endswith(("_seconds", "_per_commit")), family.name
 
 
-async def test_purged_rows_are_counted_per_table(tmp_path):
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgresql"])
+async def test_purged_rows_are_counted_per_table(tmp_path, request, backend_name):
     now = [1_000_000.0]
-    store = await SqliteSyncStore.open(tmp_path / "sync.sqlite3", Retention(signatures=60),
-                                       Quotas(), lambda: now[0])
+    if backend_name == "postgresql":
+        store = await PostgresSyncStore.open(request.getfixturevalue("postgres").new_database(),
+                                             Retention(signatures=60), Quotas(), lambda: now[0])
+    else:
+        store = await SqliteSyncStore.open(tmp_path / "sync.sqlite3", Retention(signatures=60),
+                                           Quotas(), lambda: now[0])
 
     def purged() -> float:
         return metrics.REGISTRY.get_sample_value("revault_sync_purged_rows_total",
@@ -123,9 +166,10 @@ def assert_no_secret(text: str, secrets: list[str]) -> None:
         assert secret.lower() not in text.lower(), f"{secret[:12]}... leaked into the scrape"
 
 
-async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_path):
-    sync = await started(tmp_path, metrics_listen=f"{HOST}:0",
-                         quotas={"signatures_per_id": 2})
+async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_path, backend):
+    sync = await started(tmp_path, backend[1](), metrics_listen=f"{HOST}:0",
+                         # Three stakeholders: a share of 2 each (sync_rules.Sharers).
+                         quotas={"signatures_per_id": 6})
     port = sync.daemon.metrics_port
     assert port
     peers = sync.peers
@@ -137,7 +181,7 @@ async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_pat
             for n in (1, 2):
                 await rpc.call("sig", {"id": tx_uid, "pubkey": pubkey(n),
                                        "signature": signatures[n - 1]})
-            with pytest.raises(RpcError):  # signatures_per_id = 2
+            with pytest.raises(RpcError):  # signatures_per_id's share = 2
                 await rpc.call("sig", {"id": tx_uid, "pubkey": pubkey(3),
                                        "signature": signatures[2]})
             assert len((await rpc.call("get_sigs", {"id": tx_uid}))["signatures"]) == 2
@@ -213,7 +257,7 @@ async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_pat
 
 
 async def test_requests_over_the_rate_are_paced_and_counted(tmp_path):
-    sync = await started(tmp_path, metrics_listen=f"{HOST}:0", requests_per_second=5)
+    sync = await started(tmp_path, {}, metrics_listen=f"{HOST}:0", requests_per_second=5)
     try:
         async with await sync.client(sync.peers.stakeholder) as rpc:
             # A burst of 5 passes at once; the next 5 wait for their turn (0.2 s each).
@@ -229,7 +273,7 @@ async def test_requests_over_the_rate_are_paced_and_counted(tmp_path):
 
 
 async def test_metrics_are_off_unless_configured(tmp_path):
-    sync = await started(tmp_path)
+    sync = await started(tmp_path, {})
     try:
         assert sync.daemon.metrics_port == 0
         assert "metrics on" not in sync.daemon.stderr()

@@ -11,7 +11,10 @@ from revault.rpc import RpcError
 from tests.support.cosigner_psbt import make_spend
 from tests.support.daemons import REPO_ROOT, write_config
 from tests.test_cosigner import setup_cosigner, sign
-from tests.test_sync_server import HOST, der, h, make_peers, pubkey, spend_tx, started, sync_config
+from revault import sync_store, sync_store_postgresql
+from tests.test_sync_server import (  # noqa: F401  (backend: a fixture, both backends)
+    HOST, backend, der, h, make_peers, pubkey, spend_tx, started, sync_config,
+)
 
 
 def status(module: str, config, *extra: str) -> subprocess.CompletedProcess:
@@ -31,10 +34,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path):
+async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path, backend):
     port = free_port()
-    sync = await started(tmp_path, listen=f"{HOST}:{port}",
-                         quotas={"spend_requests_per_vault": 4})
+    sync = await started(tmp_path, backend[1](), listen=f"{HOST}:{port}",
+                         # Three managers: a share of 2 each (sync_rules.Sharers).
+                         quotas={"spend_requests_per_vault": 8})
     config = sync.daemon.config_path
     try:
         async with await sync.client(sync.peers.stakeholder) as rpc:
@@ -50,7 +54,12 @@ async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path):
         assert report["daemon"] == "sync-server"
         assert report["listen"] == f"{HOST}:{port}"
         assert report["accepting_connections"] is True
-        assert report["database"]["schema_version"] == 2
+        migrations = {"sqlite": sync_store.MIGRATIONS,
+                      "postgresql": sync_store_postgresql.MIGRATIONS}[backend[0]]
+        assert report["database"]["schema_version"] == len(migrations)
+        if backend[0] == "postgresql":  # where, without the password
+            assert report["database"]["backend"] == "postgresql"
+            assert report["database"]["dsn"].startswith("postgresql://")
         summary = report["sync_server"]
         assert summary["tables"]["signatures"]["live"] == 4
         assert summary["tables"]["signatures"]["expired_not_purged"] == 0
@@ -61,14 +70,14 @@ async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path):
         assert quotas["total_signatures"] == {"used": 4, "limit": 1_000_000, "percent": 0.0}
         assert quotas["signatures_per_id"]["used"] == 3
         assert quotas["signatures_per_peer"]["used"] == 4
-        assert quotas["spend_requests_per_vault"] == {"used": 2, "limit": 4, "percent": 50.0}
+        assert quotas["spend_requests_per_vault"] == {"used": 2, "limit": 8, "percent": 25.0}
         assert summary["peers"] == {"stakeholders": 3, "managers": 3, "watchtowers": 2}
 
         text = status("revault.sync_server", config)
         assert text.returncode == 0, text.stderr
         lines = text.stdout.splitlines()
         assert "accepting connections: yes" in lines
-        assert "    spend requests per vault: used=2, limit=4, percent=50.0" in lines
+        assert "    spend requests per vault: used=2, limit=8, percent=25.0" in lines
         assert "  peers: stakeholders=3, managers=3, watchtowers=2" in lines
         secret_hexes = [i.private.hex() for i in (sync.peers.server, sync.peers.stakeholder)]
         assert not any(s in text.stdout + text.stderr for s in secret_hexes)
@@ -79,6 +88,34 @@ async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path):
         assert stopped["sync_server"]["tables"]["signatures"]["live"] == 4
     finally:
         sync.daemon.ensure_dead()
+
+
+def test_postgresql_status_before_the_first_start_creates_nothing(tmp_path, postgres):
+    peers = make_peers(tmp_path)
+    dsn = postgres.new_database()
+    config = write_config(tmp_path / "sync.toml", sync_config(
+        peers, storage={"backend": "postgresql", "dsn": dsn}))
+    report = status_json("revault.sync_server", config)
+    assert report["database"]["schema_version"] is None
+    assert "sync_server" not in report
+    assert postgres.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                         dsn.rsplit("/", 1)[1]).strip() == "0"
+
+
+def failed_status(tmp_path, exit_status: int, **config) -> str:
+    """`status` with a sync server config holding `config`, which must fail with
+    `exit_status` and a message, no traceback; the message."""
+    written = write_config(tmp_path / "sync.toml", sync_config(make_peers(tmp_path), **config))
+    result = status("revault.sync_server", written)
+    assert result.returncode == exit_status
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_postgresql_status_of_an_unreachable_server_fails_with_the_cause(tmp_path):
+    from tests.support.postgres import _free_port
+    assert "cannot connect" in failed_status(tmp_path, 1, storage={
+        "backend": "postgresql", "dsn": f"postgresql://revault@127.0.0.1:{_free_port()}/x"})
 
 
 def test_status_before_the_first_start_creates_nothing(tmp_path):
@@ -93,21 +130,13 @@ def test_status_before_the_first_start_creates_nothing(tmp_path):
 
 
 def test_status_refuses_a_bad_config_like_the_daemon(tmp_path):
-    peers = make_peers(tmp_path)
-    config = write_config(tmp_path / "sync.toml", sync_config(peers, log_levl="info"))
-    result = status("revault.sync_server", config)
-    assert result.returncode == 2
-    assert "log_levl: unknown key" in result.stderr and "Traceback" not in result.stderr
+    assert "log_levl: unknown key" in failed_status(tmp_path, 2, log_levl="info")
 
 
 def test_status_of_an_unreadable_database_fails_with_the_cause(tmp_path):
-    peers = make_peers(tmp_path)
-    config = write_config(tmp_path / "sync.toml", sync_config(peers))
     (tmp_path / "data").mkdir(mode=0o700)
     (tmp_path / "data" / "sync-server.sqlite3").write_bytes(b"not a database" * 100)
-    result = status("revault.sync_server", config)
-    assert result.returncode == 1
-    assert "cannot read the database" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot read the database" in failed_status(tmp_path, 1)
 
 
 async def test_cosigner_status_counts_outpoints_per_manager(tmp_path):
