@@ -45,6 +45,18 @@ def kwu_from_btc_per_kvb(rate: Decimal) -> int:
     return -(-sat(rate) // 4)
 
 
+def target_feerate(mempool_info: dict, estimate: dict, ceiling_kwu: int) -> int:
+    """sat/kWU a revocation is bumped to, from Core's `getmempoolinfo` and
+    `estimatesmartfee`: the estimate for the next blocks, or the mempool's minimum when
+    higher (or when there is no estimate yet), never above `ceiling_kwu` (max_feerate:
+    what the reserve was sized for, so a spike cannot drain it on one vault), and never
+    under the minimum relay feerate."""
+    wanted = kwu_from_btc_per_kvb(mempool_info["mempoolminfee"])
+    if "feerate" in estimate:
+        wanted = max(wanted, kwu_from_btc_per_kvb(estimate["feerate"]))
+    return max(kwu_from_btc_per_kvb(mempool_info["minrelaytxfee"]), min(wanted, ceiling_kwu))
+
+
 @dataclass(frozen=True, slots=True)
 class Revocation:
     """A fully signed revocation as stored, with what its input spends."""

@@ -35,8 +35,8 @@ from revault.config import ConfigError, ConfigTable, ProblemCollector, parse_hos
 from revault.daemon import CommonConfig, run_daemon
 from revault.deployment import Deployment, read_deployment
 from revault.fee_reserve import (
-    SAT_PER_VB_TO_KWU, Bump, FeeReserve, ReserveError, Revocation, kwu_from_btc_per_kvb,
-    max_reachable_feerate, plan_bump, sat,
+    SAT_PER_VB_TO_KWU, Bump, FeeReserve, ReserveError, Revocation, max_reachable_feerate,
+    plan_bump, sat, target_feerate,
 )
 from revault.fees import FeeBumpError, FeeCoin, Replaced
 from revault.keys import KeyFileError, read_key_file
@@ -49,7 +49,7 @@ from revault.messages import (
 from revault.primitives import OutPoint, tx_uid
 from revault.rpc import Caller, Dispatcher, ProtocolError
 from revault.transactions import (
-    Coin, SignatureError, TransactionError, Tx, build_vault_transactions,
+    Coin, SignatureError, TransactionError, Tx, build_unvault, build_vault_transactions,
 )
 from revault.transport import TransportError
 from revault.watchtower_chain import ChainFollower, ZmqListener
@@ -509,14 +509,11 @@ class Watchtower:
                               type(action).__name__.lower(), e)
 
     async def target_feerate(self) -> int:
-        """sat/kWU: what estimatesmartfee gives for the next blocks, at most max_feerate,
-        at least what the node's mempool takes."""
-        info = await self.node.call("getmempoolinfo")
-        floor = max(kwu_from_btc_per_kvb(info["mempoolminfee"]),
-                    kwu_from_btc_per_kvb(info["minrelaytxfee"]))
-        estimate = await self.node.call("estimatesmartfee", 2)
-        rate = kwu_from_btc_per_kvb(estimate["feerate"]) if "feerate" in estimate else floor
-        return max(floor, min(rate, self.config.max_feerate_kwu))
+        """sat/kWU: what estimatesmartfee gives for the next blocks or what the node's
+        mempool takes, at most max_feerate, at least the minimum relay feerate."""
+        return target_feerate(await self.node.call("getmempoolinfo"),
+                              await self.node.call("estimatesmartfee", 2),
+                              self.config.max_feerate_kwu)
 
     def _pending_coins(self, but: GuardedVault | None = None) -> set[tuple[str, int]]:
         return {(c.outpoint.txid, c.outpoint.vout)
@@ -672,6 +669,15 @@ class Watchtower:
         return ({d.deposit_script_pubkey(v.index) for v in vaults}
                 | {d.cpfp_script_pubkey(v.index) for v in vaults})
 
+    def value_moved(self, spend: Tx, vaults: list[GuardedVault]) -> tuple[int, int]:
+        """(what the guarded unvault outputs a spend consumes are worth, what it pays
+        back to their deposit scripts): the value leaving the vaults is the difference."""
+        d = self.deployment
+        spent = sum(build_unvault(d, Coin(OutPoint(*v.deposit), v.value, v.index))
+                    .tx.outputs[0].value for v in vaults)
+        deposits = {d.deposit_script_pubkey(v.index) for v in vaults}
+        return spent, sum(o.value for o in spend.outputs if o.script_pubkey in deposits)
+
     async def judge(self, request: SpendRequest):
         """The signed opinion on a spend request of one of our vaults, or None when it
         spends none of them. The verdict is stored before it is signed."""
@@ -697,10 +703,11 @@ class Watchtower:
             payees = payees_of(spend, self.internal_scripts(vaults), self.deployment.network)
             now = int(time.time())
             facts = SpendFacts(spend, tuple(vaults), payees,
-                               await self.store.accepted_value_since(now - DAY))
+                               await self.store.accepted_value_since(now - DAY),
+                               *self.value_moved(spend, vaults))
             accepted, reason = self.policy.judge(facts)
             verdict = await self.store.put_verdict(Verdict(
-                spend.txid, accepted, reason, facts.payees_value, now,
+                spend.txid, accepted, reason, facts.value_out, now,
                 tuple(OutPoint(*v.deposit) for v in vaults)))
             log.info("spend %s of vault(s) %s %s by policy: %s", spend.txid,
                      ", ".join(short(v) for v in vaults),
