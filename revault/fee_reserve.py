@@ -96,6 +96,19 @@ def plan_bump(revocation: Revocation, coins: Sequence[FeeCoin], feerate_sat_per_
                              base_inputs=len(revocation.tx.inputs), replaces=replaces)
 
 
+def plan_best_bump(revocation: Revocation, coins: Sequence[FeeCoin], feerate_sat_per_kwu: int,
+                   replaces: Replaced | None = None) -> FeeSelection:
+    """`plan_bump` to the feerate, or, when the coins cannot reach it, to the highest
+    feerate they can (no coin at all: the revocation as signed). A cancel that must go
+    out goes out with what the reserve has left. A replacement still has to pay what
+    replacing asks: FeeBumpError when even that is out of reach."""
+    try:
+        return plan_bump(revocation, coins, feerate_sat_per_kwu, replaces)
+    except FeeBumpError:
+        rate = max_reachable_feerate(revocation, coins, feerate_sat_per_kwu)
+        return plan_bump(revocation, coins, rate, replaces)
+
+
 def max_reachable_feerate(revocation: Revocation, coins: Sequence[FeeCoin],
                           ceiling_kwu: int) -> int:
     """The largest feerate (sat/kWU, at most `ceiling_kwu`) the coins can bring it to."""
@@ -202,9 +215,10 @@ class FeeReserve:
 
     async def bump(self, revocation: Revocation, feerate_sat_per_kwu: int, *,
                    replaces: Replaced | None = None, exclude: Iterable[tuple[str, int]] = (),
-                   extra: Sequence[FeeCoin] = ()) -> Bump:
+                   extra: Sequence[FeeCoin] = (), best_effort: bool = False) -> Bump:
         """Select, sign, return. `extra`: coins usable although the wallet sees them spent
-        (those of the pending bump this one replaces)."""
+        (those of the pending bump this one replaces). `best_effort`: below the feerate
+        when the coins cannot reach it (`plan_best_bump`) instead of FeeBumpError."""
         coins = await self.coins(exclude) + list(extra)
-        selection = plan_bump(revocation, coins, feerate_sat_per_kwu, replaces)
-        return await self.sign(revocation, selection)
+        plan = plan_best_bump if best_effort else plan_bump
+        return await self.sign(revocation, plan(revocation, coins, feerate_sat_per_kwu, replaces))

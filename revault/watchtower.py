@@ -542,18 +542,15 @@ class Watchtower:
         await self._free_evicted(vault)
         revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
-        try:
-            bump = await self.reserve.bump(
-                revocation, target, replaces=await self._replaced(action.replaces),
-                exclude=self._pending_coins(vault))
-        except FeeBumpError as e:
-            if action.replaces:
-                raise
-            # Better the revocation at its own 253 sat/kWU than nothing at all.
-            log.error("vault %s: the fee reserve cannot bump the %s to %.1f sat/vB (%s); "
-                      "broadcasting it unbumped", short(vault), action.kind,
-                      target / SAT_PER_VB_TO_KWU, e)
-            bump = await self.reserve.bump(revocation, 1)
+        # Short of coins (many unvaults at once), better the revocation at what the
+        # reserve has left, down to its own 253 sat/kWU, than nothing at all.
+        bump = await self.reserve.bump(
+            revocation, target, replaces=await self._replaced(action.replaces),
+            exclude=self._pending_coins(vault), best_effort=True)
+        if 1000 * bump.fee < target * bump.selection.max_weight:
+            log.error("vault %s: the fee reserve cannot bump the %s to %.1f sat/vB; "
+                      "broadcasting it at what it can reach", short(vault), action.kind,
+                      target / SAT_PER_VB_TO_KWU)
         await self._broadcast(vault, action.kind, bump, tip, action.reason)
 
     async def _free_evicted(self, vault: GuardedVault) -> None:
@@ -747,14 +744,9 @@ class Watchtower:
             revocation = await self.revocation(vault, kind)
             replaced = await self._replaced(replaces)
             try:
-                try:
-                    bump = await self.reserve.bump(revocation, self.config.max_feerate_kwu,
-                                                   replaces=replaced, exclude=used)
-                except FeeBumpError:
-                    coins = await self.reserve.coins(used)
-                    rate = max_reachable_feerate(revocation, coins, self.config.max_feerate_kwu)
-                    bump = await self.reserve.bump(revocation, max(rate, 1),
-                                                   replaces=replaced, exclude=used)
+                bump = await self.reserve.bump(revocation, self.config.max_feerate_kwu,
+                                               replaces=replaced, exclude=used,
+                                               best_effort=True)
                 used |= {(c.outpoint.txid, c.outpoint.vout) for c in bump.coins}
                 sent = await self.node.call("sendrawtransaction", bump.tx.to_hex(), 0)
                 log.warning("vault %s: %s %s broadcast at %.1f sat/vB (fee %d sat, reserve "

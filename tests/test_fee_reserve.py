@@ -10,8 +10,8 @@ import pytest
 from embit.psbt import PSBT
 
 from revault.fee_reserve import (
-    Revocation, bump_psbt, kwu_from_btc_per_kvb, max_reachable_feerate, plan_bump,
-    target_feerate, unsigned_bump,
+    Revocation, bump_psbt, kwu_from_btc_per_kvb, max_reachable_feerate, plan_best_bump,
+    plan_bump, target_feerate, unsigned_bump,
 )
 from revault.fees import FeeBumpError, FeeCoin, Replaced
 from revault.primitives import OutPoint
@@ -99,3 +99,17 @@ def test_target_feerate_follows_the_estimate_and_the_mempool_within_max_feerate(
     assert target_feerate(info("0.00001"), {"feerate": Decimal("0.01")}, cap) == cap
     # ... but never under the minimum relay feerate.
     assert target_feerate(info("0.00001", relay="0.0001"), estimate, 100) == 2500
+
+
+def test_best_plan_falls_back_to_the_highest_feerate_the_coins_reach():
+    r = revocation()
+    reserve = coins(20_000, 5_000)
+    assert plan_best_bump(r, reserve, 1_000).coins == plan_bump(r, reserve, 1_000).coins
+    short = plan_best_bump(r, reserve, 1_000_000)  # far beyond: as high as they reach
+    rate = max_reachable_feerate(r, reserve, 1_000_000)
+    assert short.coins and short.feerate_sat_per_kwu == rate < 1_000_000
+    assert short.coins == plan_bump(r, reserve, rate).coins
+    assert plan_best_bump(r, coins(10), 1_000_000).coins == ()  # nothing worth adding
+    # A replacement must still outbid what it replaces.
+    with pytest.raises(FeeBumpError):
+        plan_best_bump(r, reserve, 1_000, Replaced(fee=500_000, weight=1_200))
