@@ -635,7 +635,14 @@ class Watchtower:
                     # back; a seed server lists every pending request each time.
                     result = await client.get_spend_requests(cursor)
                     for request in result.requests:
-                        opinion = await self.judge(request)
+                        try:
+                            opinion = await self.judge(request)
+                        except Exception:
+                            # One request we cannot judge (it gets no opinion: a refusal
+                            # for the managers) must not stop us judging the others.
+                            log.exception("spend request for vault %s could not be judged",
+                                          request.vault_id)
+                            continue
                         if opinion is not None \
                                 and (opinion.vault_id, opinion.txid) not in self.posted:
                             await client.spend_opinion(opinion)
@@ -689,6 +696,10 @@ class Watchtower:
                 vaults.append(vault)
         if not vaults:
             return None
+        if len({i.outpoint for i in spend.inputs}) != len(spend.inputs):
+            reason = "the transaction spends the same output twice: it can never be valid"
+            log.info("spend %s refused: %s", spend.txid, reason)
+            return sign_opinion(self.opinion_key, request.vault_id, False, reason, spend.txid)
         if request.vault_id not in {v.vault_id for v in vaults}:
             # A manager's mistake, or an attempt to have our verdict on this spend shown
             # under another vault: refused, and not remembered as the spend's verdict.
