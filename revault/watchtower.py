@@ -55,7 +55,7 @@ from revault.transport import TransportError
 from revault.watchtower_chain import ChainFollower, ZmqListener
 from revault.watchtower_guard import (
     RETIRE_DEPTH, Alarm, Cancel, ChainTx, ConsiderRebump, Guard, GuardedVault, Retire,
-    chain_tx_from_bitcoinlib, outputs_of,
+    outputs_of,
 )
 from revault.watchtower_policy import (
     Policy, PolicyConfig, SpendFacts, load_plugins, payees_of, read_policy,

@@ -399,7 +399,7 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
                 return tx
             return None
 
-        second = await wait_for(higher, "a cancel outbidding the spike")
+        await wait_for(higher, "a cancel outbidding the spike")
         await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
         # The evicted first cancel's reserve coin is usable again (abandoned in the wallet).
         [freed] = [line for line in net.log().splitlines()
