@@ -507,6 +507,12 @@ class Watchtower:
                     self.failed[vault] = time.monotonic()
                     log.error("vault %s: %s failed: %s", short(vault),
                               type(action).__name__.lower(), e)
+                except Exception:
+                    # Whatever goes wrong with one vault (a bug, an answer we did not
+                    # expect) must not keep the next vaults' cancels from going out.
+                    self.failed[vault] = time.monotonic()
+                    log.exception("vault %s: %s failed", short(vault),
+                                  type(action).__name__.lower())
 
     async def target_feerate(self) -> int:
         """sat/kWU: what estimatesmartfee gives for the next blocks or what the node's
