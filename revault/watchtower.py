@@ -431,9 +431,25 @@ class Watchtower:
             {stored.kind: (stored.output_value, stored.output_script)})))
         log.info("vault %s (index %d, %d sat): %s %s verified and stored%s", deposit, index,
                  value, stored.kind, stored.txid, "" if new else " (already stored)")
+        if not vault.busy:
+            await self.see_deposit_spender(vault)
         if vault.busy:
             self.wake()
         return None
+
+    async def see_deposit_spender(self, vault: GuardedVault) -> None:
+        """Show the guard what spends the vault's deposit in the mempool. An unvault that
+        entered the mempool between the deposit check above and the vault's guarding was
+        shown to the guard when it matched nothing, and would otherwise only be seen
+        once mined."""
+        try:
+            [entry] = await self.node.call("gettxspendingprevout",
+                                           [{"txid": vault.deposit[0], "vout": vault.deposit[1]}])
+            if "spendingtxid" in entry:
+                raw = await self.node.call("getrawtransaction", entry["spendingtxid"])
+                self.chain.see_raw(bytes.fromhex(raw))
+        except BitcoindError as e:  # gone since: the chain loop sees it if it is mined
+            log.warning("vault %s: cannot read what spends its deposit: %s", short(vault), e)
 
     # --- the chain ---------------------------------------------------------------------------
 
