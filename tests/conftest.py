@@ -46,3 +46,14 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def sync_backend(request):
+    """A sync server storage backend's name, and a maker of the config entries of a fresh
+    store on it: every test using it runs on both."""
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        return request.param, lambda: {
+            "storage": {"backend": "postgresql", "dsn": server.new_database()}}
+    return request.param, lambda: {}

@@ -13,8 +13,8 @@ from revault.sync_store_postgresql import PostgresSyncStore
 from tests.support.cosigner_psbt import make_spend
 from tests.support.scrape import http_get, scrape, scrape_until
 from tests.test_cosigner import setup_cosigner, sign
-from tests.test_sync_server import (  # noqa: F401  (backend: a fixture, both backends)
-    HOST, backend, der, h, pubkey, spend_tx, started,
+from tests.test_sync_server import (
+    HOST, der, h, pubkey, spend_tx, started,
 )
 
 # --- the listener, in process --------------------------------------------------------
@@ -166,8 +166,8 @@ def assert_no_secret(text: str, secrets: list[str]) -> None:
         assert secret.lower() not in text.lower(), f"{secret[:12]}... leaked into the scrape"
 
 
-async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_path, backend):
-    sync = await started(tmp_path, backend[1](), metrics_listen=f"{HOST}:0",
+async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_path, sync_backend):
+    sync = await started(tmp_path, sync_backend[1](), metrics_listen=f"{HOST}:0",
                          # Three stakeholders: a share of 2 each (sync_rules.Sharers).
                          quotas={"signatures_per_id": 6})
     port = sync.daemon.metrics_port

@@ -12,8 +12,8 @@ from tests.support.cosigner_psbt import make_spend
 from tests.support.daemons import REPO_ROOT, write_config
 from tests.test_cosigner import setup_cosigner, sign
 from revault import sync_store, sync_store_postgresql
-from tests.test_sync_server import (  # noqa: F401  (backend: a fixture, both backends)
-    HOST, backend, der, h, make_peers, pubkey, spend_tx, started, sync_config,
+from tests.test_sync_server import (
+    HOST, der, h, make_peers, pubkey, spend_tx, started, sync_config,
 )
 
 
@@ -34,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path, backend):
+async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path, sync_backend):
     port = free_port()
-    sync = await started(tmp_path, backend[1](), listen=f"{HOST}:{port}",
+    sync = await started(tmp_path, sync_backend[1](), listen=f"{HOST}:{port}",
                          # Three managers: a share of 2 each (sync_rules.Sharers).
                          quotas={"spend_requests_per_vault": 8})
     config = sync.daemon.config_path
@@ -55,9 +55,9 @@ async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path, 
         assert report["listen"] == f"{HOST}:{port}"
         assert report["accepting_connections"] is True
         migrations = {"sqlite": sync_store.MIGRATIONS,
-                      "postgresql": sync_store_postgresql.MIGRATIONS}[backend[0]]
+                      "postgresql": sync_store_postgresql.MIGRATIONS}[sync_backend[0]]
         assert report["database"]["schema_version"] == len(migrations)
-        if backend[0] == "postgresql":  # where, without the password
+        if sync_backend[0] == "postgresql":  # where, without the password
             assert report["database"]["backend"] == "postgresql"
             assert report["database"]["dsn"].startswith("postgresql://")
         summary = report["sync_server"]

@@ -114,24 +114,14 @@ async def started(tmp: Path, storage: dict, **extra) -> Sync:
     return sync
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request):
-    """The backend's name, and a maker of the config entries of a fresh store."""
-    if request.param == "postgresql":
-        server = request.getfixturevalue("postgres")
-        return request.param, lambda: {
-            "storage": {"backend": "postgresql", "dsn": server.new_database()}}
-    return request.param, lambda: {}
-
-
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory, backend):
-    return tmp_path_factory.mktemp(f"sync-{backend[0]}")
+def module_tmp(tmp_path_factory, sync_backend):
+    return tmp_path_factory.mktemp(f"sync-{sync_backend[0]}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sync(module_tmp, backend):
-    sync = await started(module_tmp, backend[1]())
+async def sync(module_tmp, sync_backend):
+    sync = await started(module_tmp, sync_backend[1]())
     try:
         yield sync
         assert await sync.daemon.stop() == 0
@@ -143,12 +133,12 @@ async def sync(module_tmp, backend):
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def own_sync(tmp_path, backend):
+async def own_sync(tmp_path, sync_backend):
     """A daemon of the test's own, for restarts and kills."""
     syncs = []
 
     async def make(**extra) -> Sync:
-        s = await started(tmp_path, backend[1](), **extra)
+        s = await started(tmp_path, sync_backend[1](), **extra)
         syncs.append(s)
         return s
 
