@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import base64
 import hashlib
-import resource
 import sys
 import tempfile
 from collections import defaultdict
@@ -39,6 +38,7 @@ from bitcoin.core import (  # noqa: E402
 from revault.messages import sign_opinion  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.system import FdLimitError, raise_fd_limit  # noqa: E402
 
 HOST = "127.0.0.1"
 IDLE_CONNECTIONS = 1000
@@ -189,15 +189,6 @@ async def idle_rss(daemon: DaemonProcess, identities, server, count: int) -> tup
         await close_all(conns)
 
 
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < needed:
-            sys.exit(f"file-descriptor hard limit {hard} is below {needed}")
-
-
 async def start_daemons(tmp: Path) -> tuple[DaemonProcess, DaemonProcess, NoiseIdentity,
                                             list[NoiseIdentity]]:
     server = NoiseIdentity.create(tmp / "server.key")
@@ -223,7 +214,10 @@ def ms(seconds: float) -> str:
 
 
 async def main_async(args) -> int:
-    raise_fd_limit(IDLE_CONNECTIONS + args.clients + 512)
+    try:
+        raise_fd_limit(IDLE_CONNECTIONS + args.clients + 512)
+    except FdLimitError as e:
+        sys.exit(str(e))
     with tempfile.TemporaryDirectory(prefix="revault-bench-") as tmp_name:
         tmp = Path(tmp_name)
         sync = echo = None

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from revault import transport
 from revault.messages import RelayedOpinion, sign_opinion, verify_opinion
 from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
+from tests.support.system import raise_fd_limit
 
 HOST = "127.0.0.1"
 
@@ -137,14 +137,9 @@ async def started(tmp: Path, **extra) -> Sync:
     return sync
 
 
-@pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory):
-    return tmp_path_factory.mktemp("sync")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sync(module_tmp):
-    sync = await started(module_tmp)
+async def sync(daemon_module_dir):
+    sync = await started(daemon_module_dir)
     try:
         yield sync
         assert await sync.daemon.stop() == 0
@@ -156,12 +151,12 @@ async def sync(module_tmp):
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def own_sync(tmp_path):
+async def own_sync(daemon_dir):
     """A daemon of the test's own, for restarts and kills."""
     syncs = []
 
     async def make(**extra) -> Sync:
-        s = await started(tmp_path, **extra)
+        s = await started(daemon_dir, **extra)
         syncs.append(s)
         return s
 
@@ -639,16 +634,6 @@ async def test_every_acked_sig_survives_kill_9(own_sync):
 
 
 # --- many peers, slow peers -------------------------------------------------------------------
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        # A machine that cannot open this many sockets cannot run this test: fail, and
-        # say why, rather than skip and hide it.
-        assert target >= needed, f"file-descriptor hard limit {hard} is below {needed}"
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
 
 async def test_500_concurrent_connections(sync):
     raise_fd_limit(2048)

@@ -47,17 +47,10 @@ from revault.transactions import (
     select_fee_inputs,
     tx_uid,
 )
+from tests.support.keys import pub, secret
 
 N_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 REGTEST_EMERGENCY = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
-
-
-def secret(i: int) -> bytes:
-    return i.to_bytes(32, "big")
-
-
-def pub(i: int) -> bytes:
-    return coincurve.PrivateKey(secret(i)).public_key.format()
 
 
 STK, MGR, COS = (1, 2, 3), (11, 12), (21, 22, 23)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from decimal import Decimal
 
 import coincurve
 import pytest
@@ -36,7 +35,7 @@ from revault.transactions import (
     sign_digest,
     tx_uid,
 )
-from tests.support.regtest import RegtestNode, sats
+from tests.support.regtest import RegtestNode, fund, sats
 
 CSV = 6
 DEPOSIT_SATS = 1_000_000
@@ -104,15 +103,6 @@ def make_participants(flavor: str, n_stk=3, n_mgr=2, n_cos=3, threshold=None) ->
     if threshold is not None:
         table["managers_threshold"] = threshold
     return Participants(Deployment.from_dict(table), secrets)
-
-
-async def fund(node: RegtestNode, address: str, amount: int, index: int = 0) -> Coin:
-    txid = await node.rpc("sendtoaddress", address, Decimal(amount) / Decimal(10**8), wallet=node.MINER_WALLET)
-    tx = await node.rpc("getrawtransaction", txid, True)
-    for out in tx["vout"]:
-        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount:
-            return Coin(OutPoint(txid, out["n"]), amount, index)
-    raise AssertionError(f"{txid} does not pay {address}")
 
 
 async def accepted(node: RegtestNode, tx: Tx) -> dict:

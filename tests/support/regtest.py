@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from revault.bitcoind import BitcoindClient
+from revault.transactions import Coin, OutPoint
 
 REPO = Path(__file__).resolve().parents[2]
 GET_BITCOIND = REPO / "contrib" / "get-bitcoind.sh"
@@ -34,18 +35,23 @@ class RegtestError(RuntimeError):
     pass
 
 
-def bitcoind_bin_dir() -> Path:
-    """The directory holding bitcoind and bitcoin-cli (asked to the script once)."""
+def bitcoind_bin_dir(show_progress: bool = False) -> Path:
+    """The directory holding bitcoind and bitcoin-cli (asked to the script once).
+
+    With `show_progress`, the script's stderr (a build's progress) goes to ours as it
+    comes instead of being kept for the error message.
+    """
     global _bin_dir
     if _bin_dir is None:
         proc = subprocess.run(
-            ["bash", str(GET_BITCOIND)], capture_output=True, text=True, timeout=3600
+            ["bash", str(GET_BITCOIND)], stdout=subprocess.PIPE,
+            stderr=None if show_progress else subprocess.PIPE, text=True, timeout=3600
         )
         if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or "(shown above)").splitlines()[-20:])
             raise RegtestError(
                 f"contrib/get-bitcoind.sh failed (exit {proc.returncode}); "
-                f"set BITCOIND to a bitcoind binary. Its stderr ends with:\n"
-                + "\n".join(proc.stderr.splitlines()[-20:])
+                f"set BITCOIND to a bitcoind binary. Its stderr ends with:\n{tail}"
             )
         lines = proc.stdout.strip().splitlines()
         if not lines:
@@ -272,17 +278,16 @@ class RegtestNode:
             self.mine(1)
         return address
 
-    def fund_address(self, address: str, amount_sats: int) -> tuple[str, int]:
-        """Send exactly `amount_sats` to `address` from the miner wallet (unconfirmed).
 
-        Returns the outpoint (txid, vout) that pays it.
-        """
-        txid = self.cli("sendtoaddress", address, str(btc(amount_sats)), wallet=self.MINER_WALLET)
-        tx = self.cli("getrawtransaction", txid, True)
-        for out in tx["vout"]:
-            if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount_sats:
-                return txid, out["n"]
-        raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
+async def fund(node: RegtestNode, address: str, amount_sats: int, index: int = 0) -> Coin:
+    """Send exactly `amount_sats` to `address` from the miner wallet (unconfirmed): the
+    output that pays it, as a coin of vault index `index`."""
+    txid = await node.rpc("sendtoaddress", address, btc(amount_sats), wallet=node.MINER_WALLET)
+    tx = await node.rpc("getrawtransaction", txid, True)
+    for out in tx["vout"]:
+        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount_sats:
+            return Coin(OutPoint(txid, out["n"]), amount_sats, index)
+    raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
 
 
 def start_node(datadir: Path) -> RegtestNode:
