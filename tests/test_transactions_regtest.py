@@ -39,7 +39,7 @@ from tests.support.regtest import RegtestNode, fund, sats
 
 CSV = 6
 DEPOSIT_SATS = 1_000_000
-# DESIGN.md, Transport: a frame carries at most 65501 bytes of plaintext.
+# docs/protocol.md, Transport: a frame carries at most 65501 bytes of plaintext.
 MAX_MESSAGE = 65501
 WEIGHTS: dict[str, dict[str, int]] = {}  # kind -> Core's numbers
 
