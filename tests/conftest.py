@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.cosigner_daemon import setup_cosigner  # noqa: E402
+from tests.support.daemons import DaemonProcess  # noqa: E402
 from tests.support.regtest import RegtestError, RegtestNode, bitcoind_bin_dir, start_node  # noqa: E402
 
 # A test carries a marker when one of these fixtures is in its fixture closure
@@ -53,6 +54,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         version = subprocess.run([str(bin_dir / "bitcoind"), "-version"], capture_output=True,
                                  text=True, timeout=60).stdout.splitlines()
         print(f"\nbitcoind: {version[0] if version else '?'} ({bin_dir})", flush=True)
+
+
+@pytest.fixture(autouse=True)
+def _daemons_only_in_daemon_tests(request: pytest.FixtureRequest,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a daemon without `daemon_dir` would escape `-m "not daemon"`:
+    make it fail, saying which fixture to use, instead of letting the marker lie."""
+    if request.node.get_closest_marker("daemon") is None:
+        async def refuse(self, *args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts the {self.name} daemon: run it "
+                                 "in the daemon_dir (or daemon_module_dir) fixture")
+        monkeypatch.setattr(DaemonProcess, "start", refuse)
 
 
 @pytest.fixture
