@@ -35,16 +35,16 @@ from pathlib import Path
 
 from revault.config import ConfigTable, ProblemCollector
 from revault.cosigner_signing import CosignerKey, PsbtRefused
-from revault.cosigner_store import DATABASE_NAME, SignatureStore, StoreClosed
-from revault.daemon import CommonConfig, key_prefix, run_daemon
+from revault.cosigner_store import DATABASE_NAME, SignatureStore
+from revault.daemon import CommonConfig, run_daemon
 from revault.keys import KeyFileError, read_key_file
-from revault.messages import SignParams, SignResult
-from revault.rpc import INVALID_PARAMS, REFUSED, Caller, Dispatcher, RpcError
+from revault.messages import COSIGNER_METHODS, MANAGER, SignParams, SignResult
+from revault.rpc import Caller, Dispatcher
+from revault.transport import key_prefix
 
 log = logging.getLogger("revault.cosigner")
 
 NAME = "cosigner"
-MANAGER = "manager"
 DEFAULT_REQUESTS_PER_SECOND = 10.0
 
 
@@ -78,7 +78,7 @@ class CosignerService:
         self._managers = frozenset(config.managers)
         self.known_peers: list[bytes] = list(config.managers)
         self.dispatcher = Dispatcher()
-        self.dispatcher.method("sign", params=SignParams, roles=[MANAGER])(self.sign)
+        self.dispatcher.serve_table(COSIGNER_METHODS, {"sign": self.sign})
 
     def roles_of(self, peer_public: bytes) -> frozenset[str]:
         return frozenset({MANAGER}) if peer_public in self._managers else frozenset()
@@ -88,12 +88,11 @@ class CosignerService:
         try:
             request = self._key.prepare(params.tx, params.index)
         except PsbtRefused as e:
+            # The dispatcher answers it (-32602); this line says which manager sent it.
             log.info("sign refused for manager %s: %s", manager, e)
-            raise RpcError(INVALID_PARAMS, str(e)) from None
-        try:
-            outcome = await self._store.sign_once(request, caller.public_key)
-        except StoreClosed:
-            raise RpcError(REFUSED, "cosigner is shutting down") from None
+            raise
+        # A store that is closing raises StoreClosed, answered -32002 by the dispatcher.
+        outcome = await self._store.sign_once(request, caller.public_key)
         stored = outcome.stored
         if outcome.new:
             log.info("signed outpoint %s: new signature for manager %s (spend %s)",

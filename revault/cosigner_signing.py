@@ -22,35 +22,20 @@ from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import Transaction, TransactionInput
 
+from revault.errors import InvalidParams
+from revault.primitives import PSBT_MAGIC, SIGHASH_ALL, OutPoint
 from revault.transactions import p2wsh
 
-SIGHASH_ALL = 0x01
-PSBT_MAGIC = b"psbt\xff"
 
-
-class PsbtRefused(ValueError):
-    """A PSBT the cosigner will not sign. `str()` is `"<field>: <reason>"` (for -32602)."""
-
-    def __init__(self, field: str, reason: str):
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Outpoint:
-    txid: str  # 64 lowercase hex, display order
-    vout: int
-
-    def __str__(self) -> str:
-        return f"{self.txid}:{self.vout}"
+class PsbtRefused(InvalidParams):
+    """A PSBT the cosigner will not sign: answered -32602, `"<field>: <reason>"`."""
 
 
 @dataclass(frozen=True, slots=True)
 class SigningRequest:
     """What the daemon needs to sign one input, and to log and audit it."""
 
-    outpoint: Outpoint
+    outpoint: OutPoint
     digest: bytes      # BIP 143 SIGHASH_ALL digest of the input
     spend_txid: str    # txid of the unsigned transaction (for the audit trail)
     amount: int        # satoshis of the spent output, as the PSBT claims
@@ -166,7 +151,7 @@ class CosignerKey:
         amount = scope.witness_utxo.value
         txin = tx.vin[index]
         return SigningRequest(
-            outpoint=Outpoint(txin.txid.hex(), txin.vout),
+            outpoint=OutPoint(txin.txid.hex(), txin.vout),
             digest=bip143_digest(tx, index, witness_script, amount),
             spend_txid=tx.txid().hex(),
             amount=amount,

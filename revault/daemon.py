@@ -94,11 +94,6 @@ class HasCommon(Protocol):
 AppConfig = TypeVar("AppConfig", bound=HasCommon)
 
 
-def key_prefix(public_key: bytes) -> str:
-    """How a peer is named in logs: enough to tell peers apart, short to read."""
-    return public_key[:4].hex()
-
-
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -11,8 +11,9 @@ import stat
 from pathlib import Path
 
 import coincurve
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+# The Noise static key's public half is the transport's to derive: one X25519 code path.
+from revault.transport import public_key as noise_public_key
 
 KEY_LEN = 32
 
@@ -83,11 +84,6 @@ def generate_bitcoin_key() -> bytes:
             return secret
         except ValueError:
             continue
-
-
-def noise_public_key(private_key: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
 
 
 def bitcoin_public_key(private_key: bytes) -> bytes:

@@ -1,8 +1,11 @@
-"""Params and results of every method: validation, canonical JSON, opinion signing.
+"""Params and results of every method, the method tables, roles, opinion signing.
 
 Each class's `parse` is the only place its wire form is validated, so that every
-daemon and the wallet refuse the same inputs for the same reasons. Nothing here does
-I/O.
+daemon and the wallet refuse the same inputs for the same reasons; a bad member is
+an `errors.InvalidParams` naming it. The method tables (`METHODS`) say, per daemon,
+which params and result class each method has and which roles may call it: daemons
+register their handlers from them and `revault.clients` calls through them. Nothing
+here does I/O.
 """
 
 from __future__ import annotations
@@ -11,18 +14,16 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from types import MappingProxyType
+from typing import Any, Mapping, Self
 
 import coincurve
 from bitcoin.core import CTransaction
 
-# secp256k1 group order: signatures with s > N/2 are malleable (BIP 62 / BIP 146).
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-HALF_N = SECP256K1_N // 2
+from revault.errors import InvalidParams
+from revault.primitives import MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex
 
-MAX_DER_BYTES = 72           # 6 bytes of framing + two 33-byte integers
 MAX_REASON_CHARS = 1024
 MAX_TIMESTAMP = 2**63        # exclusive; what a signed 64-bit integer holds elsewhere
 MAX_INDEX = 2**32            # exclusive; input indexes are u32 in Bitcoin
@@ -36,24 +37,22 @@ MAX_SIGNATURES = 100         # far above any real deployment's stakeholder count
 MAX_RESULT_SIGNATURES = 1_000
 MAX_REQUESTS = 10_000
 MAX_OPINIONS = 1_000
+# A get_spend_requests cursor is opaque to clients; the server's own are far shorter.
+MAX_CURSOR_CHARS = 256
 # A bad map key is echoed in the field name; never echo more than a pubkey's length.
 _MAX_KEY_ECHO = 66
 
-PSBT_MAGIC = b"psbt\xff"
+# The name this module gave errors.InvalidParams before errors.py existed; the same class.
+ParamsError = InvalidParams
 
-_LOWER_HEX = re.compile(r"[0-9a-f]*")
+# --- roles ----------------------------------------------------------------------
 
-
-class ParamsError(ValueError):
-    """A member of params (or of a result) is missing or invalid."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.reason}"
+# Who may call what (the method tables below, DESIGN.md "Roles"). A daemon maps each
+# peer's Noise key to some of these; the dispatcher checks them before parsing params.
+STAKEHOLDER = "stakeholder"
+MANAGER = "manager"
+WATCHTOWER = "watchtower"
+WALLET = "wallet"            # the one wallet paired with a watchtower
 
 
 # --- validators ---------------------------------------------------------------
@@ -62,25 +61,25 @@ def _require(obj: dict, name: str) -> Any:
     try:
         return obj[name]
     except KeyError:
-        raise ParamsError(name, "missing") from None
+        raise InvalidParams(name, "missing") from None
 
 
 def _require_object(obj: Any, name: str = "params") -> dict:
     if not isinstance(obj, dict):
-        raise ParamsError(name, "not an object")
+        raise InvalidParams(name, "not an object")
     return obj
 
 
 def check_hex(field: str, value: Any, nbytes: int | None) -> bytes:
     """Lowercase hex of exactly `nbytes` bytes (any even length if None); returns the bytes."""
     if not isinstance(value, str):
-        raise ParamsError(field, "not a string")
+        raise InvalidParams(field, "not a string")
     if nbytes is not None and len(value) != 2 * nbytes:
-        raise ParamsError(field, f"expected {2 * nbytes} hex characters")
+        raise InvalidParams(field, f"expected {2 * nbytes} hex characters")
     if len(value) % 2:
-        raise ParamsError(field, "odd number of hex characters")
-    if not _LOWER_HEX.fullmatch(value):
-        raise ParamsError(field, "not lowercase hex")
+        raise InvalidParams(field, "odd number of hex characters")
+    if not is_lower_hex(value):
+        raise InvalidParams(field, "not lowercase hex")
     return bytes.fromhex(value)
 
 
@@ -88,91 +87,66 @@ def check_pubkey(field: str, value: Any) -> bytes:
     """33-byte compressed secp256k1 point, lowercase hex; returns the bytes."""
     raw = check_hex(field, value, 33)
     if raw[0] not in (2, 3):
-        raise ParamsError(field, "not a compressed public key")
+        raise InvalidParams(field, "not a compressed public key")
     try:
         coincurve.PublicKey(raw)
     except ValueError:
-        raise ParamsError(field, "not a valid public key") from None
+        raise InvalidParams(field, "not a valid public key") from None
     return raw
-
-
-def _der_integer(sig: bytes, pos: int) -> tuple[int, int] | None:
-    """(value, next position) of a strict-DER INTEGER at `pos`, or None."""
-    if pos + 2 > len(sig) or sig[pos] != 0x02:
-        return None
-    length = sig[pos + 1]
-    start, end = pos + 2, pos + 2 + length
-    if length == 0 or end > len(sig):
-        return None
-    if sig[start] & 0x80:
-        return None  # negative
-    if length > 1 and sig[start] == 0 and not sig[start + 1] & 0x80:
-        return None  # superfluous leading zero
-    return int.from_bytes(sig[start:end], "big"), end
 
 
 def check_der_low_s(field: str, value: Any) -> bytes:
     """Strict DER (BIP 66 framing), low S, no sighash byte; returns the bytes."""
-    if isinstance(value, str) and len(value) > 2 * MAX_DER_BYTES:
-        raise ParamsError(field, "too long")
+    if isinstance(value, str) and len(value) > 2 * MAX_DER_SIGNATURE:
+        raise InvalidParams(field, "too long")
     sig = check_hex(field, value, None)
-    if not 8 <= len(sig) <= MAX_DER_BYTES or sig[0] != 0x30 or sig[1] != len(sig) - 2:
-        raise ParamsError(field, "not DER")
-    r = _der_integer(sig, 2)
-    if r is None:
-        raise ParamsError(field, "not DER")
-    s = _der_integer(sig, r[1])
-    if s is None or s[1] != len(sig):
-        # A trailing sighash byte lands here too: it is not part of the DER encoding.
-        raise ParamsError(field, "not DER")
-    if not 0 < r[0] < SECP256K1_N or s[0] == 0:
-        raise ParamsError(field, "not a valid signature")
-    if s[0] > HALF_N:
-        raise ParamsError(field, "not low-S")
+    problem = der_signature_problem(sig)
+    if problem is not None:
+        raise InvalidParams(field, problem)
     return sig
 
 
 def _check_str(field: str, value: Any, max_chars: int) -> str:
     if not isinstance(value, str):
-        raise ParamsError(field, "not a string")
+        raise InvalidParams(field, "not a string")
     if len(value) > max_chars:
-        raise ParamsError(field, f"longer than {max_chars} characters")
+        raise InvalidParams(field, f"longer than {max_chars} characters")
     try:
         # JSON "\ud800" escapes decode to lone surrogates, which no UTF-8 encoder
         # (ours included, when signing or storing) can write back.
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ParamsError(field, "not valid Unicode") from None
+        raise InvalidParams(field, "not valid Unicode") from None
     return value
 
 
 def _check_bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ParamsError(field, "not a boolean")
+        raise InvalidParams(field, "not a boolean")
     return value
 
 
 def _check_int(field: str, value: Any, upper: int) -> int:
     # bool is an int subclass in Python; on the wire true is not 1.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ParamsError(field, "not an integer")
+        raise InvalidParams(field, "not an integer")
     if not 0 <= value < upper:
-        raise ParamsError(field, f"out of range [0, {upper})")
+        raise InvalidParams(field, f"out of range [0, {upper})")
     return value
 
 
 def _check_base64(field: str, value: Any, max_bytes: int) -> bytes:
     if not isinstance(value, str):
-        raise ParamsError(field, "not a string")
+        raise InvalidParams(field, "not a string")
     if len(value) > 4 * ((max_bytes + 2) // 3):
-        raise ParamsError(field, "too long")
+        raise InvalidParams(field, "too long")
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ParamsError(field, "not base64") from None
+        raise InvalidParams(field, "not base64") from None
     # One canonical text per byte string: padding required, no stray trailing bits.
     if base64.b64encode(raw).decode("ascii") != value:
-        raise ParamsError(field, "not canonical base64")
+        raise InvalidParams(field, "not canonical base64")
     return raw
 
 
@@ -183,30 +157,30 @@ def _check_transaction(field: str, value: Any) -> str:
     except Exception:
         # Untrusted bytes into a third-party parser: whatever it raises (truncation,
         # trailing data, struct errors) means the same thing to the caller.
-        raise ParamsError(field, "not a transaction") from None
+        raise InvalidParams(field, "not a transaction") from None
     if not tx.vin or not tx.vout:
-        raise ParamsError(field, "transaction has no inputs or no outputs")
+        raise InvalidParams(field, "transaction has no inputs or no outputs")
     # Non-minimal sizes or an all-empty witness section deserialize but are not what
     # Bitcoin Core accepts, and would give a relayed transaction two encodings.
     if tx.serialize() != raw:
-        raise ParamsError(field, "not a canonical transaction serialization")
+        raise InvalidParams(field, "not a canonical transaction serialization")
     return value
 
 
 def _check_psbt(field: str, value: Any) -> str:
     raw = _check_base64(field, value, MAX_PSBT_BYTES)
     if not raw.startswith(PSBT_MAGIC):
-        raise ParamsError(field, "not a PSBT")
+        raise InvalidParams(field, "not a PSBT")
     return value
 
 
 def _check_sig_map(field: str, value: Any, *, min_items: int, max_items: int) -> dict[str, str]:
     if not isinstance(value, dict):
-        raise ParamsError(field, "not an object")
+        raise InvalidParams(field, "not an object")
     if len(value) < min_items:
-        raise ParamsError(field, "empty")
+        raise InvalidParams(field, "empty")
     if len(value) > max_items:
-        raise ParamsError(field, f"more than {max_items} entries")
+        raise InvalidParams(field, f"more than {max_items} entries")
     out: dict[str, str] = {}
     for key, sig in value.items():
         name = f"{field}.{str(key)[:_MAX_KEY_ECHO]}"
@@ -218,9 +192,9 @@ def _check_sig_map(field: str, value: Any, *, min_items: int, max_items: int) ->
 
 def _check_list(field: str, value: Any, max_items: int) -> list:
     if not isinstance(value, list):
-        raise ParamsError(field, "not an array")
+        raise InvalidParams(field, "not an array")
     if len(value) > max_items:
-        raise ParamsError(field, f"more than {max_items} entries")
+        raise InvalidParams(field, f"more than {max_items} entries")
     return value
 
 
@@ -228,14 +202,9 @@ def _nested(prefix: str, parse, obj: Any):
     """Parse a nested object, prefixing the field of any error with its position."""
     try:
         return parse(obj)
-    except ParamsError as e:
+    except InvalidParams as e:
         name = prefix if e.field == "params" else f"{prefix}.{e.field}"
-        raise ParamsError(name, e.reason) from None
-
-
-def tx_uid(txid_hex: str) -> str:
-    """The tx uid / vault uid of a txid: sha256 of its 32 bytes, as they are written."""
-    return hashlib.sha256(check_hex("txid", txid_hex, 32)).hexdigest()
+        raise InvalidParams(name, e.reason) from None
 
 
 def _id(field: str, value: Any) -> str:
@@ -317,15 +286,24 @@ class RequestSpendParams:
                 "vault_id": self.vault_id}
 
 
+def _optional_cursor(obj: dict, name: str) -> str | None:
+    """An opaque get_spend_requests cursor, or None when the member is absent."""
+    if name not in obj:
+        return None
+    return _check_str(name, obj[name], MAX_CURSOR_CHARS)
+
+
 @dataclass(frozen=True, slots=True)
 class GetSpendRequestsParams:
+    since: str | None = None   # a previous result's `cursor`; None: from the oldest
+
     @classmethod
     def parse(cls, obj: Any) -> Self:
-        _require_object(obj)
-        return cls()
+        return cls(since=_optional_cursor(_require_object(obj), "since"))
 
     def to_json(self) -> dict:
-        return {}
+        # A seed client's `{}` stays `{}`.
+        return {} if self.since is None else {"since": self.since}
 
 
 _SPEND_REQUEST_JSON_OVERHEAD = len('{"transaction":"","timestamp":,"vault_id":""}')
@@ -359,22 +337,28 @@ class SpendRequest:
 @dataclass(frozen=True, slots=True)
 class GetSpendRequestsResult:
     requests: list[SpendRequest] = field(default_factory=list)
+    # Marks the last request listed; None when the server sent none (a seed server).
+    cursor: str | None = None
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
         items = _check_list("requests", _require(obj, "requests"), MAX_REQUESTS)
         return cls(requests=[_nested(f"requests[{i}]", SpendRequest.parse, item)
-                             for i, item in enumerate(items)])
+                             for i, item in enumerate(items)],
+                   cursor=_optional_cursor(obj, "cursor"))
 
     def to_json(self) -> dict:
-        return {"requests": [r.to_json() for r in self.requests]}
+        out: dict[str, Any] = {"requests": [r.to_json() for r in self.requests]}
+        if self.cursor is not None:
+            out["cursor"] = self.cursor
+        return out
 
 
 def _check_opinion_reason(accept: bool, reason: Any) -> str:
     reason = _check_str("reason", reason, MAX_REASON_CHARS)
     if not accept and not reason:
-        raise ParamsError("reason", "must be non-empty when the spend is refused")
+        raise InvalidParams("reason", "must be non-empty when the spend is refused")
     return reason
 
 
@@ -554,6 +538,49 @@ class SignResult:
         return {"signature": self.signature}
 
 
+# --- method tables ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One method of one daemon: the class that parses its params, the class of its
+    result (which a client validates the answer with), and the roles that may call it."""
+
+    name: str
+    params: type
+    result: type
+    roles: frozenset[str]
+
+
+def _table(*methods: Method) -> Mapping[str, Method]:
+    return MappingProxyType({method.name: method for method in methods})
+
+
+SYNC_SERVER_METHODS = _table(
+    Method("sig", SigParams, AckResult, frozenset({STAKEHOLDER})),
+    Method("get_sigs", GetSigsParams, GetSigsResult, frozenset({STAKEHOLDER, MANAGER})),
+    Method("err_sig", ErrSigParams, AckResult, frozenset({STAKEHOLDER})),
+    Method("request_spend", RequestSpendParams, AckResult, frozenset({MANAGER})),
+    Method("get_spend_requests", GetSpendRequestsParams, GetSpendRequestsResult,
+           frozenset({WATCHTOWER})),
+    Method("spend_opinion", SpendOpinionParams, AckResult, frozenset({WATCHTOWER})),
+    Method("get_spend_opinions", GetSpendOpinionsParams, GetSpendOpinionsResult,
+           frozenset({MANAGER})),
+)
+WATCHTOWER_METHODS = _table(
+    Method("sig", WatchtowerSigParams, WatchtowerSigResult, frozenset({WALLET})),
+)
+COSIGNER_METHODS = _table(
+    Method("sign", SignParams, SignResult, frozenset({MANAGER})),
+)
+# Every daemon's API, by the daemon's name (`revault-<name>`): the one table daemons
+# register their handlers from and clients.py calls through.
+METHODS: Mapping[str, Mapping[str, Method]] = MappingProxyType({
+    "sync-server": SYNC_SERVER_METHODS,
+    "watchtower": WATCHTOWER_METHODS,
+    "cosigner": COSIGNER_METHODS,
+})
+
+
 # --- watchtower opinions ----------------------------------------------------------
 
 def opinion_signing_bytes(params: SpendOpinionParams) -> bytes:
@@ -566,7 +593,7 @@ def opinion_signing_bytes(params: SpendOpinionParams) -> bytes:
 
 def sign_opinion(private_key: bytes, vault_id: str, accept: bool, reason: str,
                  txid: str) -> SpendOpinionParams:
-    """A signed, validated spend_opinion. Raises ParamsError for a bad member."""
+    """A signed, validated spend_opinion. Raises InvalidParams for a bad member."""
     if not isinstance(private_key, bytes) or len(private_key) != 32:
         raise ValueError("opinion key must be 32 bytes")
     key = coincurve.PrivateKey(private_key)
@@ -591,5 +618,5 @@ def verify_opinion(params: SpendOpinionParams) -> bool:
         sig = check_der_low_s("sig", params.sig)
         digest = hashlib.sha256(opinion_signing_bytes(params)).digest()
         return pubkey.verify(sig, digest, hasher=None)
-    except (ParamsError, ValueError, TypeError):
+    except (InvalidParams, ValueError, TypeError):
         return False

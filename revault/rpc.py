@@ -13,31 +13,31 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
 
 from revault import transport
-from revault.messages import ParamsError
+from revault.errors import (
+    FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
+    PARSE_ERROR, REFUSED, Forbidden, InternalError, InvalidRequest, ParseError, Refused,
+    UnknownMethod, WireError, error_from_wire,
+)
 
 log = logging.getLogger("revault.rpc")
 
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
-FORBIDDEN, REFUSED, INTERNAL_ERROR = -32001, -32002, -32603
+__all__ = [
+    "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "FORBIDDEN",
+    "REFUSED", "INTERNAL_ERROR", "RpcError", "ProtocolError", "Caller", "Request",
+    "Response", "decode_request", "encode_result", "encode_error", "encode_request",
+    "decode_response", "Handler", "MethodSpec", "Dispatcher", "TokenBucket",
+    "serve_connection", "RpcClient",
+]
 
 # Untrusted method names end up in error messages and log lines: echo only a prefix.
 MAX_METHOD_ECHO = 64
 MAX_LOGGED_MESSAGE = 200
 
-
-class RpcError(Exception):
-    """An error response: raised by handlers to answer one, and by RpcClient on receiving one."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code})"
+# The name this module gave errors.WireError before errors.py existed; the same class.
+RpcError = WireError
 
 
 class ProtocolError(Exception):
@@ -52,7 +52,7 @@ class Caller:
     def describe(self) -> str:
         """Roles and key prefix: enough to tell peers apart in a log, nothing more."""
         roles = ",".join(sorted(self.roles)) or "-"
-        return f"roles={roles} key={self.public_key.hex()[:8]}"
+        return f"roles={roles} key={transport.key_prefix(self.public_key)}"
 
 
 # --- pure envelope ------------------------------------------------------------------
@@ -66,17 +66,10 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class EnvelopeError:
-    """A frame that is not a request we can identify: answered with "id":null."""
-    code: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
 class Response:
     id: int | str | None
     result: Any = None
-    error: RpcError | None = None
+    error: WireError | None = None
 
 
 class _JsonRefused(ValueError):
@@ -134,31 +127,31 @@ def _echo(name: str) -> str:
     return name if len(name) <= MAX_METHOD_ECHO else name[:MAX_METHOD_ECHO] + "..."
 
 
-def decode_request(raw: bytes) -> Request | EnvelopeError:
-    """Parse one frame into a request, or the -32700/-32600 error that answers it."""
+def decode_request(raw: bytes) -> Request | ParseError | InvalidRequest:
+    """Parse one frame into a request, or the -32700/-32600 error that answers it (with
+    "id":null: the frame's id, if any, could not be trusted)."""
     try:
         obj = _loads(raw)
     except ValueError as e:
-        return EnvelopeError(PARSE_ERROR, f"parse error: {e}")
+        return ParseError(f"parse error: {e}")
     if isinstance(obj, list):
-        return EnvelopeError(INVALID_REQUEST, "invalid request: batches are not supported")
+        return InvalidRequest("invalid request: batches are not supported")
     if not isinstance(obj, dict):
-        return EnvelopeError(INVALID_REQUEST, "invalid request: not an object")
+        return InvalidRequest("invalid request: not an object")
     if "jsonrpc" in obj and obj["jsonrpc"] != "2.0":
-        return EnvelopeError(INVALID_REQUEST, 'invalid request: jsonrpc must be "2.0"')
+        return InvalidRequest('invalid request: jsonrpc must be "2.0"')
     method = obj.get("method")
     if not isinstance(method, str):
-        return EnvelopeError(INVALID_REQUEST, "invalid request: method must be a string")
+        return InvalidRequest("invalid request: method must be a string")
     notification = "id" not in obj
     request_id = obj.get("id")
     if not notification and not _valid_id(request_id):
-        return EnvelopeError(INVALID_REQUEST,
-                             "invalid request: id must be an integer or a string")
+        return InvalidRequest("invalid request: id must be an integer or a string")
     params = obj.get("params", {})
     # An array is valid JSON-RPC (by-position params) that our methods do not take:
     # that is the params parser's -32602. Anything else is not JSON-RPC at all.
     if not isinstance(params, (dict, list)):
-        return EnvelopeError(INVALID_REQUEST, "invalid request: params must be an object")
+        return InvalidRequest("invalid request: params must be an object")
     return Request(method=method, params=params, id=request_id, notification=notification)
 
 
@@ -199,7 +192,7 @@ def decode_response(raw: bytes) -> Response:
     if (not isinstance(error, dict) or not isinstance(error.get("message"), str)
             or not isinstance(error.get("code"), int) or isinstance(error.get("code"), bool)):
         raise ProtocolError("response: malformed error")
-    return Response(id=obj["id"], error=RpcError(error["code"], error["message"]))
+    return Response(id=obj["id"], error=error_from_wire(error["code"], error["message"]))
 
 
 # --- dispatch -------------------------------------------------------------------------
@@ -207,11 +200,25 @@ def decode_response(raw: bytes) -> Response:
 Handler = Callable[[Caller, Any], Awaitable[Any]]
 
 
+class MethodSpec(Protocol):
+    """One row of a method table (messages.py's `Method`): what the dispatcher needs."""
+
+    @property
+    def params(self) -> type: ...
+
+    @property
+    def result(self) -> type: ...
+
+    @property
+    def roles(self) -> frozenset[str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Method:
     params: type
     roles: frozenset[str]
     handler: Handler
+    result: type | None  # when set, a handler returning anything else is a bug
 
 
 def _log_internal(method: str, caller: Caller, exc: BaseException) -> None:
@@ -222,23 +229,28 @@ def _log_internal(method: str, caller: Caller, exc: BaseException) -> None:
               type(exc).__qualname__, frames)
 
 
-def _log_refusal(method: str, code: int, message: str, caller: Caller) -> None:
+def _log_refusal(method: str, error: WireError, caller: Caller) -> None:
     # Error messages are what the peer is told anyway (never params values), but may
     # echo a hostile map key or method name: repr keeps a log record on one line.
-    log.info("refused %r (%d %r) for %s", _echo(method), code, message[:MAX_LOGGED_MESSAGE],
-             caller.describe())
+    log.info("refused %r (%d %r) for %s", _echo(method), error.code,
+             error.message[:MAX_LOGGED_MESSAGE], caller.describe())
 
 
 class Dispatcher:
+    """Routes requests to handlers, checks roles, and answers every errors.WireError a
+    params class, handler or store raises with its own code: the one place where
+    errors become answers."""
+
     def __init__(self, *, max_response: int | None = None):
         self._methods: dict[str, _Method] = {}
         # A response the transport cannot carry would otherwise kill the connection.
         self.max_response = transport.MAX_PLAINTEXT if max_response is None else max_response
 
-    def method(self, name: str, params: type, roles: Iterable[str]):
+    def method(self, name: str, params: type, roles: Iterable[str], *,
+               result: type | None = None):
         """Decorator: register `async def handler(caller, params_obj)` returning a dict or
-        an object with to_json(). `params` is a messages.py class whose `parse(obj)` raises
-        messages.ParamsError."""
+        an object with to_json() (an instance of `result` when given). `params` is a
+        messages.py class whose `parse(obj)` raises errors.InvalidParams."""
         if isinstance(roles, str):
             raise TypeError("roles must be an iterable of role names, not one string")
         allowed = frozenset(roles)
@@ -248,25 +260,44 @@ class Dispatcher:
             raise ValueError(f"method {name!r} is already registered")
 
         def register(handler: Handler) -> Handler:
-            self._methods[name] = _Method(params=params, roles=allowed, handler=handler)
+            self._methods[name] = _Method(params=params, roles=allowed, handler=handler,
+                                          result=result)
             return handler
 
         return register
 
-    def refuse(self, caller: Caller, raw: bytes, code: int, message: str) -> bytes | None:
-        """Answer a frame with an error without running it (a notification gets nothing)."""
+    def serve_table(self, table: Mapping[str, MethodSpec],
+                    handlers: Mapping[str, Handler]) -> None:
+        """Register one handler per method of `table` (a daemon's rows of messages.py's
+        method table), with the table's params class, result class and roles.
+
+        A method of the table without a handler, or a handler for a method the table
+        does not list, is a ValueError: the daemon does not start half-serving its API.
+        """
+        unserved = sorted(table.keys() - handlers.keys())
+        unlisted = sorted(handlers.keys() - table.keys())
+        if unserved or unlisted:
+            problems = ([f"no handler for {', '.join(unserved)}"] if unserved else []) + \
+                       ([f"not in the method table: {', '.join(unlisted)}"] if unlisted else [])
+            raise ValueError("; ".join(problems))
+        for name, spec in table.items():
+            self.method(name, spec.params, spec.roles, result=spec.result)(handlers[name])
+
+    def refuse(self, caller: Caller, raw: bytes, error: WireError) -> bytes | None:
+        """Answer a frame with `error` without running it (a notification gets nothing)."""
         request = decode_request(raw)
-        if isinstance(request, EnvelopeError):
+        if isinstance(request, WireError):
             return self._envelope_error(caller, request)
-        _log_refusal(request.method, code, message, caller)
-        return None if request.notification else encode_error(request.id, code, message)
+        _log_refusal(request.method, error, caller)
+        return None if request.notification else encode_error(request.id, error.code,
+                                                              error.message)
 
     async def handle(self, caller: Caller, raw: bytes) -> bytes | None:
         """Never raises. Returns the encoded response, or None for a notification.
         Role is checked before params are parsed or the handler runs (-32001)."""
         try:
             request = decode_request(raw)
-            if isinstance(request, EnvelopeError):
+            if isinstance(request, WireError):
                 return self._envelope_error(caller, request)
             log.debug("request %r from %s", _echo(request.method), caller.describe())
             outcome = await self._run(caller, request)
@@ -278,43 +309,45 @@ class Dispatcher:
             _log_internal("?", caller, e)
             return encode_error(None, INTERNAL_ERROR, "internal error")
 
-    def _envelope_error(self, caller: Caller, error: EnvelopeError) -> bytes:
-        _log_refusal("", error.code, error.message, caller)
+    def _envelope_error(self, caller: Caller, error: WireError) -> bytes:
+        _log_refusal("", error, caller)
         return encode_error(None, error.code, error.message)
 
-    async def _run(self, caller: Caller, request: Request) -> dict | RpcError:
+    async def _run(self, caller: Caller, request: Request) -> dict | WireError:
         """The result as a JSON object, or the error that answers the request."""
         outcome = await self._call(caller, request)
-        if isinstance(outcome, RpcError) and outcome.code != INTERNAL_ERROR:
-            _log_refusal(request.method, outcome.code, outcome.message, caller)
+        if isinstance(outcome, WireError) and outcome.code != INTERNAL_ERROR:
+            _log_refusal(request.method, outcome, caller)
         return outcome
 
-    async def _call(self, caller: Caller, request: Request) -> dict | RpcError:
+    async def _call(self, caller: Caller, request: Request) -> dict | WireError:
         entry = self._methods.get(request.method)
         if entry is None:
-            return RpcError(METHOD_NOT_FOUND, f"unknown method: {_echo(request.method)}")
+            return UnknownMethod(f"unknown method: {_echo(request.method)}")
         if not caller.roles & entry.roles:
-            return RpcError(FORBIDDEN, f"{request.method} may only be called by: "
-                                       f"{', '.join(sorted(entry.roles))}")
+            return Forbidden(f"{request.method} may only be called by: "
+                             f"{', '.join(sorted(entry.roles))}")
         try:
             params = entry.params.parse(request.params)
             result = await entry.handler(caller, params)
+            if entry.result is not None and not isinstance(result, entry.result):
+                raise TypeError(f"handler returned {type(result).__qualname__}, "
+                                f"not {entry.result.__qualname__}")
             if hasattr(result, "to_json"):
                 result = result.to_json()
             if not isinstance(result, dict):
                 raise TypeError(f"handler returned {type(result).__qualname__}, not a dict")
             return result
-        except ParamsError as e:
-            # Raised by parse, or by a handler that validates deeper (e.g. a PSBT).
-            return RpcError(INVALID_PARAMS, str(e))
-        except RpcError as e:
+        except WireError as e:
+            # Raised by parse, by a handler that validates deeper (e.g. a PSBT), or by a
+            # store refusing a write: each already knows its code and message.
             return e
         except Exception as e:
             _log_internal(request.method, caller, e)
-            return RpcError(INTERNAL_ERROR, "internal error")
+            return InternalError("internal error")
 
-    def _encode(self, caller: Caller, request: Request, outcome: dict | RpcError) -> bytes:
-        if isinstance(outcome, RpcError):
+    def _encode(self, caller: Caller, request: Request, outcome: dict | WireError) -> bytes:
+        if isinstance(outcome, WireError):
             return encode_error(request.id, outcome.code, outcome.message)
         try:
             response = encode_result(request.id, outcome)
@@ -322,7 +355,7 @@ class Dispatcher:
             _log_internal(request.method, caller, e)
             return encode_error(request.id, INTERNAL_ERROR, "internal error")
         if len(response) > self.max_response:
-            _log_refusal(request.method, REFUSED, f"response of {len(response)} bytes", caller)
+            _log_refusal(request.method, Refused(f"response of {len(response)} bytes"), caller)
             return encode_error(request.id, REFUSED, "response too large")
         return response
 
@@ -359,7 +392,7 @@ async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatch
         while True:
             raw = await conn.recv()
             if bucket is not None and not bucket.take(time.monotonic()):
-                response = dispatcher.refuse(caller, raw, REFUSED, "rate limit exceeded")
+                response = dispatcher.refuse(caller, raw, Refused("rate limit exceeded"))
             else:
                 response = await dispatcher.handle(caller, raw)
             if response is not None:
@@ -390,7 +423,9 @@ class RpcClient:
         return self._conn.closed
 
     async def call(self, method: str, params: dict, timeout: float = 30.0) -> dict:
-        """The result object; RpcError on an error response, TimeoutError past `timeout`.
+        """The result object; on an error answer, the errors.py class of its code (e.g.
+        Refused for -32002, a plain WireError for an unknown code); TimeoutError past
+        `timeout`.
         After a timeout or a malformed response the connection is closed."""
         async with self._lock:
             self._next_id += 1
@@ -398,7 +433,7 @@ class RpcClient:
             raw = encode_request(method, _params_json(params), request_id)
             try:
                 return await asyncio.wait_for(self._exchange(raw, request_id), timeout)
-            except RpcError:
+            except WireError:
                 raise
             except BaseException:
                 # The answer may still be on its way: it would be read as the answer

@@ -26,20 +26,20 @@ from bitcoin.core import CTransaction, b2lx
 
 from revault.config import ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, run_daemon
+from revault.errors import InvalidParams
 from revault.messages import (
-    AckResult, ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
+    MANAGER, MAX_OPINIONS, STAKEHOLDER, SYNC_SERVER_METHODS, WATCHTOWER, AckResult,
+    ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
     GetSpendOpinionsResult, GetSpendRequestsParams, GetSpendRequestsResult, RelayedOpinion,
     RequestSpendParams, SigParams, SpendOpinionParams, SpendRequest, verify_opinion,
 )
-from revault.rpc import INVALID_PARAMS, REFUSED, Caller, Dispatcher, RpcError
+from revault.rpc import Caller, Dispatcher
 from revault.sync_store import (
     DATABASE_NAME, QuotaExceeded, Quotas, Retention, SqliteSyncStore, SyncStore,
 )
 from revault.transport import MAX_PLAINTEXT
 
 log = logging.getLogger("revault.sync_server")
-
-STAKEHOLDER, MANAGER, WATCHTOWER = "stakeholder", "manager", "watchtower"
 
 DEFAULT_REQUESTS_PER_SECOND = 50.0
 DEFAULT_PURGE_INTERVAL = 600.0
@@ -55,8 +55,6 @@ MIN_REQUEST_JSON = 200
 
 # One response must carry every signature of an id (about 220 bytes each).
 MAX_SIGNATURES_PER_ID = 250
-# GetSpendOpinionsResult refuses more than this many on the client side.
-MAX_OPINIONS_PER_VAULT = 1_000
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,8 @@ def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
     if limits is not None:
         d = Quotas()
         maxima = {"signatures_per_id": MAX_SIGNATURES_PER_ID,
-                  "opinions_per_vault": MAX_OPINIONS_PER_VAULT}
+                  # GetSpendOpinionsResult refuses more than this on the client side.
+                  "opinions_per_vault": MAX_OPINIONS}
         values = {key: p.read(limits.integer, key, minimum=1,
                               maximum=maxima.get(key, 1_000_000_000), default=getattr(d, key))
                   for key in Quotas.__dataclass_fields__}
@@ -131,24 +130,24 @@ def spend_txid(transaction_b64: str) -> str:
     return b2lx(CTransaction.deserialize(base64.b64decode(transaction_b64)).GetTxid())
 
 
-def _refuse_quota(e: QuotaExceeded, caller: Caller) -> RpcError:
+def _log_quota(e: QuotaExceeded, caller: Caller) -> None:
     # The dispatcher logs every refusal too; this line leads with the quota, and a full
     # table is raised to a warning because it refuses every peer, not one.
     if e.quota.startswith("total_"):
-        # A full table refuses every peer, not only this one.
         log.warning("%s: refusing new rows until some expire or the quota is raised (%s)",
                     e, caller.describe())
     else:
         log.info("%s for %s", e, caller.describe())
-    return RpcError(REFUSED, str(e))
 
 
 async def _acknowledge(write: Awaitable[object], caller: Caller) -> AckResult:
-    """{"ack":true} once the store's durable write returned; a quota refusal is -32002."""
+    """{"ack":true} once the store's durable write returned. A quota refusal goes on to
+    the dispatcher as it is (QuotaExceeded is an errors.Refused, -32002), logged here."""
     try:
         await write
     except QuotaExceeded as e:
-        raise _refuse_quota(e, caller) from None
+        _log_quota(e, caller)
+        raise
     return AckResult()
 
 
@@ -197,19 +196,15 @@ class SyncServer:
         await self.store.close()
 
     def _register(self) -> None:
-        d = self.dispatcher
         store = self.store
 
-        @d.method("sig", params=SigParams, roles=[STAKEHOLDER])
         async def sig(caller: Caller, p: SigParams) -> AckResult:
             return await _acknowledge(
                 store.put_signature(p.id, p.pubkey, p.signature, caller.public_key), caller)
 
-        @d.method("get_sigs", params=GetSigsParams, roles=[STAKEHOLDER, MANAGER])
         async def get_sigs(caller: Caller, p: GetSigsParams) -> GetSigsResult:
             return GetSigsResult(signatures=await store.get_signatures(p.id))
 
-        @d.method("err_sig", params=ErrSigParams, roles=[STAKEHOLDER])
         async def err_sig(caller: Caller, p: ErrSigParams) -> AckResult:
             erased = await store.erase_signatures(p.id)
             # Who asked matters when signatures keep vanishing: one stakeholder could be
@@ -218,13 +213,11 @@ class SyncServer:
                      caller.describe(), erased)
             return AckResult()
 
-        @d.method("request_spend", params=RequestSpendParams, roles=[MANAGER])
         async def request_spend(caller: Caller, p: RequestSpendParams) -> AckResult:
             return await _acknowledge(
                 store.put_spend_request(p.vault_id, spend_txid(p.transaction), p.transaction,
                                         p.timestamp, caller.public_key), caller)
 
-        @d.method("get_spend_requests", params=GetSpendRequestsParams, roles=[WATCHTOWER])
         async def get_spend_requests(caller: Caller,
                                      p: GetSpendRequestsParams) -> GetSpendRequestsResult:
             rows = await store.get_spend_requests(RESPONSE_BUDGET // MIN_REQUEST_JSON)
@@ -237,16 +230,13 @@ class SyncServer:
                          "response", caller.describe(), kept, len(requests))
             return GetSpendRequestsResult(requests=requests[:kept])
 
-        @d.method("spend_opinion", params=SpendOpinionParams, roles=[WATCHTOWER])
         async def spend_opinion(caller: Caller, p: SpendOpinionParams) -> AckResult:
             if not verify_opinion(p):
-                raise RpcError(INVALID_PARAMS, "sig: not a valid signature of this opinion "
-                                               "by pubkey")
+                raise InvalidParams("sig", "not a valid signature of this opinion by pubkey")
             return await _acknowledge(
                 store.put_opinion(p.vault_id, p.txid, p.pubkey, p.accept, p.reason, p.sig,
                                   caller.public_key), caller)
 
-        @d.method("get_spend_opinions", params=GetSpendOpinionsParams, roles=[MANAGER])
         async def get_spend_opinions(caller: Caller,
                                      p: GetSpendOpinionsParams) -> GetSpendOpinionsResult:
             rows = await store.get_opinions(p.vault_id, self._opinion_fetch)
@@ -260,6 +250,12 @@ class SyncServer:
                          "one response", caller.describe(), kept, len(opinions),
                          p.vault_id)
             return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=opinions[:kept])
+
+        self.dispatcher.serve_table(SYNC_SERVER_METHODS, {
+            "sig": sig, "get_sigs": get_sigs, "err_sig": err_sig,
+            "request_spend": request_spend, "get_spend_requests": get_spend_requests,
+            "spend_opinion": spend_opinion, "get_spend_opinions": get_spend_opinions,
+        })
 
 
 async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncServer:

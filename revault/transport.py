@@ -39,7 +39,7 @@ from noise.state import CipherState, SymmetricState
 
 __all__ = [
     "MAX_PLAINTEXT", "ACT_ONE_LEN", "ACT_TWO_LEN", "HANDSHAKE_TIMEOUT",
-    "TransportError", "ConnectionClosed", "public_key",
+    "TransportError", "ConnectionClosed", "public_key", "key_prefix",
     "InitiatorHandshake", "ResponderHandshake", "FrameCodec",
     "NoiseConnection", "ServerLimits", "NoiseServer", "start_server", "connect",
 ]
@@ -96,8 +96,15 @@ def _public_keypair(public: bytes, name: str = "public key") -> KeyPair25519:
 
 
 def public_key(private_key: bytes) -> bytes:
-    """X25519 public key of a 32-byte private key."""
+    """X25519 public key of a 32-byte private key (the one derivation: keys.py and every
+    daemon use this)."""
     return _private_keypair(private_key).public_bytes
+
+
+def key_prefix(public: bytes) -> str:
+    """How a peer's Noise public key is named in every log line: its first 4 bytes in
+    hex, enough to tell a deployment's peers apart and short to read."""
+    return public[:4].hex()
 
 
 def _dh(private: KeyPair25519, public: KeyPair25519) -> bytes:
@@ -466,10 +473,6 @@ _MESSAGE_OVERHEAD = 64
 _CLOSE_GRACE = 5.0
 
 
-def _fingerprint(public: bytes) -> str:
-    return public[:8].hex()
-
-
 class NoiseConnection:
     """An established channel. One task may recv while any number send."""
 
@@ -504,7 +507,7 @@ class NoiseConnection:
             self._codec._feed_into(data, messages)
         except TransportError as e:
             logger.info("closing connection with peer %s: %s",
-                        _fingerprint(self.peer_public), e)
+                        key_prefix(self.peer_public), e)
             self._set_error(ConnectionClosed(f"bad frame: {e}"))
             self._transport.abort()
         if messages:
@@ -588,7 +591,7 @@ class NoiseConnection:
             if expired and not self._messages and self._error is None and not self._closing:
                 if idle:
                     logger.info("closing idle connection from peer %s",
-                                _fingerprint(self.peer_public))
+                                key_prefix(self.peer_public))
                     self._set_error(ConnectionClosed("idle timeout"))
                     self._closing = True
                     self._transport.close()
@@ -699,7 +702,7 @@ class _ServerProtocol(_HandshakingProtocol):
         self._transport.write(act_two)
         conn = self._conn = NoiseConnection(self._transport, codec, peer,
                                             server._limits.idle_timeout, server._loop, self.lost)
-        logger.debug("handshake done with peer %s from %s", _fingerprint(peer), self._peer())
+        logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
         server._start_handler(conn)
         if rest:
             conn._data(rest)
@@ -761,11 +764,11 @@ class NoiseServer:
         try:
             await self._handler(conn)
         except ConnectionClosed as e:
-            logger.debug("peer %s: %s", _fingerprint(conn.peer_public), e)
+            logger.debug("peer %s: %s", key_prefix(conn.peer_public), e)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.warning("handler failed for peer %s", _fingerprint(conn.peer_public),
+            logger.warning("handler failed for peer %s", key_prefix(conn.peer_public),
                            exc_info=True)
         finally:
             await conn.close()

@@ -11,7 +11,8 @@ from bitcoin.core import COutPoint, CMutableTransaction, CScriptWitness, CTxIn, 
 from bitcoin.core.script import CScript
 
 from revault import messages as m
-from revault.messages import ParamsError
+from revault.errors import InvalidParams as ParamsError
+from revault.primitives import SECP256K1_HALF_ORDER, SECP256K1_ORDER, EncodingError, tx_uid
 
 MISSING = object()
 
@@ -23,7 +24,7 @@ PUB_B = KEY_B.public_key.format().hex()
 OFF_CURVE = "02" + (5).to_bytes(32, "big").hex()
 ID = "ab" * 32
 TXID = "cd" * 32
-N = m.SECP256K1_N
+N = SECP256K1_ORDER
 
 
 def der(r: int, s: int) -> str:
@@ -231,9 +232,10 @@ def test_boundaries_accepted():
     assert m.RequestSpendParams.parse(
         {"transaction": TX, "timestamp": 2**63 - 1, "vault_id": ID}).timestamp == 2**63 - 1
     assert m.SignParams.parse({"tx": PSBT, "index": 2**32 - 1}).index == 2**32 - 1
-    assert m.check_der_low_s("s", der(R_INT, m.HALF_N)) == bytes.fromhex(der(R_INT, m.HALF_N))
+    assert m.check_der_low_s("s", der(R_INT, SECP256K1_HALF_ORDER)) == \
+        bytes.fromhex(der(R_INT, SECP256K1_HALF_ORDER))
     with pytest.raises(ParamsError, match="not low-S"):
-        m.check_der_low_s("s", der(R_INT, m.HALF_N + 1))
+        m.check_der_low_s("s", der(R_INT, SECP256K1_HALF_ORDER + 1))
     reason = "r" * m.MAX_REASON_CHARS
     ok = {"vault_id": ID, "accept": False, "reason": reason, "sig": SIG, "pubkey": PUB_A,
           "txid": TXID}
@@ -307,10 +309,10 @@ def test_list_results_name_the_element():
 
 
 def test_tx_uid():
-    assert m.tx_uid("aa" * 32) == \
+    assert tx_uid("aa" * 32) == \
         "e0e77a507412b120f6ede61f62295b1a7b2ff19d3dcc8f7253e51663470c888e"
-    with pytest.raises(ParamsError):
-        m.tx_uid("AA" * 32)
+    with pytest.raises(EncodingError):
+        tx_uid("AA" * 32)
 
 
 def test_validators_return_bytes():

@@ -15,6 +15,7 @@ import pytest
 
 from revault import messages, rpc, transport
 from revault.keys import bitcoin_public_key
+from revault.primitives import MAX_DER_SIGNATURE
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO / "docs" / "protocol.md"
@@ -63,7 +64,7 @@ def test_error_code_table_matches_rpc():
     ("at most 400,000 bytes decoded", messages.MAX_TX_BYTES),
     ("at most 1,000,000 bytes decoded", messages.MAX_PSBT_BYTES),
     ("1 to 100 entries", messages.MAX_SIGNATURES),
-    ("at most 144 characters", 2 * messages.MAX_DER_BYTES),
+    ("at most 144 characters", 2 * MAX_DER_SIGNATURE),
     ("A client accepts at most 1,000 entries", messages.MAX_RESULT_SIGNATURES),
     ("A client accepts at most 10,000 requests", messages.MAX_REQUESTS),
     ("a client accepts at most 1,000.", messages.MAX_OPINIONS),

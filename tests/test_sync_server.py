@@ -18,8 +18,10 @@ from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutP
 
 from revault import transport
 from revault.messages import RelayedOpinion, sign_opinion, verify_opinion
+from revault.primitives import SECP256K1_ORDER
 from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
+from tests.support.design import DESIGN_ROLES
 from tests.support.system import raise_fd_limit
 
 HOST = "127.0.0.1"
@@ -47,7 +49,7 @@ def der(n: int, message: str = "m") -> str:
 
 def high_s(sig_hex: str) -> str:
     """The same signature with S replaced by n - S: valid DER, but high-S."""
-    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    n = SECP256K1_ORDER
     sig = bytes.fromhex(sig_hex)
     r_len = sig[3]
     r = sig[4:4 + r_len]
@@ -322,15 +324,7 @@ async def test_design_test_vector_accepted_and_relayed_byte_for_byte(sync):
 
 # --- roles -------------------------------------------------------------------------------
 
-ALLOWED = {
-    "sig": {"stakeholder"},
-    "get_sigs": {"stakeholder", "manager"},
-    "err_sig": {"stakeholder"},
-    "request_spend": {"manager"},
-    "get_spend_requests": {"watchtower"},
-    "spend_opinion": {"watchtower"},
-    "get_spend_opinions": {"manager"},
-}
+ALLOWED = DESIGN_ROLES["sync-server"]
 ROLES_OF = {"stakeholder": {"stakeholder"}, "manager": {"manager"},
             "watchtower": {"watchtower"}, "stakeman": {"stakeholder", "manager"}}
 

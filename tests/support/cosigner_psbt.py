@@ -17,8 +17,7 @@ from bitcoin.core.script import (OP_0, OP_2, OP_CHECKMULTISIGVERIFY,
                                  OP_CHECKSEQUENCEVERIFY, OP_CHECKSIGVERIFY, SIGHASH_ALL,
                                  SIGVERSION_WITNESS_V0, CScript, SignatureHash)
 
-PSBT_MAGIC = b"psbt\xff"
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+from revault.primitives import PSBT_MAGIC, SECP256K1_HALF_ORDER
 
 
 def compact_size(n: int) -> bytes:
@@ -159,5 +158,5 @@ def der_s(signature: bytes) -> int:
 
 def assert_valid_signature(signature: bytes, digest: bytes, pub: bytes) -> None:
     assert coincurve.PublicKey(pub).verify(signature, digest, hasher=None)
-    assert der_s(signature) <= SECP256K1_N // 2, "signature is not low-S"
+    assert der_s(signature) <= SECP256K1_HALF_ORDER, "signature is not low-S"
 
