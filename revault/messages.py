@@ -47,7 +47,7 @@ ParamsError = InvalidParams
 
 # --- roles ----------------------------------------------------------------------
 
-# Who may call what (the method tables below, DESIGN.md "Roles"). A daemon maps each
+# Who may call what (the method tables below, docs/protocol.md "Roles"). A daemon maps each
 # peer's Noise key to some of these; the dispatcher checks them before parsing params.
 STAKEHOLDER = "stakeholder"
 MANAGER = "manager"
@@ -584,7 +584,8 @@ METHODS: Mapping[str, Mapping[str, Method]] = MappingProxyType({
 # --- watchtower opinions ----------------------------------------------------------
 
 def opinion_signing_bytes(params: SpendOpinionParams) -> bytes:
-    """The bytes a watchtower signs: its opinion with "sig":"" in canonical JSON (DESIGN.md)."""
+    """The bytes a watchtower signs: its opinion with "sig":"" in canonical JSON
+    (docs/protocol.md, "Opinion signing")."""
     signed = {"vault_id": params.vault_id, "accept": params.accept, "reason": params.reason,
               "sig": "", "pubkey": params.pubkey, "txid": params.txid}
     return json.dumps(signed, sort_keys=True, separators=(",", ":"),
