@@ -68,6 +68,7 @@ def test_error_code_table_matches_rpc():
     ("A client accepts at most 1,000 entries", messages.MAX_RESULT_SIGNATURES),
     ("A client accepts at most 10,000 requests", messages.MAX_REQUESTS),
     ("a client accepts at most 1,000.", messages.MAX_OPINIONS),
+    ("optional string of at most 256 characters", messages.MAX_CURSOR_CHARS),
 ])
 def test_numbers_match_the_code(text, value):
     """Each sentence is on the page (whitespace aside) and its last number is the code's."""
