@@ -47,7 +47,7 @@ async def test_sign_then_replay_or_refuse_another_transaction(cosigner):
         assert_valid_signature(sig, first.digest(1), cosigner.bitcoin_pub)
         second = make_spend(cosigner.bitcoin_pub, txid=txid, vout=3)
         assert second.digest(0) != first.digest(1)
-        # DESIGN "Cosigner": another spend of that outpoint is refused, naming the first.
+        # docs/protocol.md, "Cosigner rules": another spend of that outpoint is refused, naming the first.
         with pytest.raises(RpcError) as info:
             await sign(b, second.psbt(), 0)
         assert info.value.code == REFUSED

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from revault import messages, rpc, transport
+from revault.primitives import OutPoint
+from revault.transactions import Coin, build_vault_transactions
+from tests.support.chain import CHAIN_VECTOR, vector_deployment
 from revault.keys import bitcoin_public_key
 from revault.primitives import MAX_DER_SIGNATURE
 
@@ -105,3 +108,52 @@ def test_relative_links_and_anchors_resolve(doc):
             broken.append(target)
     assert not broken, f"{doc.name}: broken links {broken}"
 
+
+
+def test_chain_vector_section_matches_the_vector_and_the_builders():
+    """The witness scripts and the table of "Chain test vector" are the vector's and what
+    revault.transactions builds from it (worst-case weight included)."""
+    text = page()
+    scripts = {name: (int(size), bytes.fromhex(hex_))
+               for name, size, hex_ in re.findall(r"^(deposit|unvault|cpfp) \((\d+) bytes\)\n"
+                                                 r"([0-9a-f]+)$", text, re.M)}
+    assert set(scripts) == {"deposit", "unvault", "cpfp"}
+    d = vector_deployment()
+    built = {"deposit": d.deposit_witness_script(), "unvault": d.unvault_witness_script(),
+             "cpfp": d.cpfp_witness_script()}
+    for name, (size, script) in scripts.items():
+        assert script == built[name] and len(script) == size, name
+        assert (b"\x00\x20" + hashlib.sha256(script).digest()).hex() \
+            == CHAIN_VECTOR[f"{name}_script_pubkey"], name
+    rows = {name: (txid, int(weight), int(fee)) for name, txid, weight, fee in re.findall(
+        r"^\| (unvault|cancel|emergency|unvault-emergency) \| `([0-9a-f]{64})` \| (\d+) \| (\d+) \|$",
+        text, re.M)}
+    assert len(rows) == 4
+    txs = build_vault_transactions(d, Coin(OutPoint.parse(CHAIN_VECTOR["deposit_outpoint"]),
+                                           CHAIN_VECTOR["deposit_value"]))
+    for name, (txid, weight, fee) in rows.items():
+        key = name.replace("-", "_")
+        rtx = getattr(txs, key)
+        assert (txid, fee) == (CHAIN_VECTOR[key]["txid"], CHAIN_VECTOR[key]["fee"]), name
+        assert (rtx.txid, rtx.max_weight(), rtx.fee) == (txid, weight, fee), name
+
+
+def test_cited_files_exist():
+    cited = re.findall(r"`((?:tests|revault|contrib|docs|bench|scripts)/[\w./-]+\.\w+)`", page())
+    assert cited
+    missing = [path for path in cited if not (REPO / path).exists()]
+    assert not missing, missing
+
+
+def test_nothing_cites_a_design_document_outside_the_repo():
+    """docs/protocol.md is the contract; the design notes it came from are not shipped."""
+    word = "DE" + "SIGN"  # spelled apart so that this file does not match itself
+    pattern = re.compile(rf"\b{word}\b|shared/{word}|{word}\.md")
+    roots = ["revault", "tests", "bench", "contrib", "docs", "scripts", ".ci"]
+    files = [REPO / "README.md", REPO / "pyproject.toml"]
+    files += [p for root in roots for p in (REPO / root).rglob("*") if p.is_file()
+              and "__pycache__" not in p.parts and p.suffix not in {".pyc", ".json"}]
+    citing = [f"{p.relative_to(REPO)}:{n}" for p in files
+              for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+              if pattern.search(line)]
+    assert not citing, citing
