@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,8 @@ import pytest
 # `tests.support` must import the same way however pytest was invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.support import markers  # noqa: E402
 from tests.support.cosigner_daemon import setup_cosigner  # noqa: E402
-from tests.support.daemons import DaemonProcess  # noqa: E402
 from tests.support.regtest import RegtestError, RegtestNode, bitcoind_bin_dir, start_node  # noqa: E402
 
 # A test carries a marker when one of these fixtures is in its fixture closure
@@ -20,7 +20,7 @@ from tests.support.regtest import RegtestError, RegtestNode, bitcoind_bin_dir, s
 # so a fixture built on the node or on a daemon directory marks every test using it.
 # Registered in pyproject.toml; `-m "not regtest"` runs without Bitcoin Core.
 MARKER_FIXTURES = {
-    "regtest": {"bitcoind", "bitcoind_module"},
+    "regtest": {"bitcoind", "bitcoind_module", "regtest_node"},
     "daemon": {"daemon_dir", "daemon_module_dir"},
 }
 
@@ -56,16 +56,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         print(f"\nbitcoind: {version[0] if version else '?'} ({bin_dir})", flush=True)
 
 
-@pytest.fixture(autouse=True)
-def _daemons_only_in_daemon_tests(request: pytest.FixtureRequest,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test that starts a daemon without `daemon_dir` would escape `-m "not daemon"`:
-    make it fail, saying which fixture to use, instead of letting the marker lie."""
-    if request.node.get_closest_marker("daemon") is None:
-        async def refuse(self, *args, **kwargs):
-            raise AssertionError(f"{request.node.nodeid} starts the {self.name} daemon: run it "
-                                 "in the daemon_dir (or daemon_module_dir) fixture")
-        monkeypatch.setattr(DaemonProcess, "start", refuse)
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test without a marker may not start what the marker stands for (see
+    tests/support/markers.py), even from a module- or session-scoped fixture it sets up."""
+    markers.refusals.clear()
+    for marker, fixtures in MARKER_FIXTURES.items():
+        if item.get_closest_marker(marker) is None:
+            markers.refusals[marker] = (
+                f"{item.nodeid} starts what the {marker!r} marker stands for: take it from "
+                f"the {' or '.join(sorted(fixtures))} fixture, so that -m selects it")
 
 
 @pytest.fixture
@@ -92,24 +92,33 @@ async def cosigner(daemon_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def bitcoind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegtestNode]:
+def regtest_node(tmp_path_factory: pytest.TempPathFactory
+                 ) -> Callable[..., contextlib.AbstractContextManager[RegtestNode]]:
+    """A node of the caller's own, on its own chain, stopped when the block ends:
+    `with regtest_node("name", extra_conf=("maxmempool=5",)) as node: ...`."""
+    @contextlib.contextmanager
+    def node(name: str, extra_conf: Sequence[str] = ()) -> Iterator[RegtestNode]:
+        started = start_node(tmp_path_factory.mktemp(name), extra_conf)
+        try:
+            yield started
+        finally:
+            started.stop()
+    return node
+
+
+@pytest.fixture(scope="session")
+def bitcoind(regtest_node) -> Iterator[RegtestNode]:
     """One regtest node for the whole session, with a mature funded `miner` wallet.
 
     Tests that need a wallet of their own create it (`node.new_wallet(name)`); tests
-    that need a chain nobody else touches use `bitcoind_module`.
+    that need a chain nobody else touches use `bitcoind_module` or `regtest_node`.
     """
-    node = start_node(tmp_path_factory.mktemp("bitcoind"))
-    try:
+    with regtest_node("bitcoind") as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")
-def bitcoind_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegtestNode]:
+def bitcoind_module(regtest_node) -> Iterator[RegtestNode]:
     """A fresh regtest node (own chain) for one test module."""
-    node = start_node(tmp_path_factory.mktemp("bitcoind-module"))
-    try:
+    with regtest_node("bitcoind-module") as node:
         yield node
-    finally:
-        node.stop()

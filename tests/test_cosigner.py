@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,16 +141,18 @@ async def test_non_manager_is_dropped_at_handshake(cosigner):
     assert len(cosigner.rows()) == 1
 
 
-async def test_rate_limit_per_connection(daemon_dir):
-    c = setup_cosigner(daemon_dir, requests_per_second=1)
+async def test_rate_paces_each_manager_across_its_connections(daemon_dir):
+    # 2 per second per key, burst 2: four signatures over two connections are all
+    # made, the two past the burst about a second later; the rate bounds store growth.
+    c = setup_cosigner(daemon_dir, requests_per_second=2)
     await c.daemon.start()
     try:
-        async with await c.client() as client:
-            await sign(client, make_spend(c.bitcoin_pub).psbt())
-            with pytest.raises(RpcError) as info:
-                await client.call("sign", {"tx": make_spend(c.bitcoin_pub).psbt(), "index": 0})
-            assert info.value.code == REFUSED
-        assert len(c.rows()) == 1
+        started_at = time.monotonic()
+        async with await c.client() as a, await c.client() as b:
+            await asyncio.gather(*(sign(client, make_spend(c.bitcoin_pub).psbt())
+                                   for client in (a, b, a, b)))
+        assert time.monotonic() - started_at >= 0.9
+        assert len(c.rows()) == 4
     finally:
         c.daemon.ensure_dead()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from revault.keys import create_key_file, generate_noise_key, noise_public_key
+from tests.support import markers
 
 READY_TIMEOUT = 30.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,8 @@ class DaemonProcess:
     config_path: Path
     workdir: Path
     module: str = ""  # default: revault.<name>
+    root: Path = REPO_ROOT  # the source tree the daemon runs from (a bench compares two)
+    preexec_fn: object = None  # e.g. to lower RLIMIT_NOFILE in the child only
     proc: subprocess.Popen | None = None
     port: int = 0
     stderr_path: Path = field(init=False)
@@ -82,20 +85,22 @@ class DaemonProcess:
 
     async def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the daemon and wait for its READY=1; fail with its stderr if it dies."""
+        markers.check("daemon")
         self._starts += 1
         notify_path = self.workdir / f"notify-{self._starts}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(notify_path))
         sock.setblocking(False)
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(self.root),
                                                             os.environ.get("PYTHONPATH")])))
         module = self.module or f"revault.{self.name.replace('-', '_')}"
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module,
              "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            cwd=self.root, preexec_fn=self.preexec_fn)
         stderr.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -22,6 +22,7 @@ from typing import Any
 from revault.bitcoind import BitcoindClient
 from revault.primitives import OutPoint
 from revault.transactions import Coin
+from tests.support import markers
 
 REPO = Path(__file__).resolve().parents[2]
 GET_BITCOIND = REPO / "contrib" / "get-bitcoind.sh"
@@ -113,6 +114,7 @@ class RegtestNode:
         The ports are picked just before exec, so another process may grab one in
         between; bitcoind then exits at once and we retry with new ports.
         """
+        markers.check("regtest")
         self.datadir.mkdir(parents=True, exist_ok=True)
         last_error: Exception | None = None
         for _ in range(attempts):
@@ -128,6 +130,15 @@ class RegtestNode:
                 if "exited" not in str(exc):
                     break
         raise RegtestError(f"bitcoind did not start: {last_error}")
+
+    def start_again(self, wallets: list[str]) -> None:
+        """Start a stopped node on the same ports (its clients keep their configuration)
+        and load `wallets` (what `listwallets` said before the stop)."""
+        self._write_conf()
+        self._spawn()
+        self._wait_ready()
+        for wallet in wallets:
+            self.cli("loadwallet", wallet)
 
     def _write_conf(self) -> None:
         conf = self.datadir / "bitcoin.conf"
