@@ -7,6 +7,7 @@ watchtower processes; the test plays the stakeholders, the managers and the wall
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from tests.support.regtest import sats
 from tests.support.keys import pub, secret
 from tests.support.watchtower import Deployed, Network, fill_mempool, wait_for, zmq_conf
 
-MODES = ("zmq", "poll")
+MODES = ("zmq", "zmq-sequence", "poll")
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -27,6 +28,8 @@ def chain(request, regtest_node):
     """(node, ZMQ keys for the watchtower or None): one node per mode, own chain."""
     if request.param == "zmq":
         conf, keys = zmq_conf()
+    elif request.param == "zmq-sequence":
+        conf, keys = zmq_conf(("sequence",))
     else:
         conf, keys = (), None
     with regtest_node(f"bitcoind-watchtower-{request.param}", conf) as node:
@@ -68,9 +71,11 @@ async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(daem
         # The cancel's output is a deposit of the vault's own index again.
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == \
             net.d.deposit_script_pubkey(0).hex()
-        log = net.log()
-        assert f"cancel {cancel['txid']} broadcast at" in log
-        assert f"unvault {unvault_txid} with no accepted spend" in log
+        await wait_for(lambda: f"cancel {cancel['txid']} broadcast at" in net.log(),
+                       "the watchtower's log line")
+        assert f"unvault {unvault_txid} with no accepted spend" in net.log()
+        if zmq:
+            assert f"ZMQ: subscribed to {', '.join(t[4:] for t in zmq)}" in net.log()
     finally:
         net.stop()
 
@@ -82,6 +87,11 @@ async def test_accepted_spend_left_alone_and_confirms_after_the_csv(daemon_dir, 
         vault = await net.deposit()
         await net.secure(vault)
         spend = net.deployed.spend(vault, payee("payee"))
+        # Asked under another vault's id first: refused there, and not remembered.
+        other_id = "ab" * 32
+        await net.request_spend(vault, spend, vault_id=other_id)
+        [wrong] = await wait_for(lambda: net.opinions(vault, other_id), "an opinion there")
+        assert wrong["accepted"] is False and "not the id of a vault" in wrong["reason"]
         await net.request_spend(vault, spend)
         [opinion] = await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
         assert opinion["accepted"] is True and opinion["txid"] == spend.txid
@@ -130,7 +140,9 @@ async def test_accepted_spend_replaced_by_another_spend_is_cancelled(daemon_dir,
         thief = net.deployed.spend(vault, payee("thief"), feerate_sat_per_kwu=3000)
         assert await node.rpc("sendrawtransaction", thief.to_hex()) == thief.txid
         cancel = await net.wait_cancel_in_mempool(vault)
-        assert f"unvault output spent by unapproved transaction {thief.txid}" in net.log()
+        # (bitcoind has it before the watchtower's log line is written)
+        await wait_for(lambda: f"unvault output spent by unapproved transaction {thief.txid}"
+                       in net.log(), "the watchtower's log line")
         node.mine(1)
         assert await confirmations(net, cancel["txid"]) == 1
     finally:
@@ -377,7 +389,11 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
             return None
 
         second = await wait_for(higher, "a cancel outbidding the spike")
-        assert net.log().count(" broadcast at ") >= 2
+        await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
+        # The evicted first cancel's reserve coin is usable again (abandoned in the wallet).
+        [freed] = [line for line in net.log().splitlines()
+                   if f"{first['txid']} left the mempool unmined" in line]
+        assert all(f"{i['txid']}:{i['vout']}" in freed for i in first["vin"][1:])
         # A cancel confirms (blocks take the spike's transactions first, so a few blocks).
         for _ in range(8):
             node.mine(1, node.cli("getnewaddress", wallet=node.MINER_WALLET))
@@ -434,5 +450,77 @@ async def test_xpub_deployment_vaults_found_at_their_derivation_index(daemon_dir
         cancel = await net.wait_cancel_in_mempool(far)
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == net.d.deposit_script_pubkey(260).hex()
         assert f"vault {far.deposit.outpoint} (index 260," in net.log()
+    finally:
+        net.stop()
+
+
+@pytest.fixture
+def fresh_chain(regtest_node):
+    """A node whose fee estimator has seen nothing yet, mining nothing under 5 sat/vB."""
+    with regtest_node("bitcoind-watchtower-estimates", ("blockmintxfee=0.00005",)) as node:
+        yield node
+
+
+async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(daemon_dir, fresh_chain):
+    node = fresh_chain
+    net = await network(daemon_dir, node, max_feerate=100, reserve_coins=(10_000,) * 30)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        await net.unvault(vault)
+        # No estimate yet: the cancel goes out at its own pre-signed feerate.
+        first = await net.wait_cancel_in_mempool(vault)
+        assert len(first["vin"]) == 1
+        # Miners take nothing under 5 sat/vB here, so it stays unconfirmed (with its
+        # unvault) while blocks of 50 sat/vB transactions teach the node's estimator a
+        # higher feerate: at one of the next blocks the watchtower re-bumps it.
+        payee_address = await node.rpc("getnewaddress", wallet=node.MINER_WALLET)
+        for _ in range(12):
+            for _ in range(4):
+                await node.rpc("sendtoaddress", payee_address, 0.01, "", "", False, True,
+                               None, "unset", None, 50, wallet=node.MINER_WALLET)
+            [block] = node.mine(1)
+            await wait_for(lambda: f" {block}: " in net.log(), "the watchtower reading the block")
+            if "because re-bump: 1.0 sat/vB is below the" in net.log():
+                break
+        else:
+            raise AssertionError("no re-bump after 12 blocks")
+        line = next(line for line in net.log().splitlines() if "because re-bump:" in line)
+        bumped_txid = re.search(r"cancel ([0-9a-f]{64}) broadcast", line).group(1)
+        assert bumped_txid != first["txid"]
+        bumped = await node.rpc("getrawtransaction", bumped_txid, True)
+        assert len(bumped["vin"]) > 1  # reserve coins
+        # Minable now (it may already be in the block that ended the loop).
+        if not await confirmations(net, bumped_txid):
+            node.mine(1)
+        assert await confirmations(net, bumped_txid) >= 1
+        assert float(re.search(r"broadcast at ([0-9.]+) sat/vB", line).group(1)) >= 5
+    finally:
+        net.stop()
+
+
+async def test_batch_spend_of_two_vaults_accepted_once_for_both(daemon_dir, poll_chain):
+    node = poll_chain
+    net = await network(daemon_dir, node, policy={"max_value": 1_950_000})
+    try:
+        vaults = [await net.deposit() for _ in range(2)]
+        for vault in vaults:
+            await net.secure(vault)
+        spend = net.deployed.spend(vaults, payee("payee"))
+        await net.request_spend(vaults[0], spend)  # one request, under one of its vaults
+        [opinion] = await wait_for(lambda: net.opinions(vaults[0]), "the opinion")
+        assert opinion["accepted"] is True, opinion
+        for vault in vaults:
+            await net.unvault(vault)
+        node.mine(net.d.unvault_csv)
+        for vault in vaults:
+            assert await net.mempool_spender(vault.unvault_coin.outpoint) is None
+        assert await node.rpc("sendrawtransaction", spend.to_hex()) == spend.txid
+        node.mine(1)
+        assert await confirmations(net, spend.txid) == 1
+        assert " broadcast at " not in net.log()
+        # One verdict, for both vaults (inputs in the order build_spend was given them).
+        assert (f"of vault(s) {vaults[0].deposit.outpoint}, {vaults[1].deposit.outpoint} "
+                "ACCEPTED") in net.log()
     finally:
         net.stop()

@@ -33,12 +33,12 @@ DEPOSIT_SATS = 1_000_000
 WAIT = 60.0  # seconds any condition is waited for, polled
 
 
-def zmq_conf() -> tuple[tuple[str, ...], dict[str, str]]:
-    """bitcoin.conf lines publishing rawtx and rawblock, and the watchtower's keys."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    return ((f"zmqpubrawtx={endpoint}", f"zmqpubrawblock={endpoint}"),
-            {"zmq_rawtx": endpoint, "zmq_rawblock": endpoint})
+def zmq_conf(topics: tuple[str, ...] = ("rawtx", "rawblock")
+             ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """bitcoin.conf lines publishing `topics` on one endpoint, and the watchtower's keys."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    return (tuple(f"zmqpub{topic}={endpoint}" for topic in topics),
+            {f"zmq_{topic}": endpoint for topic in topics})
 
 
 async def wait_for(predicate, what: str, timeout: float = WAIT):
@@ -53,6 +53,10 @@ async def wait_for(predicate, what: str, timeout: float = WAIT):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
+
+
+def vault_uid(vault) -> str:
+    return hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()
 
 
 @dataclass
@@ -123,17 +127,20 @@ class Deployed:
             unvault.sign(0, self.secret_at(s, vault.deposit.index))
         return unvault.finalize()
 
-    def spend(self, vault: Vault, payee: bytes, feerate_sat_per_kwu: int = 1000):
-        """The managers' and cosigner's fully signed spend of the vault's unvault output,
-        paying all of it to `payee` but the fee."""
-        coin = vault.unvault_coin
-        draft = build_spend(self.deployment, [coin], [TxOut(coin.value // 2, payee)],
+    def spend(self, vault: Vault | list[Vault], payee: bytes,
+              feerate_sat_per_kwu: int = 1000):
+        """The managers' and cosigner's fully signed spend of the unvault output of one
+        vault (or a batch of them), paying all of it to `payee` but the fee."""
+        coins = [v.unvault_coin for v in (vault if isinstance(vault, list) else [vault])]
+        total = sum(c.value for c in coins)
+        draft = build_spend(self.deployment, coins, [TxOut(total // 2, payee)],
                             max_feerate_sat_per_kwu=None)  # only sizes the real one
         cpfp = draft.tx.outputs[0].value
         fee = fee_for_weight(draft.max_weight(), feerate_sat_per_kwu)
-        spend = build_spend(self.deployment, [coin], [TxOut(coin.value - cpfp - fee, payee)])
-        for sk in self.managers + self.cosigners:
-            spend.sign(0, self.secret_at(sk, coin.index))
+        spend = build_spend(self.deployment, coins, [TxOut(total - cpfp - fee, payee)])
+        for n, coin in enumerate(coins):
+            for sk in self.managers + self.cosigners:
+                spend.sign(n, self.secret_at(sk, coin.index))
         return spend.finalize()
 
 
@@ -259,22 +266,22 @@ class Network:
 
     # --- as a manager ------------------------------------------------------------------------
 
-    async def request_spend(self, vault: Vault, spend) -> None:
+    async def request_spend(self, vault: Vault, spend, vault_id: str | None = None) -> None:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
             result = await client.call("request_spend", {
                 "transaction": spend.to_base64(), "timestamp": int(time.time()),
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest(),
+                "vault_id": vault_id or vault_uid(vault),
             })
             assert result == {"ack": True}
 
-    async def opinions(self, vault: Vault) -> list[dict]:
+    async def opinions(self, vault: Vault, vault_id: str | None = None) -> list[dict]:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
-            result = await client.call("get_spend_opinions", {
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()})
+            result = await client.call("get_spend_opinions",
+                                       {"vault_id": vault_id or vault_uid(vault)})
         return result["opinions"]
 
     # --- watching ------------------------------------------------------------------------------
