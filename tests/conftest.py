@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support import markers  # noqa: E402
 from tests.support.cosigner_daemon import setup_cosigner  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.regtest import RegtestError, RegtestNode, bitcoind_bin_dir, start_node  # noqa: E402
 
 # A test carries a marker when one of these fixtures is in its fixture closure
@@ -122,3 +123,14 @@ def bitcoind_module(regtest_node) -> Iterator[RegtestNode]:
     """A fresh regtest node (own chain) for one test module."""
     with regtest_node("bitcoind-module") as node:
         yield node
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (started on first use, always
+    stopped); each test takes its own database with `postgres.new_database()`."""
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()

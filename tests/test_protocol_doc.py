@@ -70,8 +70,10 @@ def test_error_code_table_matches_rpc():
     ("at most 144 characters", 2 * MAX_DER_SIGNATURE),
     ("A client accepts at most 1,000 entries", messages.MAX_RESULT_SIGNATURES),
     ("A client accepts at most 10,000 requests", messages.MAX_REQUESTS),
-    ("a client accepts at most 1,000.", messages.MAX_OPINIONS),
-    ("optional string of at most 256 characters", messages.MAX_CURSOR_CHARS),
+    ("a client accepts at most 1,000 in one result", messages.MAX_OPINIONS),
+    ("optional string of at most 1,024 characters", messages.MAX_CURSOR_CHARS),
+    ("at most 60,226 characters", messages.MAX_SPEND_REQUEST_TX_CHARS),
+    ("is at most 4,098 bytes", messages.MAX_REASON_JSON_BYTES),
 ])
 def test_numbers_match_the_code(text, value):
     """Each sentence is on the page (whitespace aside) and its last number is the code's."""
