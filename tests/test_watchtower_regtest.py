@@ -528,13 +528,13 @@ async def test_batch_spend_of_two_vaults_accepted_once_for_both(daemon_dir, poll
 
 
 async def test_a_spend_request_spending_an_output_twice_is_refused_and_the_next_judged(
-        tmp_path, poll_chain):
+        daemon_dir, poll_chain):
     """Relayed by the (untrusted) sync server from a manager: a transaction spending a
     guarded unvault output twice. Its verdict's vault rows once collided in the store,
     which ended the spend-request loop, and every restart's (the cursor never passed
     it): no spend was ever judged again."""
     node = poll_chain
-    net = await network(tmp_path, node, policy={"accept_all": True})
+    net = await network(daemon_dir, node, policy={"accept_all": True})
     try:
         vault = await net.deposit()
         await net.secure(vault)
