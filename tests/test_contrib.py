@@ -225,10 +225,10 @@ def assert_confined(pid: int) -> None:
     assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
 
 
-async def test_sync_server_serves_under_its_units_sandbox(tmp_path):
+async def test_sync_server_serves_under_its_units_sandbox(daemon_dir):
     tool("systemd-analyze", "systemd")
-    peers = make_peers(tmp_path)
-    sync = Sync(tmp_path, peers, sync_config(peers, metrics_listen=f"{HOST}:0",
+    peers = make_peers(daemon_dir)
+    sync = Sync(daemon_dir, peers, sync_config(peers, metrics_listen=f"{HOST}:0",
                                              log_format="json"))
     sync.daemon.wrapper = confined(CONTRIB / "systemd" / "revault-sync-server.service")
     try:
@@ -250,9 +250,9 @@ async def test_sync_server_serves_under_its_units_sandbox(tmp_path):
         sync.daemon.ensure_dead()
 
 
-async def test_cosigner_signs_under_its_units_sandbox(tmp_path):
+async def test_cosigner_signs_under_its_units_sandbox(daemon_dir):
     tool("systemd-analyze", "systemd")
-    cosigner = setup_cosigner(tmp_path, metrics_listen="127.0.0.1:0")
+    cosigner = setup_cosigner(daemon_dir, metrics_listen="127.0.0.1:0")
     cosigner.daemon.wrapper = confined(CONTRIB / "systemd" / "revault-cosigner.service")
     try:
         await cosigner.daemon.start()

@@ -166,8 +166,8 @@ def assert_no_secret(text: str, secrets: list[str]) -> None:
         assert secret.lower() not in text.lower(), f"{secret[:12]}... leaked into the scrape"
 
 
-async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_path, sync_backend):
-    sync = await started(tmp_path, sync_backend[1](), metrics_listen=f"{HOST}:0",
+async def test_sync_server_metrics_count_what_happened_and_expose_no_key(daemon_dir, sync_backend):
+    sync = await started(daemon_dir, sync_backend[1](), metrics_listen=f"{HOST}:0",
                          # Three stakeholders: a share of 2 each (sync_rules.Sharers).
                          quotas={"signatures_per_id": 6})
     port = sync.daemon.metrics_port
@@ -256,8 +256,8 @@ async def test_sync_server_metrics_count_what_happened_and_expose_no_key(tmp_pat
         sync.daemon.ensure_dead()
 
 
-async def test_requests_over_the_rate_are_paced_and_counted(tmp_path):
-    sync = await started(tmp_path, {}, metrics_listen=f"{HOST}:0", requests_per_second=5)
+async def test_requests_over_the_rate_are_paced_and_counted(daemon_dir):
+    sync = await started(daemon_dir, {}, metrics_listen=f"{HOST}:0", requests_per_second=5)
     try:
         async with await sync.client(sync.peers.stakeholder) as rpc:
             # A burst of 5 passes at once; the next 5 wait for their turn (0.2 s each).
@@ -272,8 +272,8 @@ async def test_requests_over_the_rate_are_paced_and_counted(tmp_path):
         sync.daemon.ensure_dead()
 
 
-async def test_metrics_are_off_unless_configured(tmp_path):
-    sync = await started(tmp_path, {})
+async def test_metrics_are_off_unless_configured(daemon_dir):
+    sync = await started(daemon_dir, {})
     try:
         assert sync.daemon.metrics_port == 0
         assert "metrics on" not in sync.daemon.stderr()
@@ -281,8 +281,8 @@ async def test_metrics_are_off_unless_configured(tmp_path):
         sync.daemon.ensure_dead()
 
 
-async def test_cosigner_counts_signatures_replays_and_conflicts(tmp_path):
-    cosigner = setup_cosigner(tmp_path, metrics_listen="127.0.0.1:0")
+async def test_cosigner_counts_signatures_replays_and_conflicts(daemon_dir):
+    cosigner = setup_cosigner(daemon_dir, metrics_listen="127.0.0.1:0")
     await cosigner.daemon.start()
     try:
         port = cosigner.daemon.metrics_port

@@ -34,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_sync_server_status_reads_its_database_live_and_stopped(tmp_path, sync_backend):
+async def test_sync_server_status_reads_its_database_live_and_stopped(daemon_dir, sync_backend):
     port = free_port()
-    sync = await started(tmp_path, sync_backend[1](), listen=f"{HOST}:{port}",
+    sync = await started(daemon_dir, sync_backend[1](), listen=f"{HOST}:{port}",
                          # Three managers: a share of 2 each (sync_rules.Sharers).
                          quotas={"spend_requests_per_vault": 8})
     config = sync.daemon.config_path
@@ -139,8 +139,8 @@ def test_status_of_an_unreadable_database_fails_with_the_cause(tmp_path):
     assert "cannot read the database" in failed_status(tmp_path, 1)
 
 
-async def test_cosigner_status_counts_outpoints_per_manager(tmp_path):
-    cosigner = setup_cosigner(tmp_path)
+async def test_cosigner_status_counts_outpoints_per_manager(daemon_dir):
+    cosigner = setup_cosigner(daemon_dir)
     await cosigner.daemon.start()
     try:
         async with await cosigner.client(0) as first, await cosigner.client(1) as second:

@@ -37,8 +37,8 @@ def status(net: Network) -> dict:
     return json.loads(result.stdout)
 
 
-async def test_metrics_and_status_follow_a_vault_from_secured_to_cancelled(tmp_path, node):
-    net = await Network(tmp_path, node, Deployed.create(tmp_path.name),
+async def test_metrics_and_status_follow_a_vault_from_secured_to_cancelled(daemon_dir, node):
+    net = await Network(daemon_dir, node, Deployed.create(daemon_dir.name),
                         tower_extra={"metrics_listen": "127.0.0.1:0"}).start()
     try:
         port = net.tower.metrics_port
@@ -97,12 +97,12 @@ async def test_metrics_and_status_follow_a_vault_from_secured_to_cancelled(tmp_p
         net.stop()
 
 
-async def test_status_says_when_bitcoind_is_unreachable(tmp_path, node):
-    net = await Network(tmp_path, node, Deployed.create(tmp_path.name)).start()
+async def test_status_says_when_bitcoind_is_unreachable(daemon_dir, node):
+    net = await Network(daemon_dir, node, Deployed.create(daemon_dir.name)).start()
     try:
         assert await net.tower.stop() == 0
-        config = (tmp_path / "tower.toml").read_text()
-        (tmp_path / "tower.toml").write_text(
+        config = (daemon_dir / "tower.toml").read_text()
+        (daemon_dir / "tower.toml").write_text(
             config.replace(f"http://127.0.0.1:{node.rpc_port}", "http://127.0.0.1:9"))
         summary = status(net)["watchtower"]
         assert summary["bitcoind"]["reachable"] is False and summary["bitcoind"]["error"]
@@ -111,8 +111,8 @@ async def test_status_says_when_bitcoind_is_unreachable(tmp_path, node):
         net.stop()
 
 
-async def test_watchtower_guards_under_its_units_sandbox(tmp_path, node):
-    net = Network(tmp_path, node, Deployed.create(tmp_path.name),
+async def test_watchtower_guards_under_its_units_sandbox(daemon_dir, node):
+    net = Network(daemon_dir, node, Deployed.create(daemon_dir.name),
                   tower_extra={"metrics_listen": "127.0.0.1:0"})
     net.tower.wrapper = confined(REPO_ROOT / "contrib" / "systemd" / "revault-watchtower.service")
     await net.start()
