@@ -495,15 +495,21 @@ class WatchtowerSigParams:
 class WatchtowerSigResult:
     ack: bool
     txid: str
+    reason: str = ""  # why it did not ack (DESIGN.md: {"ack":false,"txid","reason"})
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
+        reason = obj.get("reason", "")
         return cls(ack=_check_bool("ack", _require(obj, "ack")),
-                   txid=_id("txid", _require(obj, "txid")))
+                   txid=_id("txid", _require(obj, "txid")),
+                   reason=_check_str("reason", reason, MAX_REASON_CHARS))
 
     def to_json(self) -> dict:
-        return {"ack": self.ack, "txid": self.txid}
+        out = {"ack": self.ack, "txid": self.txid}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 # --- cosigner -------------------------------------------------------------------

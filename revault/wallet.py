@@ -1,0 +1,807 @@
+"""`revault.wallet`: the library a stakeholder's or a manager's scripts import.
+
+    from revault.wallet import Wallet
+    async with Wallet.open("wallet.toml") as w:
+        address = await w.deposit_address()
+        for vault in await w.vaults():          # .outpoint .value .index .state
+            await w.secure(vault.outpoint)       # stakeholder
+            await w.activate(vault.outpoint)     # stakeholder, only once secured
+        txid = await w.spend([outpoint], {address: sats})   # manager
+        await w.emergency()
+
+This module is the thin asyncio shell around `revault.wallet_flows` (the pure state
+machines): it performs their actions against the sync server, the watchtowers and the
+cosigners through `revault.clients`, persists what they learn in `WalletStore` before
+going on, and talks to Bitcoin Core. Deposits are watched by a watch-only descriptor
+wallet on the configured node (no chain scanning here): the deposit and unvault
+descriptors of every index handed out are imported into it, so Core reports the
+deposits, and every transaction that spends them, through its wallet RPCs.
+
+Every verb is idempotent and resumable: called again (after a crash, a timeout, a
+restart of any daemon) it continues from the stored state. Every call to a daemon is
+bounded in time and retried with backoff on a refusal (-32002) or a dropped
+connection, for at most `retry_timeout` seconds; a flow waits for others (signatures,
+opinions, blocks) for at most the `timeout` its verb is given, then raises
+`FlowTimeout` saying what is still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from revault.bitcoind import (
+    RPC_VERIFY_ALREADY_IN_CHAIN, RPC_WALLET_NOT_FOUND, BitcoindClient, BitcoindError,
+)
+from revault.clients import CosignerClient, SyncServerClient, WatchtowerClient
+from revault.config import ConfigError
+from revault.daemon import ensure_data_dir
+from revault.errors import Refused
+from revault.keys import KeyFileError, read_key_file
+from revault.primitives import OutPoint as WireOutPoint
+from revault.primitives import tx_uid
+from revault.transactions import (
+    FEERATE_SAT_PER_KWU, Coin, OutPoint, RevaultTransaction, TransactionError, Tx, TxOut,
+    VaultTransactions, build_spend, build_vault_transactions, dust_threshold, fee_for_weight,
+)
+from revault.transport import TransportError
+from revault.wallet_config import (
+    Endpoint, ParticipantKey, WalletConfig, default_bitcoind_wallet, load_wallet_config,
+    participant_key,
+)
+from revault.wallet_flows import (
+    ActivateFlow, CosignerSign, ErrSig, FetchOpinions, FetchSigs, FlowError, PostSig,
+    RequestSpend, SecuredVault, SecureFlow, SendToWatchtower, SignatureRound, SpendFlow,
+    backoff,
+)
+from revault.wallet_store import SPEND_STAGES, StoredVault, WalletStore
+
+__all__ = ["Wallet", "Vault", "VAULT_STATES", "WalletError", "FlowError", "FlowTimeout",
+           "PeerUnavailable", "MIN_DEPOSIT_VALUE"]
+
+log = logging.getLogger("revault.wallet")
+
+VAULT_STATES = ("funded", "secured", "active", "unvaulting", "spent", "cancelled",
+                "emergencied")
+MIN_DEPOSIT_VALUE = 500_000  # sat; DESIGN.md's default for `min_deposit_value`
+DEFAULT_RETRY_TIMEOUT = 60.0   # seconds a daemon may stay unreachable or refusing
+DEFAULT_FLOW_TIMEOUT = 600.0   # seconds a verb waits for the other participants
+RPC_WALLET_ALREADY_LOADED = -35
+MAX_SPEND_FEERATE = 100_000    # sat/kWU (400 sat/vB): above it a fee is surely a mistake
+
+T = TypeVar("T")
+
+
+class WalletError(Exception):
+    """A verb cannot run as asked (unknown vault, wrong role, bad address)."""
+
+
+class FlowTimeout(FlowError):
+    """A flow waited `timeout` seconds; calling the verb again resumes it."""
+
+
+class PeerUnavailable(FlowError):
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(f"{name}: unreachable or refusing for too long "
+                         f"(last: {type(error).__name__}: {error})")
+        self.name = name
+        self.error = error
+
+
+class _TowerUnavailable(Exception):
+    """Inside `Wallet._run` only: a watchtower's PeerUnavailable, kept for the end."""
+
+    def __init__(self, error: PeerUnavailable):
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Vault:
+    outpoint: str       # "txid:vout" of the deposit
+    value: int          # sat
+    index: int          # derivation index (0 for a deployment of plain keys)
+    state: str          # one of VAULT_STATES
+    confirmations: int  # of the deposit
+
+
+# --- connections ----------------------------------------------------------------------
+
+class _Peers:
+    """Lazily connected clients, one per daemon, with bounded retries."""
+
+    def __init__(self, noise_private: bytes, retry_timeout: float, call_timeout: float):
+        self._noise = noise_private
+        self.retry_timeout = retry_timeout
+        self.call_timeout = call_timeout
+        self._clients: dict[bytes, Any] = {}
+        self._locks: dict[bytes, asyncio.Lock] = {}
+
+    async def _client(self, endpoint: Endpoint, cls: type[T]) -> T:
+        lock = self._locks.setdefault(endpoint.noise_key, asyncio.Lock())
+        async with lock:
+            client = self._clients.get(endpoint.noise_key)
+            if client is None or client.closed:
+                client = await cls.connect(endpoint.host, endpoint.port, self._noise,
+                                           endpoint.noise_key, connect_timeout=self.call_timeout,
+                                           timeout=self.call_timeout)
+                self._clients[endpoint.noise_key] = client
+            return client
+
+    async def call(self, endpoint: Endpoint, cls: type, call: Callable[[Any], Awaitable[T]],
+                   retry_timeout: float | None = None) -> T:
+        """`call(client)`, retried on a refusal or a broken connection with backoff."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.retry_timeout if retry_timeout is None else retry_timeout)
+        attempt = 0
+        while True:
+            try:
+                return await call(await self._client(endpoint, cls))
+            except Refused as e:
+                error: BaseException = e
+            except (TransportError, OSError, TimeoutError) as e:
+                error = e
+                await self._drop(endpoint)
+            attempt += 1
+            pause = backoff(attempt)
+            if loop.time() + pause > deadline:
+                raise PeerUnavailable(endpoint.name, error)
+            log.info("%s: %s; retrying in %.2fs", endpoint.name, error, pause)
+            await asyncio.sleep(pause)
+
+    async def _drop(self, endpoint: Endpoint) -> None:
+        client = self._clients.pop(endpoint.noise_key, None)
+        if client is not None:
+            await client.close()
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+
+# --- the wallet -----------------------------------------------------------------------
+
+class Wallet:
+    """One participant's wallet. Use `async with Wallet.open(path) as w:`."""
+
+    def __init__(self, config: WalletConfig, *, retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+                 call_timeout: float = 30.0):
+        self.config = config
+        self.deployment = config.deployment
+        self._retry_timeout = retry_timeout
+        self._call_timeout = call_timeout
+        self.stakeholder: ParticipantKey | None = None
+        self.manager: ParticipantKey | None = None
+        self._store: WalletStore | None = None
+        self._peers: _Peers | None = None
+        self._node: BitcoindClient | None = None
+        self._chain: BitcoindClient | None = None  # the watch-only wallet
+        self._chain_ready = False
+        self._chain_lock = asyncio.Lock()
+        self._towers = [t.noise_key.hex() for t in config.watchtowers]
+
+    @classmethod
+    def open(cls, path: str | Path, **options: Any) -> Wallet:
+        """The wallet of the config file at `path`; enter it with `async with`."""
+        return cls(load_wallet_config(path), **options)
+
+    async def __aenter__(self) -> Wallet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        config, d = self.config, self.deployment
+        try:
+            noise = read_key_file(config.noise_key_file)
+        except KeyFileError as e:
+            raise ConfigError(f"noise_key_file: {e}") from None
+        if config.stakeholder_key_file is not None:
+            self.stakeholder = participant_key("stakeholder", config.stakeholder_key_file,
+                                               d.stakeholders, d.network)
+        if config.manager_key_file is not None:
+            self.manager = participant_key("manager", config.manager_key_file, d.managers,
+                                           d.network)
+        ensure_data_dir(config.data_dir)
+        self._store = await WalletStore.open(config.data_dir)
+        self._peers = _Peers(noise, self._retry_timeout, self._call_timeout)
+        self._node = config.bitcoind.client(timeout=self._call_timeout)
+        name = config.bitcoind.wallet or default_bitcoind_wallet(config.data_dir)
+        self._chain = self._node.for_wallet(name)
+
+    async def close(self) -> None:
+        if self._peers is not None:
+            await self._peers.close()
+            self._peers = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> WalletStore:
+        if self._store is None:
+            raise WalletError("the wallet is not open: use `async with Wallet.open(path)`")
+        return self._store
+
+    # --- the watch-only wallet ----------------------------------------------------------
+
+    @property
+    def bitcoind_wallet(self) -> str:
+        assert self._chain is not None
+        return self._chain.wallet
+
+    async def _ensure_chain(self) -> BitcoindClient:
+        """Load (or create) the watch-only descriptor wallet and import every descriptor
+        of the indexes handed out, once per run."""
+        async with self._chain_lock:
+            if not self._chain_ready:
+                await self._load_watchonly()
+                indexes = await self.store.deposit_indexes()
+                if not self.deployment.uses_xpubs and 0 not in indexes:
+                    await self.store.add_deposit_index(0, self.deployment.deposit_address(0))
+                    indexes = await self.store.deposit_indexes()
+                await self._import(indexes)
+                self._chain_ready = True
+        return self._chain
+
+    async def _load_watchonly(self) -> None:
+        name = self.bitcoind_wallet
+        try:
+            await self._node.call("loadwallet", name)
+        except BitcoindError as e:
+            if e.code == RPC_WALLET_ALREADY_LOADED:
+                return
+            if e.code != RPC_WALLET_NOT_FOUND:
+                raise
+            # disable_private_keys, blank, no passphrase, no avoid_reuse, descriptors,
+            # load on startup: a watch-only wallet that nodes reload by themselves.
+            await self._node.call("createwallet", name, True, True, "", False, True, True)
+            log.info("created watch-only wallet %r on bitcoind", name)
+        if await self.store.meta("birth") is None:
+            await self.store.set_meta("birth", str(int(time.time()) - 7200))
+
+    async def _import(self, indexes: Iterable[int]) -> None:
+        """Import the deposit and unvault descriptors of `indexes` not yet in the wallet.
+        Their timestamp is this wallet's birth, so a recreated watch-only wallet rescans
+        what it missed."""
+        have = {entry["desc"].split("#")[0] for entry in
+                (await self._chain.call("listdescriptors"))["descriptors"]}
+        birth = int(await self.store.meta("birth"))
+        wanted = []
+        for idx in indexes:
+            for desc in (self.deployment.deposit_descriptor(idx),
+                         self.deployment.unvault_descriptor(idx)):
+                info = await self._node.call("getdescriptorinfo", desc)
+                if info["descriptor"].split("#")[0] not in have:
+                    wanted.append({"desc": info["descriptor"], "timestamp": birth,
+                                   "label": f"revault vault {idx}"})
+        if not wanted:
+            return
+        for result in await self._chain.call("importdescriptors", wanted, timeout=600):
+            if not result.get("success"):
+                raise WalletError(f"bitcoind refused a descriptor: {result.get('error')}")
+
+    # --- deposits and vaults ----------------------------------------------------------
+
+    async def deposit_address(self) -> str:
+        """An address to deposit to. With xpubs, a fresh derivation index each call,
+        watched before it is returned; with plain keys, the one deposit address."""
+        await self._ensure_chain()
+        d = self.deployment
+        if not d.uses_xpubs:
+            return d.deposit_address(0)
+        indexes = await self.store.deposit_indexes()
+        idx = max(indexes, default=-1) + 1
+        address = d.deposit_address(idx)
+        await self._import([idx])
+        await self.store.add_deposit_index(idx, address)
+        return address
+
+    @property
+    def min_deposit_value(self) -> int:
+        return getattr(self.deployment, "min_deposit_value", MIN_DEPOSIT_VALUE)
+
+    async def _discover(self) -> dict[str, dict]:
+        """Record every deposit Core's wallet reports (vaults never leave the store);
+        return the wallet's unspent outputs by outpoint."""
+        chain = await self._ensure_chain()
+        by_address = {a: i for i, a in (await self.store.deposit_indexes()).items()}
+        unspent = {f"{u['txid']}:{u['vout']}": u
+                   for u in await chain.call("listunspent", 0, 9_999_999)}
+        since = await chain.call("listsinceblock", "", 1, True, False)
+        found = []
+        for entry in since["transactions"]:
+            if entry.get("category") != "receive" or entry.get("address") not in by_address:
+                continue
+            value = _sats(entry["amount"])
+            if value < self.min_deposit_value or entry.get("confirmations", 0) < 0:
+                continue
+            found.append(StoredVault(f"{entry['txid']}:{entry['vout']}", value,
+                                     by_address[entry["address"]]))
+        await self.store.add_vaults(found)
+        return unspent
+
+    async def vaults(self) -> list[Vault]:
+        """Every vault with its state, as Bitcoin Core and this wallet's state say."""
+        unspent = await self._discover()
+        out = []
+        for stored in await self.store.vaults():
+            vault = await self._vault(stored, unspent)
+            if vault is not None:
+                out.append(vault)
+        return out
+
+    async def _vault(self, stored: StoredVault, unspent: Mapping[str, dict]) -> Vault | None:
+        txs = self._transactions(stored)
+        deposit_txid = stored.outpoint.split(":")[0]
+        confirmations = await self._confirmations(deposit_txid)
+        if confirmations is None:
+            return None  # conflicted or forgotten by the node: not a vault
+        state = await self._state(stored, txs, unspent)
+        return Vault(stored.outpoint, stored.value, stored.index, state, confirmations)
+
+    async def _state(self, stored: StoredVault, txs: VaultTransactions,
+                     unspent: Mapping[str, dict]) -> str:
+        if stored.outpoint in unspent:
+            await self._restore(txs)
+            if txs.unvault.is_complete():
+                return "active"
+            if self.stakeholder is not None and self._secured(txs, await self._acks(txs)):
+                return "secured"
+            return "funded"
+        if await self._confirmations(txs.emergency.txid) is not None:
+            return "emergencied"
+        if await self._confirmations(txs.unvault.txid) is None:
+            return "spent"  # by nothing this deployment pre-signed
+        if await self._confirmations(txs.cancel.txid) is not None:
+            return "cancelled"
+        if await self._confirmations(txs.unvault_emergency.txid) is not None:
+            return "emergencied"
+        if f"{txs.unvault.txid}:0" in unspent:
+            return "unvaulting"
+        return "spent"
+
+    async def _confirmations(self, txid: str) -> int | None:
+        """Confirmations of a transaction of the watch-only wallet (0: in the mempool),
+        None when the wallet does not have it or it lost to a conflict."""
+        try:
+            tx = await self._chain.call("gettransaction", txid)
+        except BitcoindError as e:
+            if e.code == -5:  # RPC_INVALID_ADDRESS_OR_KEY: not a wallet transaction
+                return None
+            raise
+        confirmations = tx.get("confirmations", 0)
+        if confirmations < 0:
+            return None
+        if confirmations == 0 and txid not in await self._node.call("getrawmempool"):
+            return None  # neither mined nor in the mempool (evicted, never relayed)
+        return confirmations
+
+    def _transactions(self, stored: StoredVault) -> VaultTransactions:
+        txid, vout = stored.outpoint.split(":")
+        return build_vault_transactions(
+            self.deployment, Coin(OutPoint(txid, int(vout)), stored.value, stored.index))
+
+    async def _restore(self, txs: VaultTransactions | Iterable[RevaultTransaction]) -> None:
+        """Put every verified signature from the store back on these transactions."""
+        rtxs = (txs.unvault, *txs.revocations()) if isinstance(txs, VaultTransactions) else txs
+        for rtx in rtxs:
+            for index, sigs in (await self.store.signatures(rtx.txid)).items():
+                rtx.signatures[index].update(sigs)
+
+    async def _acks(self, txs: VaultTransactions) -> set[tuple[str, int]]:
+        """The (txid, tower position) acks stored for this vault's revocations."""
+        stored = await self.store.acks(r.txid for r in txs.revocations())
+        return {(txid, t) for txid, key in stored for t, tower in enumerate(self._towers)
+                if tower == key}
+
+    def _secured(self, txs: VaultTransactions, acked: set[tuple[str, int]]) -> bool:
+        try:
+            SecuredVault.check(txs, self._tower_names, acked)
+        except FlowError:
+            return False
+        return True
+
+    @property
+    def _tower_names(self) -> list[str]:
+        return [t.name for t in self.config.watchtowers]
+
+    async def _known_vault(self, outpoint: str) -> tuple[StoredVault, VaultTransactions]:
+        try:
+            canonical = str(WireOutPoint.parse(outpoint))
+        except ValueError as e:
+            raise WalletError(f"{outpoint!r}: not a \"txid:vout\" outpoint ({e})") from None
+        stored = await self.store.vault(canonical)
+        if stored is None:
+            await self._discover()
+            stored = await self.store.vault(canonical)
+        if stored is None:
+            raise WalletError(f"{canonical}: no vault at this outpoint (is it a deposit to "
+                              f"this deployment of at least {self.min_deposit_value} sat?)")
+        txs = self._transactions(stored)
+        await self._restore(txs)
+        return stored, txs
+
+    def _role(self, key: ParticipantKey | None, role: str, verb: str) -> ParticipantKey:
+        if key is None:
+            raise WalletError(f"{verb} is for {role}s: this wallet's config has no "
+                              f"{role}_key_file")
+        return key
+
+    # --- secure and activate ------------------------------------------------------------
+
+    async def secure(self, outpoint: str, *, timeout: float = DEFAULT_FLOW_TIMEOUT) -> None:
+        """Presign the vault's revocations, collect every stakeholder's signature, and
+        hand each complete set to each watchtower of this wallet until all acked.
+        Also brings a watchtower added to the config since up to date."""
+        key = self._role(self.stakeholder, "stakeholder", "secure")
+        stored, txs = await self._known_vault(outpoint)
+        confirmations = await self._confirmations(stored.outpoint.split(":")[0])
+        if not confirmations:
+            raise FlowError(f"{stored.outpoint}: the deposit is not confirmed yet; secure it "
+                            "once it has a confirmation")
+        flow = SecureFlow(txs, stored.outpoint.split(":")[0], key.secret_at(stored.index),
+                          self._tower_names, await self._acks(txs))
+        await self._persist_rounds(flow.rounds.values())
+
+        async def handle(action, outcome) -> list:
+            if isinstance(action, FetchSigs):
+                actions = flow.on_sigs(action.uid, outcome)
+                await self._persist_rounds([flow.rounds[action.uid]])
+                return actions
+            if isinstance(action, SendToWatchtower):
+                actions = flow.on_ack(action.tower, action.txid, outcome.ack, outcome.reason)
+                fresh, flow.fresh_acks = flow.fresh_acks, []
+                await self.store.add_acks((txid, self._towers[t]) for txid, t in fresh)
+                if outcome.ack:
+                    log.info("%s: watchtower %s acked %s", stored.outpoint,
+                             self._tower_names[action.tower], action.txid)
+                return actions
+            return []
+
+        def missing() -> str:
+            try:
+                SecuredVault.check(txs, self._tower_names, flow.acked)
+            except FlowError as e:
+                return str(e)
+            return "nothing"
+
+        await self._run(flow.start(), handle, lambda: flow.done, missing, timeout,
+                        f"secure {stored.outpoint}")
+
+    async def activate(self, outpoint: str, *, timeout: float = DEFAULT_FLOW_TIMEOUT) -> None:
+        """Share this stakeholder's unvault signature, which is only made once every
+        revocation is complete and acked by every watchtower of this wallet (else
+        NotSecured, naming what is missing), and collect the others' until complete."""
+        key = self._role(self.stakeholder, "stakeholder", "activate")
+        stored, txs = await self._known_vault(outpoint)
+        secured = SecuredVault.check(txs, self._tower_names, await self._acks(txs))
+        round_ = ActivateFlow(secured, key.secret_at(stored.index))
+        await self._collect(round_, timeout, f"activate {stored.outpoint}")
+
+    async def _persist_rounds(self, rounds: Iterable[SignatureRound]) -> None:
+        for r in rounds:
+            await self.store.add_signatures(r.rtx.txid, 0, r.take_fresh())
+
+    async def _collect(self, round_: SignatureRound, timeout: float, what: str) -> None:
+        """Run one signature round to completion, persisting what it verifies."""
+        await self._persist_rounds([round_])
+
+        async def handle(action, outcome) -> list:
+            if isinstance(action, FetchSigs):
+                actions = round_.on_sigs(outcome)
+                await self._persist_rounds([round_])
+                return actions
+            return []
+
+        def missing() -> str:
+            return "signatures of " + ", ".join(k.hex() for k in round_.rtx.missing_signatures(0))
+
+        await self._run(round_.start(), handle, lambda: round_.complete, missing, timeout, what)
+
+    # --- the action runner --------------------------------------------------------------
+
+    async def _run(self, actions: list, handle, done: Callable[[], bool],
+                   missing: Callable[[], str], timeout: float, what: str) -> None:
+        """Perform actions concurrently (each after its `after` delay), feed each outcome
+        to `handle`, which returns the next actions, until none is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        tasks: set[asyncio.Task] = set()
+
+        def schedule(new: list) -> None:
+            for action in new:
+                tasks.add(asyncio.ensure_future(self._perform(action)))
+
+        schedule(actions)
+        # A watchtower that stays unreachable does not stop the signature rounds: the
+        # other stakeholders may still need ours. Its error is raised at the end.
+        unreachable: PeerUnavailable | None = None
+        try:
+            while tasks:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise FlowTimeout(f"{what}: gave up after {timeout:g}s, still waiting "
+                                      f"for {missing()}; call it again to resume")
+                finished, _ = await asyncio.wait(tasks, timeout=remaining,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    tasks.discard(task)
+                    try:
+                        action, outcome = task.result()
+                    except _TowerUnavailable as e:
+                        unreachable = e.error
+                        continue
+                    schedule(await handle(action, outcome))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if unreachable is not None and not done():
+            raise unreachable
+        if not done():
+            raise FlowError(f"{what}: stopped before completion; missing {missing()}")
+
+    async def _perform(self, action) -> tuple[Any, Any]:
+        if action.after:
+            await asyncio.sleep(action.after)
+        peers, sync = self._peers, self.config.sync_server
+        match action:
+            case PostSig(uid, pubkey, signature):
+                outcome = await peers.call(sync, SyncServerClient,
+                                           lambda c: c.sig(uid, pubkey, signature))
+            case FetchSigs(uid):
+                outcome = (await peers.call(sync, SyncServerClient,
+                                            lambda c: c.get_sigs(uid))).signatures
+            case ErrSig(uid):
+                log.warning("err_sig %s: the sync server returned an invalid signature", uid)
+                outcome = await peers.call(sync, SyncServerClient, lambda c: c.err_sig(uid))
+            case SendToWatchtower(tower, txid, signatures, vault_txid):
+                try:
+                    outcome = await peers.call(
+                        self.config.watchtowers[tower], WatchtowerClient,
+                        lambda c: c.sig(signatures, txid, vault_txid))
+                except PeerUnavailable as e:
+                    raise _TowerUnavailable(e) from None
+            case RequestSpend(vault_id, transaction, timestamp):
+                outcome = await peers.call(
+                    sync, SyncServerClient,
+                    lambda c: c.request_spend(transaction, timestamp, vault_id))
+            case FetchOpinions(vault_id):
+                outcome = (await peers.call(sync, SyncServerClient,
+                                            lambda c: c.get_spend_opinions(vault_id))).opinions
+            case CosignerSign(cosigner, psbt, index):
+                result = await peers.call(self.config.cosigners[cosigner], CosignerClient,
+                                          lambda c: c.sign(psbt, index))
+                outcome = bytes.fromhex(result.signature)
+            case _:
+                raise TypeError(f"unknown action {action!r}")
+        return action, outcome
+
+    # --- spend --------------------------------------------------------------------------
+
+    async def spend(self, outpoints: Sequence[str], payees: Mapping[str, int], *,
+                    feerate_sat_per_kwu: int = FEERATE_SAT_PER_KWU,
+                    max_feerate_sat_per_kwu: int = MAX_SPEND_FEERATE,
+                    timeout: float = DEFAULT_FLOW_TIMEOUT) -> str:
+        """Spend active vaults (one transaction for all of them) to `payees` (address ->
+        sat), the rest less the fee going back to a deposit address as a new vault.
+        Waits for every deployment watchtower's signed acceptance of this very txid,
+        then every cosigner's signature; broadcasts the unvaults, waits the csv, then
+        broadcasts the spend and returns its txid. SpendRefused names who refused and
+        why. Called again with the same vaults, it resumes the same spend."""
+        key = self._role(self.manager, "manager", "spend")
+        if not outpoints:
+            raise WalletError("spend: give at least one vault outpoint")
+        vaults = []
+        for outpoint in outpoints:
+            vaults.append(await self._known_vault(outpoint))
+        canonical = [stored.outpoint for stored, _ in vaults]
+        if len(set(canonical)) != len(canonical):
+            raise WalletError("spend: the same vault twice")
+        existing = await self.store.spend_of(canonical)
+        if existing is None:
+            spend = await self._new_spend(vaults, payees, key, feerate_sat_per_kwu,
+                                          max_feerate_sat_per_kwu)
+            stage, timestamp = SPEND_STAGES[0], int(time.time())
+            await self.store.add_spend(spend.txid, spend.tx.to_base64(), timestamp, canonical)
+            for i, sigs in enumerate(spend.signatures):
+                await self.store.add_signatures(spend.txid, i, sigs)
+            log.info("spend %s of %s: built and signed", spend.txid, ", ".join(canonical))
+        else:
+            spend = self._rebuild_spend(vaults, existing.tx)
+            await self._restore([spend])
+            stage, timestamp = existing.stage, existing.timestamp
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if stage == "requested":
+            await self._approve_and_cosign(spend, vaults, timestamp, deadline - loop.time())
+            stage = "cosigned"
+            await self.store.set_spend_stage(spend.txid, stage)
+        if stage == "cosigned":
+            for _, txs in vaults:
+                await self._broadcast(txs.unvault.finalize(), "unvault")
+            stage = "unvaulted"
+            await self.store.set_spend_stage(spend.txid, stage)
+        if stage == "unvaulted":
+            await self._wait_csv([txs.unvault.txid for _, txs in vaults], deadline)
+            await self._broadcast(spend.finalize(), "spend")
+            stage = "broadcast"
+            await self.store.set_spend_stage(spend.txid, stage)
+        return spend.txid
+
+    async def _new_spend(self, vaults, payees: Mapping[str, int], key: ParticipantKey,
+                         feerate: int, max_feerate: int) -> RevaultTransaction:
+        d = self.deployment
+        if not 1 <= feerate <= max_feerate:
+            raise WalletError(f"spend: feerate {feerate} sat/kWU outside 1..{max_feerate} "
+                              "(pass max_feerate_sat_per_kwu to lift the bound)")
+        if d.managers_threshold > 1:
+            raise WalletError(
+                f"spend: the deployment needs {d.managers_threshold} managers' signatures; "
+                "this wallet holds one manager key and can only spend alone in a "
+                "deployment with managers_threshold = 1")
+        for stored, txs in vaults:
+            if not txs.unvault.is_complete():
+                await self._refresh_unvault(txs)
+            if not txs.unvault.is_complete():
+                raise WalletError(f"spend: vault {stored.outpoint} is not active (its unvault "
+                                  "lacks stakeholders' signatures)")
+        outputs = []
+        for address, value in payees.items():
+            try:
+                outputs.append(TxOut.to_address(address, value, d.network))
+            except ValueError as e:
+                raise WalletError(f"spend: payee {address!r}: {e}") from None
+        coins = [txs.unvault.output_coin(0) for _, txs in vaults]
+        total_in = sum(c.value for c in coins)
+        paid = sum(o.value for o in outputs)
+        change_index = max(stored.index for stored, _ in vaults)
+        change_spk = d.deposit_script_pubkey(change_index)
+        try:
+            draft = build_spend(d, coins, outputs + [TxOut(total_in, change_spk)])
+            fee = fee_for_weight(draft.max_weight(), feerate)
+            change = total_in - paid - fee
+            if change >= max(dust_threshold(change_spk), self.min_deposit_value):
+                spend = build_spend(d, coins, outputs + [TxOut(change, change_spk)])
+            else:
+                # Too little left for a vault: it goes to the fee.
+                spend = build_spend(d, coins, outputs)
+                fee = fee_for_weight(spend.max_weight(), feerate)
+                if total_in - paid < fee:
+                    raise WalletError(f"spend: the vaults hold {total_in} sat after their "
+                                      f"unvaults, not enough to pay {paid} sat and a {fee} sat fee")
+                if fee_for_weight(spend.max_weight(), max_feerate) < total_in - paid:
+                    raise WalletError(
+                        f"spend: {total_in - paid} sat would go to fees, above the "
+                        f"{max_feerate} sat/kWU bound; pay less or more precisely")
+        except TransactionError as e:
+            raise WalletError(f"spend: {e}") from None
+        for i, (stored, _) in enumerate(vaults):
+            spend.sign(i, key.secret_at(stored.index))
+        return spend
+
+    def _rebuild_spend(self, vaults, tx_base64: str) -> RevaultTransaction:
+        tx = Tx.from_base64(tx_base64)
+        coins = [txs.unvault.output_coin(0) for _, txs in vaults]
+        spend = build_spend(self.deployment, coins, list(tx.outputs))
+        if spend.txid != tx.txid:
+            raise WalletError(f"stored spend {tx.txid} does not rebuild identically")
+        return spend
+
+    async def _refresh_unvault(self, txs: VaultTransactions) -> None:
+        """Fetch the unvault's signatures once (a manager learns a vault is active)."""
+        round_ = SignatureRound(txs.unvault)
+        signatures = (await self._peers.call(
+            self.config.sync_server, SyncServerClient,
+            lambda c: c.get_sigs(round_.uid))).signatures
+        round_.on_sigs(signatures)
+        await self._persist_rounds([round_])
+
+    async def _approve_and_cosign(self, spend: RevaultTransaction, vaults, timestamp: int,
+                                  timeout: float) -> None:
+        d = self.deployment
+        cosigners = [[d.keys(stored.index).cosigners[c] for stored, _ in vaults]
+                     for c in range(len(d.cosigners))]
+        vault_ids = [tx_uid(stored.outpoint.split(":")[0]) for stored, _ in vaults]
+        flow = SpendFlow(spend, vault_ids, timestamp, d.watchtowers, cosigners)
+
+        async def handle(action, outcome) -> list:
+            if isinstance(action, FetchOpinions):
+                actions = flow.on_opinions(action.vault_id, outcome)
+                if flow.approved and actions:
+                    log.info("spend %s: accepted by every watchtower", spend.txid)
+                return actions
+            if isinstance(action, CosignerSign):
+                name = self.config.cosigners[action.cosigner].name
+                actions = flow.on_cosignature(action.cosigner, name, action.index, outcome)
+                await self.store.add_signatures(
+                    spend.txid, action.index,
+                    {flow.cosigners[action.cosigner][action.index]: outcome})
+                return actions
+            return []
+
+        def missing() -> str:
+            waiting = [f"watchtower {k} on vault {v}" for v in vault_ids
+                       for k in sorted(flow.watchtowers - flow.accepted[v])]
+            if waiting:
+                return "the acceptance of " + ", ".join(waiting)
+            return "cosigner signatures"
+
+        start = flow.start() if not flow.done else []
+        await self._run(start, handle, lambda: flow.done, missing, timeout,
+                        f"spend {spend.txid}")
+
+    async def _broadcast(self, tx: Tx, what: str) -> None:
+        try:
+            await self._node.call("sendrawtransaction", tx.to_hex())
+        except BitcoindError as e:
+            if e.code != RPC_VERIFY_ALREADY_IN_CHAIN:
+                raise FlowError(f"{what} {tx.txid}: bitcoind refused it: {e.message}") from None
+        log.info("%s %s broadcast", what, tx.txid)
+
+    async def _wait_csv(self, unvault_txids: Sequence[str], deadline: float) -> None:
+        """Until every unvault has `unvault_csv` confirmations (BIP 68: the spend may be
+        mined in the next block), polling the node with a bounded backoff."""
+        loop = asyncio.get_running_loop()
+        csv = self.deployment.unvault_csv
+        attempt = 0
+        while True:
+            depths = [await self._confirmations(t) for t in unvault_txids]
+            if any(depth is None for depth in depths):
+                gone = [t for t, depth in zip(unvault_txids, depths) if depth is None]
+                raise FlowError(f"unvault(s) {', '.join(gone)} left the mempool or were "
+                                "replaced: was the vault cancelled?")
+            if min(depths) >= csv:
+                return
+            attempt += 1
+            pause = backoff(attempt)
+            if loop.time() + pause > deadline:
+                raise FlowTimeout(f"unvaults have {min(depths)} of the {csv} confirmations the "
+                                  "spend needs; call spend() again to resume")
+            await asyncio.sleep(pause)
+
+    # --- emergency ----------------------------------------------------------------------
+
+    async def emergency(self) -> list[str]:
+        """Broadcast the emergency of every vault still deposited and the
+        unvault-emergency of every vault unvaulting. Returns the txids broadcast; after
+        broadcasting all it can, raises FlowError naming any vault it could not move
+        (never secured: no complete emergency transaction exists for it)."""
+        self._role(self.stakeholder, "stakeholder", "emergency")
+        unspent = await self._discover()
+        sent, stuck = [], []
+        for stored in await self.store.vaults():
+            txs = self._transactions(stored)
+            state = await self._state(stored, txs, unspent)
+            await self._restore(txs)
+            if state in ("funded", "secured", "active"):
+                rtx = txs.emergency
+            elif state == "unvaulting":
+                rtx = txs.unvault_emergency
+            else:
+                continue
+            if not rtx.is_complete():
+                stuck.append(f"{stored.outpoint} ({state}: {rtx.kind.value} not fully signed)")
+                continue
+            await self._broadcast(rtx.finalize(), rtx.kind.value)
+            sent.append(rtx.txid)
+        if stuck:
+            raise FlowError(f"emergency: broadcast {len(sent)} transaction(s) but could not "
+                            "move " + "; ".join(stuck))
+        return sent
+
+
+def _sats(amount: Decimal) -> int:
+    """Bitcoin Core's BTC amount (a Decimal, never a float) in satoshis."""
+    return int(Decimal(amount) * 100_000_000)

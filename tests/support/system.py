@@ -1,0 +1,187 @@
+"""A whole Revault deployment on one machine, for end-to-end tests.
+
+Real parts only: the session's regtest bitcoind, the sync server, per manager a
+cosigner and (when asked) per stakeholder a watchtower, each a subprocess started with
+its console module exactly as a user runs it, and one wallet config per participant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import coincurve
+
+from revault.keys import create_key_file, generate_bitcoin_key
+from revault.transactions import p2wpkh, script_pubkey_to_address
+from revault.wallet import Wallet
+from tests.support.daemons import DaemonProcess, NoiseIdentity, to_toml, write_config
+from tests.support.regtest import RegtestNode, free_port
+
+HOST = "127.0.0.1"
+
+
+def pub(secret: bytes) -> bytes:
+    return coincurve.PrivateKey(secret).public_key.format(compressed=True)
+
+
+def bitcoin_key(path: Path) -> bytes:
+    secret = generate_bitcoin_key()
+    create_key_file(path, secret)
+    return secret
+
+
+@dataclass
+class Participant:
+    name: str
+    directory: Path
+    noise: NoiseIdentity
+    stakeholder_secret: bytes | None = None
+    manager_secret: bytes | None = None
+    config_path: Path | None = None
+
+    def wallet(self, **options) -> Wallet:
+        return Wallet.open(self.config_path, **options)
+
+
+@dataclass
+class System:
+    root: Path
+    node: RegtestNode
+    sync_noise: NoiseIdentity
+    sync: DaemonProcess
+    deployment: dict
+    stakeholders: list[Participant]
+    managers: list[Participant]
+    cosigners: list[DaemonProcess] = field(default_factory=list)
+    cosigner_noise: list[NoiseIdentity] = field(default_factory=list)
+    watchtowers: list[DaemonProcess] = field(default_factory=list)
+
+    def daemons(self) -> list[DaemonProcess]:
+        return [self.sync, *self.cosigners, *self.watchtowers]
+
+    def stop_all(self) -> None:
+        for daemon in self.daemons():
+            daemon.ensure_dead()
+
+
+def _bitcoind_table(node: RegtestNode) -> dict:
+    return {"rpc_url": f"http://{HOST}:{node.rpc_port}", "rpc_user": node.rpc_user,
+            "rpc_password": node.rpc_password}
+
+
+async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3,
+                       n_managers: int = 2, unvault_csv: int = 3,
+                       both_roles: int = 0, missing_watchtower: bool = True) -> System:
+    """Keys, configs and daemons for a deployment; `both_roles` of the stakeholders
+    are also managers (one wallet with both keys). Without a watchtower daemon
+    (`missing_watchtower`), each stakeholder's [[watchtowers]] entry is a port where
+    nothing listens: a flow that needs a watchtower's ack cannot complete."""
+    root.mkdir(parents=True, exist_ok=True)
+    sync_noise = NoiseIdentity.create(root / "sync.noise.key")
+    stakeholders = []
+    for i in range(n_stakeholders):
+        d = root / f"stakeholder{i}"
+        d.mkdir()
+        p = Participant(f"stakeholder{i}", d, NoiseIdentity.create(d / "noise.key"),
+                        stakeholder_secret=bitcoin_key(d / "stakeholder.key"))
+        if i < both_roles:
+            p.manager_secret = bitcoin_key(d / "manager.key")
+            bitcoin_key(d / "cpfp.key")
+        stakeholders.append(p)
+    managers = [p for p in stakeholders if p.manager_secret is not None]
+    for j in range(n_managers - len(managers)):
+        d = root / f"manager{j}"
+        d.mkdir()
+        managers.append(Participant(f"manager{j}", d, NoiseIdentity.create(d / "noise.key"),
+                                    manager_secret=bitcoin_key(d / "manager.key")))
+        bitcoin_key(d / "cpfp.key")
+
+    # Per manager a cosigner.
+    cosigners, cosigner_noise, cosigner_pubs = [], [], []
+    for j in range(len(managers)):
+        d = root / f"cosigner{j}"
+        d.mkdir()
+        noise = NoiseIdentity.create(d / "noise.key")
+        cosigner_pubs.append(pub(bitcoin_key(d / "bitcoin.key")).hex())
+        config = write_config(d / "cosigner.toml", {
+            "listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
+            "bitcoin_key_file": "bitcoin.key",
+            "managers": [m.noise.public.hex() for m in managers],
+            "requests_per_second": 1000,
+        })
+        cosigners.append(DaemonProcess("cosigner", config, d))
+        cosigner_noise.append(noise)
+
+    emergency = script_pubkey_to_address(p2wpkh(pub(hashlib.sha256(
+        b"emergency " + root.name.encode()).digest())), "regtest")
+    deployment = {
+        "network": "regtest",
+        "stakeholders": [pub(p.stakeholder_secret).hex() for p in stakeholders],
+        "managers": [pub(p.manager_secret).hex() for p in managers],
+        "managers_threshold": 1,
+        "cosigners": cosigner_pubs,
+        "unvault_csv": unvault_csv,
+        "emergency_address": emergency,
+        "watchtowers": [],
+    }
+
+    sync_config = write_config(root / "sync.toml", {
+        "listen": f"{HOST}:0", "data_dir": "sync-data", "noise_key_file": "sync.noise.key",
+        "requests_per_second": 10_000,
+        "peers": {
+            "stakeholders": [p.noise.public.hex() for p in stakeholders],
+            "managers": [p.noise.public.hex() for p in managers],
+            "watchtowers": [],
+        },
+    })
+    system = System(root, node, sync_noise, DaemonProcess("sync-server", sync_config, root),
+                    deployment, stakeholders, managers, cosigners, cosigner_noise)
+    try:
+        await system.sync.start()
+        for cosigner in cosigners:
+            await cosigner.start()
+        nowhere = [NoiseIdentity.create(p.directory / "absent-watchtower.key")
+                   for p in stakeholders] if missing_watchtower else []
+        for p in {id(p): p for p in stakeholders + managers}.values():
+            table = {
+                "data_dir": "wallet-data",
+                "noise_key_file": "noise.key",
+                "sync_server": {"host": HOST, "port": system.sync.port,
+                                "noise_key": sync_noise.public.hex()},
+                "bitcoind": _bitcoind_table(node),
+                "deployment": deployment,
+            }
+            if p.stakeholder_secret is not None:
+                table["stakeholder_key_file"] = "stakeholder.key"
+                i = stakeholders.index(p)
+                table["watchtowers"] = [{"host": HOST, "port": free_port(),
+                                         "noise_key": nowhere[i].public.hex()}]
+            if p.manager_secret is not None:
+                table["manager_key_file"] = "manager.key"
+                table["cpfp_key_file"] = "cpfp.key"
+                table["cosigners"] = [{"host": HOST, "port": c.port,
+                                       "noise_key": n.public.hex()}
+                                      for c, n in zip(cosigners, cosigner_noise)]
+            p.config_path = write_wallet_config(p.directory / "wallet.toml", table)
+    except BaseException:
+        system.stop_all()
+        raise
+    return system
+
+
+def write_wallet_config_text(table: dict) -> str:
+    """TOML with arrays of tables ([[watchtowers]], [[cosigners]]), which
+    tests.support.daemons.to_toml does not write."""
+    arrays = {k: table[k] for k in ("watchtowers", "cosigners") if k in table}
+    text = to_toml({k: v for k, v in table.items() if k not in arrays})
+    for key, entries in arrays.items():
+        for entry in entries:
+            text += f"\n[[{key}]]\n" + to_toml(entry)
+    return text
+
+
+def write_wallet_config(path: Path, table: dict) -> Path:
+    path.write_text(write_wallet_config_text(table))
+    return path
