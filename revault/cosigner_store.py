@@ -8,28 +8,28 @@ manager key is bounded by the daemon's `requests_per_second` and `max_connection
 
 How "exactly one signature per outpoint, even across crashes" is obtained:
 
-- In-process, every read and write goes through one writer task, in arrival order.
-  Requests for one outpoint are therefore serialized (so are all requests; batching
-  keeps that cheap), and no reader can see a row before its transaction committed,
-  which a shared connection would otherwise allow.
-- The database is the arbiter: the writer runs each batch as
-  `BEGIN IMMEDIATE; for each request: SELECT, and if absent sign + INSERT; COMMIT`.
-  The write lock is held from the read to the commit, so even a second process on the
-  same file (an operator mistake) cannot interleave a second signature; the primary key
-  on (txid, vout) would refuse it anyway.
+- In-process, every read and write is a job of one `storage.GroupCommitWriter`, run in
+  arrival order. Requests for one outpoint are therefore serialized (so are all
+  requests; batching keeps that cheap), and no reader can see a row before its
+  transaction committed, which a shared connection would otherwise allow.
+- The database is the arbiter: the writer runs each batch as `BEGIN IMMEDIATE; for each
+  request, in its SAVEPOINT: SELECT, and if absent sign + INSERT; COMMIT`, and nothing
+  interleaves with a batch once it started (see GroupCommitWriter). The write lock is
+  held from the read to the commit, so even a second process on the same file (an
+  operator mistake) cannot interleave a second signature; the primary key on
+  (txid, vout) would refuse it anyway.
 - A signature is handed back only after `COMMIT` returned with `synchronous=FULL`. A
   crash before that loses an uncommitted signature nobody has seen; a crash after it
   leaves a durable row that every later request gets back. Deterministic (RFC 6979)
   nonces make a re-signed identical request yield the same bytes in any case.
 
 Committing several requests in one transaction (group commit) lets 50 concurrent
-managers share one fsync instead of queueing for 50.
+managers share one fsync instead of queueing for 50. A request whose signing fails rolls
+back alone; a failed COMMIT fails every request of its batch and returns no signature.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -41,12 +41,9 @@ import aiosqlite
 from revault.cosigner_signing import SigningRequest
 from revault.errors import Refused
 from revault.primitives import OutPoint
-from revault.storage import open_database, run_in_database_thread
-
-log = logging.getLogger("revault.cosigner.store")
+from revault.storage import GroupCommitWriter, open_database
 
 DATABASE_NAME = "cosigner.sqlite3"
-MAX_BATCH = 256  # bounds the time one commit keeps the requests behind it waiting
 
 MIGRATIONS = [
     """
@@ -63,16 +60,10 @@ MIGRATIONS = [
     """,
 ]
 
-
-def lookup_sql(count: int) -> str:
-    """The rows of `count` outpoints (bound as txid, vout pairs) in one statement.
-
-    A join on the primary key, not `(txid, vout) IN (VALUES ...)`: SQLite plans the
-    latter as a scan of the whole table, which grows forever."""
-    values = ",".join("(?, ?)" for _ in range(count))
-    return ("SELECT s.txid, s.vout, s.signature, s.digest, s.spend_txid, s.manager, "
-            f"s.created_at FROM (VALUES {values}) AS q "
-            "JOIN signatures AS s ON s.txid = q.column1 AND s.vout = q.column2")
+# A point read on the primary key: the table only grows, a lookup that scanned it would
+# slow every request down forever.
+LOOKUP_SQL = ("SELECT signature, digest, spend_txid, manager, created_at FROM signatures "
+              "WHERE txid = ? AND vout = ?")
 
 
 class StoreClosed(Refused):
@@ -95,14 +86,6 @@ class SignOutcome:
     new: bool  # made by this request (False: an earlier request's signature, replayed)
 
 
-@dataclass(slots=True)
-class _Job:
-    outpoint: OutPoint
-    request: SigningRequest | None      # None: a read-only lookup
-    manager: bytes
-    future: asyncio.Future
-
-
 Signer = Callable[[bytes], bytes]
 
 
@@ -112,9 +95,9 @@ class SignatureStore:
     def __init__(self, db: aiosqlite.Connection, signer: Signer):
         self._db = db
         self._signer = signer
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._closing = False
-        self._writer = asyncio.get_running_loop().create_task(self._run(), name="cosigner-store")
+        self._writer = GroupCommitWriter(
+            db, name="cosigner-store",
+            closed_error=lambda: StoreClosed("cosigner is shutting down"))
 
     @classmethod
     async def open(cls, path: Path, signer: Signer) -> SignatureStore:
@@ -125,117 +108,36 @@ class SignatureStore:
         """The signature for `request.outpoint`: made, stored and committed now if it is
         the first request for that outpoint, else the stored one. Returns only once the
         row is durable."""
-        return await self._submit(_Job(request.outpoint, request, manager, self._future()))
-
-    async def get(self, outpoint: OutPoint) -> StoredSignature | None:
-        outcome = await self._submit(_Job(outpoint, None, b"", self._future()))
-        return outcome.stored if outcome is not None else None
-
-    def _future(self) -> asyncio.Future:
-        return asyncio.get_running_loop().create_future()
-
-    async def _submit(self, job: _Job):
-        if self._closing:
-            raise StoreClosed("cosigner is shutting down")
-        self._queue.put_nowait(job)
-        # shield: a caller that goes away must not cancel a future the writer resolves.
-        return await asyncio.shield(job.future)
-
-    async def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self._queue.put_nowait(None)
-        await self._writer
-        await self._db.close()
-
-    async def _run(self) -> None:
-        while True:
-            job = await self._queue.get()
-            batch: list[_Job] = []
-            stop = job is None
-            if job is not None:
-                batch.append(job)
-            while not stop and len(batch) < MAX_BATCH and not self._queue.empty():
-                more = self._queue.get_nowait()
-                if more is None:
-                    stop = True
-                else:
-                    batch.append(more)
-            if batch:
-                await self._commit_batch(batch)
-            if stop:
-                while not self._queue.empty():
-                    leftover = self._queue.get_nowait()
-                    if leftover is not None and not leftover.future.done():
-                        leftover.future.set_exception(StoreClosed("cosigner is shutting down"))
-                return
-
-    async def _commit_batch(self, batch: list[_Job]) -> None:
-        work = [(job.outpoint, job.request, job.manager) for job in batch]
-        try:
-            # The whole transaction is one call on the database thread: once started it
-            # runs to COMMIT or ROLLBACK whatever happens to this task, and nothing of
-            # the event loop (a cancelled request, a closing connection) can interleave.
-            results = await run_in_database_thread(self._db, _transaction, work,
-                                                   self._signer, int(time.time()))
-        except Exception as e:
-            # Nothing of this batch leaves the process: a signature is sent only after
-            # COMMIT returned. (If COMMIT did land, later requests get the stored rows.)
-            log.error("signature store transaction failed (%d requests): %s", len(batch), e)
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(e)
-            return
-        for job, outcome in zip(batch, results):
-            if not job.future.done():
-                job.future.set_result(outcome)
-
-
-def _transaction(conn: sqlite3.Connection,
-                 work: list[tuple[OutPoint, SigningRequest | None, bytes]],
-                 signer: Signer, now: int) -> list[SignOutcome | None]:
-    """On the database thread: BEGIN IMMEDIATE, read every outpoint of the batch, sign
-    the absent ones in arrival order (a later job for an outpoint signed earlier in the
-    batch gets that signature), insert them, COMMIT. Rolled back on any failure."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        outpoints = list(dict.fromkeys(outpoint for outpoint, _, _ in work))
-        rows = conn.execute(lookup_sql(len(outpoints)),
-                            [v for op in outpoints for v in (op.txid, op.vout)]).fetchall()
-        known: dict[OutPoint, StoredSignature] = {}
-        for txid, vout, signature, digest, spend_txid, manager, created_at in rows:
-            outpoint = OutPoint(txid, vout)
-            known[outpoint] = StoredSignature(outpoint, bytes(signature), bytes(digest),
-                                              spend_txid, bytes(manager), created_at)
-        results: list[SignOutcome | None] = []
-        fresh: list[StoredSignature] = []
-        for outpoint, request, manager in work:
-            stored = known.get(outpoint)
+        def job(conn: sqlite3.Connection) -> SignOutcome:
+            # Sees every earlier job of the batch: a second request for an outpoint signed
+            # earlier in the same batch gets that signature.
+            stored = _lookup(conn, request.outpoint)
             if stored is not None:
-                results.append(SignOutcome(stored, new=False))
-            elif request is None:
-                results.append(None)
-            else:
-                stored = StoredSignature(outpoint, signer(request.digest), request.digest,
-                                         request.spend_txid, manager, now)
-                known[outpoint] = stored
-                fresh.append(stored)
-                results.append(SignOutcome(stored, new=True))
-        if fresh:
-            conn.executemany(
+                return SignOutcome(stored, new=False)
+            stored = StoredSignature(request.outpoint, self._signer(request.digest),
+                                     request.digest, request.spend_txid, manager, int(time.time()))
+            conn.execute(
                 "INSERT INTO signatures "
                 "(txid, vout, signature, digest, spend_txid, manager, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(st.outpoint.txid, st.outpoint.vout, st.signature, st.digest, st.spend_txid,
-                  st.manager, st.created_at) for st in fresh])
-        conn.execute("COMMIT")
-    except BaseException:
-        # A failed COMMIT (SQLITE_BUSY, I/O error) can leave the transaction open; the
-        # next BEGIN IMMEDIATE would then fail forever.
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error as e:
-                log.error("signature store rollback failed: %s", e)
-        raise
-    return results
+                (stored.outpoint.txid, stored.outpoint.vout, stored.signature, stored.digest,
+                 stored.spend_txid, stored.manager, stored.created_at))
+            return SignOutcome(stored, new=True)
+
+        return await self._writer.run(job)
+
+    async def get(self, outpoint: OutPoint) -> StoredSignature | None:
+        # Through the writer too: a row is seen only once its transaction committed.
+        return await self._writer.run(lambda conn: _lookup(conn, outpoint))
+
+    async def close(self) -> None:
+        await self._writer.close()
+
+
+def _lookup(conn: sqlite3.Connection, outpoint: OutPoint) -> StoredSignature | None:
+    row = conn.execute(LOOKUP_SQL, (outpoint.txid, outpoint.vout)).fetchone()
+    if row is None:
+        return None
+    signature, digest, spend_txid, manager, created_at = row
+    return StoredSignature(outpoint, bytes(signature), bytes(digest), spend_txid,
+                           bytes(manager), created_at)

@@ -1,18 +1,27 @@
-"""SQLite set-up shared by the daemons: WAL, durability, schema versions.
+"""SQLite set-up shared by the daemons: WAL, durability, schema versions, group commit.
 
 A daemon hands `open_database` its list of migrations; `PRAGMA user_version` records
 how many have run. Each migration runs in its own transaction together with the version
 bump, so a crash mid-migration leaves the previous version intact.
+
+Every store writes through one `GroupCommitWriter`: the store keeps its SQL and its
+policy (quotas, sign-once), the writer owns batching, savepoints and durable commits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import aiosqlite
+
+log = logging.getLogger("revault.storage")
+
+T = TypeVar("T")
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -150,22 +159,167 @@ def sqlite_connection(db: aiosqlite.Connection) -> sqlite3.Connection:
     return db._conn
 
 
-class Transaction:
-    """`async with Transaction(db):` one logical write, committed durably on exit.
+class WriterClosed(RuntimeError):
+    """The writer is closing or closed: the job was not run."""
 
-    BEGIN IMMEDIATE takes the write lock up front, so two writers never interleave
-    a read-then-write.
+
+MAX_BATCH = 256  # jobs per transaction: bounds the wait of the jobs queued behind them
+
+_CLOSE = object()  # queued by close(): everything queued before it is still committed
+
+
+class GroupCommitWriter:
+    """Every write to one database, committed in groups: one fsync shared by many writers.
+
+    `await writer.run(job)` queues `job`; the writer task takes everything queued (up to
+    `max_batch` jobs) as one batch and runs it as one transaction:
+
+        BEGIN IMMEDIATE
+        for each job, in arrival order:  SAVEPOINT job; job(conn); RELEASE (or ROLLBACK TO)
+        COMMIT
+
+    - A job is a plain function `job(conn: sqlite3.Connection) -> result`. It sees the
+      changes of the jobs before it in its batch. If it raises, only its own changes are
+      rolled back and `run` raises that exception (after the COMMIT of the others).
+    - `run` returns the job's result only once the COMMIT holding it has returned, which
+      with synchronous=FULL (see open_database) makes the write durable: the caller may
+      acknowledge it at once. If BEGIN or COMMIT fails, nothing of the batch is kept and
+      every job of it raises that error.
+    - A caller that is cancelled (its peer went away) changes nothing: its job still
+      runs and commits with its batch, and the outcome is dropped.
+    - Once a batch starts nothing can interleave with it, whatever happens to the writer
+      task or to any caller: the jobs run one after the other without yielding, and the
+      COMMIT is queued on the database thread before the writer first yields. Only the
+      writer uses the connection. So a job may read, decide and write (sign-once,
+      quota admission) and know that the state it read is the state it commits on.
+    - `close()` commits every job already queued, refuses new ones with
+      `closed_error()` (default `WriterClosed`), stops the task and closes the connection.
+
+    The jobs run on the event loop thread, on the connection aiosqlite holds (see
+    sqlite_connection), and only the COMMIT (the fsync) goes to the database thread, in
+    one hop per batch: a statement costs microseconds, while each statement run on the
+    database thread would wait for the GIL held by the busy event loop. Jobs must
+    therefore be short and must not block on anything but SQLite (no network, no sleep).
+
+    `after_batch(committed)` runs on the event loop once per batch, after COMMIT (True)
+    or after the batch was rolled back (False), before any caller resumes: a store that
+    keeps in-memory state derived from its jobs (row counts) makes it follow the file.
     """
 
-    def __init__(self, db: aiosqlite.Connection):
+    def __init__(self, db: aiosqlite.Connection, *, name: str = "storage writer",
+                 max_batch: int = MAX_BATCH,
+                 closed_error: Callable[[], Exception] = lambda: WriterClosed("store is closed"),
+                 after_batch: Callable[[bool], None] | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.db = db
+        self._name = name
+        self._max_batch = max_batch
+        self._closed_error = closed_error
+        self._after_batch = after_batch
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._write_loop(), name=name)
 
-    async def __aenter__(self) -> aiosqlite.Connection:
-        await self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """`job(conn)` in its own SAVEPOINT of the next batch; its result once committed."""
+        if self._closing:
+            raise self._closed_error()
+        future = asyncio.get_running_loop().create_future()
+        # A caller cancelled while waiting leaves the outcome to nobody: retrieve it so
+        # asyncio does not report it as lost.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.put_nowait((job, future))
+        # shield: a caller that goes away must not cancel a future the writer resolves.
+        return await asyncio.shield(future)
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            await self.db.execute("COMMIT")
-        else:
-            await self.db.execute("ROLLBACK")
+    async def close(self) -> None:
+        """Commit what is queued, refuse new jobs, stop, close the connection."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put_nowait(_CLOSE)
+        await self._task
+        await self.db.close()
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is _CLOSE:
+                break
+            batch = [item]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is _CLOSE:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[tuple[Callable, asyncio.Future]]) -> None:
+        try:
+            outcomes = self._run_jobs(sqlite_connection(self.db), [job for job, _ in batch])
+            await run_in_database_thread(self.db, self._finish_transaction)
+        except Exception as e:
+            # Nothing of this batch is durable: every job in it fails, none is acknowledged.
+            log.error("%s: transaction of %d jobs failed: %s", self._name, len(batch), e)
+            if self._after_batch is not None:
+                self._after_batch(False)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        if self._after_batch is not None:
+            self._after_batch(True)
+        for (_, future), (error, result) in zip(batch, outcomes):
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    @staticmethod
+    def _run_jobs(conn: sqlite3.Connection,
+                  jobs: list[Callable]) -> list[tuple[Exception | None, object]]:
+        """BEGIN and every job in its savepoint; the transaction is left open for COMMIT."""
+        outcomes: list[tuple[Exception | None, object]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((e, None))
+                    continue
+                conn.execute("RELEASE job")
+                outcomes.append((None, result))
+        except BaseException:
+            _roll_back(conn)
+            raise
+        return outcomes
+
+    def _finish_transaction(self, conn: sqlite3.Connection) -> None:
+        """On the database thread: COMMIT (durable with synchronous=FULL), or roll back."""
+        try:
+            self._commit(conn)
+        except BaseException:
+            # A failed COMMIT (SQLITE_BUSY, I/O error) can leave the transaction open;
+            # the next BEGIN IMMEDIATE would then fail forever.
+            _roll_back(conn)
+            raise
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            log.error("rollback failed: %s", e)

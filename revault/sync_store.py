@@ -7,9 +7,9 @@ their write is committed durably; the caller may acknowledge as soon as one retu
 
 Each logical write is atomic: its checks and changes run inside one SAVEPOINT, and a
 write that is refused or fails rolls back alone. Writes that arrive while a commit is
-being flushed are committed together by the next transaction (group commit), so that
-concurrent writers share one fsync instead of queueing for one each; none is
-acknowledged before the COMMIT holding it has returned.
+being flushed are committed together by the next transaction (group commit, see
+storage.GroupCommitWriter), so that concurrent writers share one fsync instead of
+queueing for one each; none is acknowledged before the COMMIT holding it has returned.
 
 Everything here is transient: rows expire (`Retention`) and are filtered out on read
 before the periodic purge deletes them. Every table is bounded (`Quotas`) so that no
@@ -19,7 +19,6 @@ a bound raises `QuotaExceeded` and stores nothing.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,7 @@ import sqlite3
 import aiosqlite
 
 from revault.errors import Refused
-from revault.storage import (
-    open_database, open_read_only, run_in_database_thread, sqlite_connection,
-)
+from revault.storage import GroupCommitWriter, open_database, open_read_only
 
 DAY = 86_400
 
@@ -227,36 +224,35 @@ MIGRATIONS = [
 
 DATABASE_NAME = "sync-server.sqlite3"
 PURGE_BATCH = 5_000  # rows per purge write: bounds how long one write holds the writer
-MAX_GROUP = 256      # writes per transaction: bounds the wait of the writes behind them
-
 
 
 class SqliteSyncStore:
     """`SyncStore` on SQLite: one connection for writes, one for reads.
 
-    Writes go through a queue to a single writer task, which holds the write connection
-    and never waits on the network; a peer that hangs up while its write is queued or
-    committing changes nothing for that write or the others. Reads use their own
+    Writes are jobs of the database's `GroupCommitWriter` (storage.py), which holds the
+    write connection and never waits on the network; a peer that hangs up while its
+    write is queued or committing changes nothing for that write or the others. This
+    class adds only its SQL and its admission policy (`Quotas`). Reads use their own
     read-only connection on the event loop thread (see storage.open_read_only), so in
     WAL mode they never wait for a commit's fsync nor for the GIL.
     """
 
     def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection,
-                 retention: Retention, quotas: Quotas, clock: Callable[[], float]):
-        self._writer = writer
+                 retention: Retention, quotas: Quotas, clock: Callable[[], float],
+                 totals: dict[str, int]):
         self._reader = reader
         self._retention = retention
         self._quotas = quotas
         self._clock = clock
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._writer_task: asyncio.Task | None = None
         # Row counts per table, kept in memory so that the total quotas cost no COUNT(*)
         # over a million rows per write. Only this object writes the file (one daemon
         # per data_dir); counts change only after a successful COMMIT.
-        self._totals: dict[str, int] = {}
-        # Changes by the earlier writes of the transaction being built.
+        self._totals = totals
+        # Changes by the earlier writes of the batch being built (see _after_batch).
         self._group_deltas: dict[str, int] = dict.fromkeys(_TABLES, 0)
-        self._closed = False
+        self._writer = GroupCommitWriter(
+            writer, name="sync-store", after_batch=self._after_batch,
+            closed_error=lambda: Refused("sync server is shutting down"))
 
     @classmethod
     async def open(cls, path: Path, retention: Retention = Retention(),
@@ -268,17 +264,16 @@ class SqliteSyncStore:
         except BaseException:
             await writer.close()
             raise
-        store = cls(writer, reader, retention, quotas, clock)
         try:
+            totals = {}
             for table in _TABLES:
                 rows = await writer.execute_fetchall(f"SELECT COUNT(*) FROM {table}")
-                store._totals[table] = rows[0][0]
+                totals[table] = rows[0][0]
         except BaseException:
             reader.close()
             await writer.close()
             raise
-        store._writer_task = asyncio.get_running_loop().create_task(store._write_loop())
-        return store
+        return cls(writer, reader, retention, quotas, clock, totals)
 
     def _now(self) -> int:
         return int(self._clock())
@@ -293,91 +288,24 @@ class SqliteSyncStore:
     async def _write(self, work) -> object:
         """Run `work(db, deltas)` atomically and return once it is durably committed.
 
-        `work` runs on the database thread with the write connection; `deltas` collects
-        its row-count changes, applied to the totals after COMMIT.
+        `deltas` collects the write's row-count changes; they count for the later writes
+        of its batch, and for the totals once the batch committed.
         """
-        if self._closed:
-            raise Refused("sync server is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        # A caller cancelled while waiting (its peer went away) leaves the outcome to
-        # nobody: retrieve it so asyncio does not report it as lost.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.put_nowait((work, future))
-        return await asyncio.shield(future)
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = await self._queue.get()
-            if item is None:
-                break
-            group = [item]
-            while len(group) < MAX_GROUP and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            try:
-                # Statements on the loop thread (microseconds each), then the COMMIT and
-                # its fsync in one hop to the database thread: one GIL hand-over per group.
-                outcomes, deltas = self._run_group(sqlite_connection(self._writer),
-                                                   [work for work, _ in group])
-                await run_in_database_thread(self._writer, self._finish_transaction)
-            except Exception as e:
-                # Nothing of this group is durable: every write in it fails, none is acked.
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
+        def job(db: sqlite3.Connection):
+            deltas = dict.fromkeys(_TABLES, 0)
+            result = work(db, deltas)
+            # Reached only if `work` succeeded, so a refused write's changes never count.
             for table, delta in deltas.items():
+                self._group_deltas[table] += delta
+            return result
+
+        return await self._writer.run(job)
+
+    def _after_batch(self, committed: bool) -> None:
+        if committed:
+            for table, delta in self._group_deltas.items():
                 self._totals[table] += delta
-            for (_, future), (error, result) in zip(group, outcomes):
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-
-    def _run_group(self, db: sqlite3.Connection, works: list) -> tuple[list, dict[str, int]]:
-        """One transaction, one savepoint per write; left open for _finish_transaction."""
-        self._group_deltas = group_deltas = dict.fromkeys(_TABLES, 0)
-        outcomes: list[tuple[Exception | None, object]] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for work in works:
-                deltas = dict.fromkeys(_TABLES, 0)
-                db.execute("SAVEPOINT write")
-                try:
-                    result = work(db, deltas)
-                except Exception as e:
-                    db.execute("ROLLBACK TO write")
-                    db.execute("RELEASE write")
-                    outcomes.append((e, None))
-                    continue
-                db.execute("RELEASE write")
-                for table, delta in deltas.items():
-                    group_deltas[table] += delta
-                outcomes.append((None, result))
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return outcomes, group_deltas
-
-    def _finish_transaction(self, db: sqlite3.Connection) -> None:
-        """On the database thread: COMMIT (durable with synchronous=FULL), or roll back."""
-        try:
-            self._commit(db)
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    @staticmethod
-    def _commit(db: sqlite3.Connection) -> None:
-        db.execute("COMMIT")
+        self._group_deltas = dict.fromkeys(_TABLES, 0)
 
     @staticmethod
     def _one(db: sqlite3.Connection, sql: str, args: tuple):
@@ -552,12 +480,6 @@ class SqliteSyncStore:
         return dict(self._totals)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer_task is not None:
-            # Writes already queued are committed (and acknowledged) before closing.
-            self._queue.put_nowait(None)
-            await self._writer_task
-        self._reader.close()
+        # Writes already queued are committed (and acknowledged) before closing.
         await self._writer.close()
+        self._reader.close()

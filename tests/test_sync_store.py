@@ -372,7 +372,7 @@ async def test_failed_commit_fails_every_write_of_the_group(store, monkeypatch):
             raise failures.pop()
         db.execute("COMMIT")
 
-    monkeypatch.setattr(store, "_commit", commit)
+    monkeypatch.setattr(store._writer, "_commit", commit)
     results = await asyncio.gather(
         *(store.put_signature(ID1, f"02{i:064x}", "30aa", ALICE) for i in range(5)),
         return_exceptions=True)
