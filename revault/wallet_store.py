@@ -10,15 +10,13 @@ from here.
 
 from __future__ import annotations
 
-import asyncio
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
-
-from revault.storage import Transaction, open_database
+from revault.storage import GroupCommitWriter, open_database, open_read_only
 
 __all__ = ["DATABASE_NAME", "StoredVault", "StoredSpend", "WalletStore", "SPEND_STAGES"]
 
@@ -86,20 +84,30 @@ class StoredSpend:
 
 
 class WalletStore:
-    def __init__(self, db: aiosqlite.Connection):
-        self._db = db
-        self._write = asyncio.Lock()  # one transaction at a time on this connection
+    """Writes go through the shared group-commit writer (each acknowledged once
+    committed, synchronous=FULL); reads use a read-only connection on the loop thread."""
+
+    def __init__(self, writer: GroupCommitWriter, reader: sqlite3.Connection):
+        self._writer = writer
+        self._reader = reader
 
     @classmethod
     async def open(cls, data_dir: Path) -> WalletStore:
-        return cls(await open_database(Path(data_dir) / DATABASE_NAME, MIGRATIONS))
+        path = Path(data_dir) / DATABASE_NAME
+        db = await open_database(path, MIGRATIONS)
+        return cls(GroupCommitWriter(db, name="wallet store"), open_read_only(path))
 
     async def close(self) -> None:
-        await self._db.close()
+        self._reader.close()
+        await self._writer.close()
 
     async def _all(self, sql: str, params: Iterable = ()) -> list:
-        async with self._db.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        return self._reader.execute(sql, tuple(params)).fetchall()
+
+    async def _write(self, sql: str, rows: list[tuple]) -> None:
+        """One statement over `rows`, durable when this returns."""
+        if rows:
+            await self._writer.run(lambda conn: conn.executemany(sql, rows))
 
     # --- meta -----------------------------------------------------------------------
 
@@ -108,8 +116,7 @@ class WalletStore:
         return rows[0][0] if rows else None
 
     async def set_meta(self, key: str, value: str) -> None:
-        async with self._write, Transaction(self._db) as db:
-            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(key, value)])
 
     # --- deposit indexes ----------------------------------------------------------------
 
@@ -118,18 +125,16 @@ class WalletStore:
                 await self._all("SELECT idx, address FROM deposit_indexes ORDER BY idx")}
 
     async def add_deposit_index(self, idx: int, address: str) -> None:
-        async with self._write, Transaction(self._db) as db:
-            await db.execute("INSERT OR IGNORE INTO deposit_indexes (idx, address) VALUES (?, ?)",
-                             (idx, address))
+        await self._write("INSERT OR IGNORE INTO deposit_indexes (idx, address) VALUES (?, ?)",
+                          [(idx, address)])
 
     # --- vaults -------------------------------------------------------------------------
 
     async def add_vaults(self, vaults: Iterable[StoredVault]) -> None:
         now = int(time.time())
-        async with self._write, Transaction(self._db) as db:
-            await db.executemany(
-                "INSERT OR IGNORE INTO vaults (outpoint, value, idx, seen) VALUES (?, ?, ?, ?)",
-                [(v.outpoint, v.value, v.index, now) for v in vaults])
+        await self._write(
+            "INSERT OR IGNORE INTO vaults (outpoint, value, idx, seen) VALUES (?, ?, ?, ?)",
+            [(v.outpoint, v.value, v.index, now) for v in vaults])
 
     async def vaults(self) -> list[StoredVault]:
         return [StoredVault(o, v, i) for o, v, i in
@@ -145,13 +150,10 @@ class WalletStore:
     async def add_signatures(self, txid: str, input_index: int,
                              signatures: Mapping[bytes, bytes]) -> None:
         """Signatures verified by this wallet (DER, no sighash byte) by public key."""
-        if not signatures:
-            return
-        async with self._write, Transaction(self._db) as db:
-            await db.executemany(
-                "INSERT OR REPLACE INTO signatures (txid, input, pubkey, signature) "
-                "VALUES (?, ?, ?, ?)",
-                [(txid, input_index, k.hex(), s.hex()) for k, s in signatures.items()])
+        await self._write(
+            "INSERT OR REPLACE INTO signatures (txid, input, pubkey, signature) "
+            "VALUES (?, ?, ?, ?)",
+            [(txid, input_index, k.hex(), s.hex()) for k, s in signatures.items()])
 
     async def signatures(self, txid: str) -> dict[int, dict[bytes, bytes]]:
         out: dict[int, dict[bytes, bytes]] = {}
@@ -162,12 +164,8 @@ class WalletStore:
 
     async def add_acks(self, acks: Iterable[tuple[str, str]]) -> None:
         """(txid, watchtower noise key hex) pairs a watchtower acked."""
-        acks = list(acks)
-        if not acks:
-            return
-        async with self._write, Transaction(self._db) as db:
-            await db.executemany(
-                "INSERT OR IGNORE INTO watchtower_acks (txid, watchtower) VALUES (?, ?)", acks)
+        await self._write("INSERT OR IGNORE INTO watchtower_acks (txid, watchtower) VALUES (?, ?)",
+                          list(acks))
 
     async def acks(self, txids: Iterable[str]) -> set[tuple[str, str]]:
         txids = list(txids)
@@ -179,18 +177,20 @@ class WalletStore:
 
     async def add_spend(self, txid: str, tx: str, timestamp: int,
                         outpoints: Iterable[str]) -> None:
-        async with self._write, Transaction(self._db) as db:
-            await db.execute("INSERT INTO spends (txid, tx, timestamp, stage) VALUES (?, ?, ?, ?)",
-                             (txid, tx, timestamp, SPEND_STAGES[0]))
-            await db.executemany(
-                "INSERT INTO spend_vaults (txid, position, outpoint) VALUES (?, ?, ?)",
-                [(txid, i, o) for i, o in enumerate(outpoints)])
+        rows = [(txid, i, o) for i, o in enumerate(outpoints)]
+
+        def add(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO spends (txid, tx, timestamp, stage) VALUES (?, ?, ?, ?)",
+                         (txid, tx, timestamp, SPEND_STAGES[0]))
+            conn.executemany("INSERT INTO spend_vaults (txid, position, outpoint) VALUES (?, ?, ?)",
+                             rows)
+
+        await self._writer.run(add)
 
     async def set_spend_stage(self, txid: str, stage: str) -> None:
         if stage not in SPEND_STAGES:
             raise ValueError(f"unknown spend stage {stage!r}")
-        async with self._write, Transaction(self._db) as db:
-            await db.execute("UPDATE spends SET stage = ? WHERE txid = ?", (stage, txid))
+        await self._write("UPDATE spends SET stage = ? WHERE txid = ?", [(stage, txid)])
 
     async def spends(self) -> list[StoredSpend]:
         rows = await self._all("SELECT txid, tx, timestamp, stage FROM spends ORDER BY rowid")

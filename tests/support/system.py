@@ -8,6 +8,7 @@ its console module exactly as a user runs it, and one wallet config per particip
 from __future__ import annotations
 
 import hashlib
+from decimal import Decimal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +73,13 @@ def _bitcoind_table(node: RegtestNode) -> dict:
 
 
 async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3,
-                       n_managers: int = 2, unvault_csv: int = 3,
-                       both_roles: int = 0, missing_watchtower: bool = True) -> System:
+                       n_managers: int = 2, unvault_csv: int = 3, both_roles: int = 0,
+                       policies: list[dict] | None = None) -> System:
     """Keys, configs and daemons for a deployment; `both_roles` of the stakeholders
-    are also managers (one wallet with both keys). Without a watchtower daemon
-    (`missing_watchtower`), each stakeholder's [[watchtowers]] entry is a port where
-    nothing listens: a flow that needs a watchtower's ack cannot complete."""
+    are also managers (one wallet with both keys). `policies[i]` is the `[policy]` of
+    stakeholder i's watchtower (`revault-watchtower`, with a funded fee reserve). With
+    no policies, no watchtower runs: each stakeholder's [[watchtowers]] entry is a
+    port where nothing listens, so a flow that needs a watchtower's ack cannot complete."""
     root.mkdir(parents=True, exist_ok=True)
     sync_noise = NoiseIdentity.create(root / "sync.noise.key")
     stakeholders = []
@@ -114,6 +116,13 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         cosigners.append(DaemonProcess("cosigner", config, d))
         cosigner_noise.append(noise)
 
+    towers = []  # (directory, noise identity, opinion secret) per stakeholder
+    for i, p in enumerate(stakeholders if policies is not None else []):
+        d = root / f"watchtower{i}"
+        d.mkdir()
+        towers.append((d, NoiseIdentity.create(d / "noise.key"),
+                       bitcoin_key(d / "opinion.key")))
+
     emergency = script_pubkey_to_address(p2wpkh(pub(hashlib.sha256(
         b"emergency " + root.name.encode()).digest())), "regtest")
     deployment = {
@@ -124,16 +133,17 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         "cosigners": cosigner_pubs,
         "unvault_csv": unvault_csv,
         "emergency_address": emergency,
-        "watchtowers": [],
+        "watchtowers": [pub(opinion).hex() for _, _, opinion in towers],
     }
 
+    # A fixed port: the wallets' configs name it, and it survives a restart.
     sync_config = write_config(root / "sync.toml", {
-        "listen": f"{HOST}:0", "data_dir": "sync-data", "noise_key_file": "sync.noise.key",
+        "listen": f"{HOST}:{free_port()}", "data_dir": "sync-data", "noise_key_file": "sync.noise.key",
         "requests_per_second": 10_000,
         "peers": {
             "stakeholders": [p.noise.public.hex() for p in stakeholders],
             "managers": [p.noise.public.hex() for p in managers],
-            "watchtowers": [],
+            "watchtowers": [noise.public.hex() for _, noise, _ in towers],
         },
     })
     system = System(root, node, sync_noise, DaemonProcess("sync-server", sync_config, root),
@@ -142,8 +152,26 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         await system.sync.start()
         for cosigner in cosigners:
             await cosigner.start()
+        for i, (d, noise, _) in enumerate(towers):
+            reserve = f"reserve-{root.name}-{i}"
+            node.new_wallet(reserve, fund=Decimal(1))
+            config = write_config(d / "watchtower.toml", {
+                "listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
+                "opinion_key_file": "opinion.key",
+                "wallet_noise_key": stakeholders[i].noise.public.hex(),
+                "poll_interval": 0.1,
+                "sync_server": {"host": HOST, "port": system.sync.port,
+                                "noise_key": sync_noise.public.hex()},
+                "bitcoind": dict(_bitcoind_table(node), wallet=reserve),
+                "fees": {"max_feerate": 50},
+                "policy": policies[i],
+                "deployment": deployment,
+            })
+            tower = DaemonProcess("watchtower", config, d)
+            system.watchtowers.append(tower)
+            await tower.start()
         nowhere = [NoiseIdentity.create(p.directory / "absent-watchtower.key")
-                   for p in stakeholders] if missing_watchtower else []
+                   for p in stakeholders] if not towers else []
         for p in {id(p): p for p in stakeholders + managers}.values():
             table = {
                 "data_dir": "wallet-data",
@@ -156,8 +184,12 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
             if p.stakeholder_secret is not None:
                 table["stakeholder_key_file"] = "stakeholder.key"
                 i = stakeholders.index(p)
-                table["watchtowers"] = [{"host": HOST, "port": free_port(),
-                                         "noise_key": nowhere[i].public.hex()}]
+                if towers:
+                    table["watchtowers"] = [{"host": HOST, "port": system.watchtowers[i].port,
+                                             "noise_key": towers[i][1].public.hex()}]
+                else:
+                    table["watchtowers"] = [{"host": HOST, "port": free_port(),
+                                             "noise_key": nowhere[i].public.hex()}]
             if p.manager_secret is not None:
                 table["manager_key_file"] = "manager.key"
                 table["cpfp_key_file"] = "cpfp.key"
