@@ -103,6 +103,19 @@ class _TowerUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _WalletTx:
+    txid: str
+    inputs: tuple[str, ...]     # outpoints spent
+    outputs: tuple[bytes, ...]  # scriptPubKeys, in order
+
+
+@dataclass(frozen=True, slots=True)
+class _ChainView:
+    unspent: set[str]                 # the watch-only wallet's unspent outpoints
+    spenders: dict[str, _WalletTx]    # outpoint -> the wallet transaction spending it
+
+
+@dataclass(frozen=True, slots=True)
 class Vault:
     outpoint: str       # "txid:vout" of the deposit
     value: int          # sat
@@ -186,6 +199,7 @@ class Wallet:
         self._chain_ready = False
         self._chain_lock = asyncio.Lock()
         self._towers = [t.noise_key.hex() for t in config.watchtowers]
+        self._decoded: dict[str, _WalletTx] = {}
 
     @classmethod
     def open(cls, path: str | Path, **options: Any) -> Wallet:
@@ -310,64 +324,87 @@ class Wallet:
     def min_deposit_value(self) -> int:
         return getattr(self.deployment, "min_deposit_value", MIN_DEPOSIT_VALUE)
 
-    async def _discover(self) -> dict[str, dict]:
+    async def _discover(self) -> _ChainView:
         """Record every deposit Core's wallet reports (vaults never leave the store);
-        return the wallet's unspent outputs by outpoint."""
+        return what the wallet knows: its unspent outputs, and which of its
+        transactions spends each output it saw spent."""
         chain = await self._ensure_chain()
         by_address = {a: i for i, a in (await self.store.deposit_indexes()).items()}
-        unspent = {f"{u['txid']}:{u['vout']}": u
+        unspent = {f"{u['txid']}:{u['vout']}"
                    for u in await chain.call("listunspent", 0, 9_999_999)}
         since = await chain.call("listsinceblock", "", 1, True, False)
-        found = []
+        found, live = [], set()
         for entry in since["transactions"]:
+            if entry.get("confirmations", 0) < 0:
+                continue  # lost to a conflict
+            live.add(entry["txid"])
             if entry.get("category") != "receive" or entry.get("address") not in by_address:
                 continue
             value = _sats(entry["amount"])
-            if value < self.min_deposit_value or entry.get("confirmations", 0) < 0:
-                continue
-            found.append(StoredVault(f"{entry['txid']}:{entry['vout']}", value,
-                                     by_address[entry["address"]]))
+            if value >= self.min_deposit_value:
+                found.append(StoredVault(f"{entry['txid']}:{entry['vout']}", value,
+                                         by_address[entry["address"]]))
         await self.store.add_vaults(found)
-        return unspent
+        spenders = {}
+        for txid in live:
+            tx = self._decoded.get(txid)
+            if tx is None:
+                raw = (await chain.call("gettransaction", txid, True, True))["decoded"]
+                tx = _WalletTx(txid, tuple(f"{i['txid']}:{i['vout']}" for i in raw["vin"]
+                                           if "txid" in i),
+                               tuple(bytes.fromhex(o["scriptPubKey"]["hex"]) for o in raw["vout"]))
+                self._decoded[txid] = tx  # a txid's inputs and outputs never change
+            for outpoint in tx.inputs:
+                spenders[outpoint] = tx
+        return _ChainView(unspent, spenders)
 
     async def vaults(self) -> list[Vault]:
         """Every vault with its state, as Bitcoin Core and this wallet's state say."""
-        unspent = await self._discover()
+        view = await self._discover()
         out = []
         for stored in await self.store.vaults():
-            vault = await self._vault(stored, unspent)
+            vault = await self._vault(stored, view)
             if vault is not None:
                 out.append(vault)
         return out
 
-    async def _vault(self, stored: StoredVault, unspent: Mapping[str, dict]) -> Vault | None:
+    async def _vault(self, stored: StoredVault, view: _ChainView) -> Vault | None:
         txs = self._transactions(stored)
         deposit_txid = stored.outpoint.split(":")[0]
         confirmations = await self._confirmations(deposit_txid)
         if confirmations is None:
             return None  # conflicted or forgotten by the node: not a vault
-        state = await self._state(stored, txs, unspent)
+        state = await self._state(stored, txs, view)
         return Vault(stored.outpoint, stored.value, stored.index, state, confirmations)
 
     async def _state(self, stored: StoredVault, txs: VaultTransactions,
-                     unspent: Mapping[str, dict]) -> str:
-        if stored.outpoint in unspent:
+                     view: _ChainView) -> str:
+        if stored.outpoint in view.unspent:
             await self._restore(txs)
+            if not txs.unvault.is_complete() and self.manager is not None:
+                # A manager learns a vault is active from the sync server: one look.
+                await self._refresh_unvault(txs)
             if txs.unvault.is_complete():
                 return "active"
             if self.stakeholder is not None and self._secured(txs, await self._acks(txs)):
                 return "secured"
             return "funded"
-        if await self._confirmations(txs.emergency.txid) is not None:
-            return "emergencied"
-        if await self._confirmations(txs.unvault.txid) is None:
-            return "spent"  # by nothing this deployment pre-signed
-        if await self._confirmations(txs.cancel.txid) is not None:
-            return "cancelled"
-        if await self._confirmations(txs.unvault_emergency.txid) is not None:
-            return "emergencied"
-        if f"{txs.unvault.txid}:0" in unspent:
+        # What spent it, by what it pays: a watchtower's fee bump of a revocation has
+        # another txid than the one signed, and the same outputs.
+        emergency = self.deployment.emergency_script_pubkey
+        spender = view.spenders.get(stored.outpoint)
+        if spender is None:
+            return "spent"
+        if spender.txid != txs.unvault.txid:
+            return "emergencied" if emergency in spender.outputs else "spent"
+        unvault_output = f"{txs.unvault.txid}:0"
+        spender = view.spenders.get(unvault_output)
+        if unvault_output in view.unspent or spender is None:
             return "unvaulting"
+        if emergency in spender.outputs:
+            return "emergencied"
+        if spender.outputs == (self.deployment.deposit_script_pubkey(stored.index),):
+            return "cancelled"
         return "spent"
 
     async def _confirmations(self, txid: str) -> int | None:
@@ -669,10 +706,12 @@ class Wallet:
         change_index = max(stored.index for stored, _ in vaults)
         change_spk = d.deposit_script_pubkey(change_index)
         try:
-            draft = build_spend(d, coins, outputs + [TxOut(total_in, change_spk)])
-            fee = fee_for_weight(draft.max_weight(), feerate)
-            change = total_in - paid - fee
-            if change >= max(dust_threshold(change_spk), self.min_deposit_value):
+            change, change_dust = -1, dust_threshold(change_spk)
+            if total_in - paid >= change_dust:
+                # Output values do not change the weight: size the fee on a draft.
+                draft = build_spend(d, coins, outputs + [TxOut(change_dust, change_spk)])
+                change = total_in - paid - fee_for_weight(draft.max_weight(), feerate)
+            if change >= max(change_dust, self.min_deposit_value):
                 spend = build_spend(d, coins, outputs + [TxOut(change, change_spk)])
             else:
                 # Too little left for a vault: it goes to the fee.
@@ -732,10 +771,9 @@ class Wallet:
             return []
 
         def missing() -> str:
-            waiting = [f"watchtower {k} on vault {v}" for v in vault_ids
-                       for k in sorted(flow.watchtowers - flow.accepted[v])]
+            waiting = sorted(flow.watchtowers - flow.accepted)
             if waiting:
-                return "the acceptance of " + ", ".join(waiting)
+                return "the acceptance of watchtower(s) " + ", ".join(waiting)
             return "cosigner signatures"
 
         start = flow.start() if not flow.done else []
@@ -775,27 +813,37 @@ class Wallet:
 
     async def emergency(self) -> list[str]:
         """Broadcast the emergency of every vault still deposited and the
-        unvault-emergency of every vault unvaulting. Returns the txids broadcast; after
-        broadcasting all it can, raises FlowError naming any vault it could not move
-        (never secured: no complete emergency transaction exists for it)."""
+        unvault-emergency of every vault unvaulting. Returns the txids now moving
+        vaults to the emergency address (a watchtower may have bumped one first: its
+        txid is returned then). After doing all it can, raises FlowError naming any
+        vault it could not move (never secured: no complete emergency exists for it)."""
         self._role(self.stakeholder, "stakeholder", "emergency")
-        unspent = await self._discover()
+        view = await self._discover()
         sent, stuck = [], []
         for stored in await self.store.vaults():
             txs = self._transactions(stored)
-            state = await self._state(stored, txs, unspent)
+            state = await self._state(stored, txs, view)
             await self._restore(txs)
             if state in ("funded", "secured", "active"):
-                rtx = txs.emergency
+                rtx, spent = txs.emergency, stored.outpoint
             elif state == "unvaulting":
-                rtx = txs.unvault_emergency
+                rtx, spent = txs.unvault_emergency, f"{txs.unvault.txid}:0"
             else:
                 continue
             if not rtx.is_complete():
                 stuck.append(f"{stored.outpoint} ({state}: {rtx.kind.value} not fully signed)")
                 continue
-            await self._broadcast(rtx.finalize(), rtx.kind.value)
-            sent.append(rtx.txid)
+            try:
+                await self._broadcast(rtx.finalize(), rtx.kind.value)
+                sent.append(rtx.txid)
+            except FlowError as e:
+                # Already replaced by a watchtower's bumped copy (same outputs)?
+                spender = (await self._discover()).spenders.get(spent)
+                if spender is None or \
+                        self.deployment.emergency_script_pubkey not in spender.outputs:
+                    stuck.append(f"{stored.outpoint} ({e})")
+                    continue
+                sent.append(spender.txid)
         if stuck:
             raise FlowError(f"emergency: broadcast {len(sent)} transaction(s) but could not "
                             "move " + "; ".join(stuck))

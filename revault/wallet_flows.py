@@ -363,14 +363,18 @@ class SpendFlow:
         self.watchtowers = {k.hex() for k in watchtowers}
         # cosigners[c][i]: cosigner c's pubkey for input i (xpubs derive per vault)
         self.cosigners = [list(keys) for keys in cosigners]
-        self.accepted: dict[str, set[str]] = {v: set() for v in self.vault_ids}
+        # Opinion keys that signed their acceptance of this txid. An opinion names one
+        # vault of the spend but commits to the whole transaction (its txid): one per
+        # watchtower is enough, whichever vault's request it answered.
+        self.accepted: set[str] = set()
         self.polls: dict[str, int] = {v: 0 for v in self.vault_ids}
         self.ignored: list[str] = []  # opinions not counted, and why (for logs)
+        self.cosigning = False
         self.psbt = spend.to_psbt()
 
     @property
     def approved(self) -> bool:
-        return all(self.accepted[v] >= self.watchtowers for v in self.vault_ids)
+        return self.accepted >= self.watchtowers
 
     @property
     def done(self) -> bool:
@@ -393,15 +397,16 @@ class SpendFlow:
                 self.ignored.append(why)
                 continue
             if op.accepted:
-                self.accepted[vault_id].add(op.pubkey)
+                self.accepted.add(op.pubkey)
             else:
                 refusals.append((op.pubkey, op.reason))
         if refusals:
             raise SpendRefused(self.txid, refusals)
         if self.approved:
+            if self.cosigning:
+                return []  # another vault's poll got there first
+            self.cosigning = True
             return self._cosign()
-        if self.accepted[vault_id] >= self.watchtowers:
-            return []
         self.polls[vault_id] += 1
         return [FetchOpinions(vault_id, backoff(self.polls[vault_id]))]
 

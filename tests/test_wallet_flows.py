@@ -279,3 +279,25 @@ def test_no_deployment_watchtower_means_no_spend():
     flow.watchtowers = set()
     with pytest.raises(FlowError, match="no watchtowers"):
         flow.start()
+
+
+def test_a_batch_needs_each_watchtower_once_whichever_vault_it_answered():
+    txs = [vault_txs(), build_vault_transactions(DEPLOYMENT, Coin(OutPoint("cd" * 32, 0),
+                                                                   3_000_000, 0))]
+    coins = [t.unvault.output_coin(0) for t in txs]
+    spend = build_spend(DEPLOYMENT, coins, [TxOut(4_000_000, p2wpkh(pub(secret("payee"))))])
+    ids = [tx_uid("ab" * 32), tx_uid("cd" * 32)]
+    flow = SpendFlow(spend, ids, 1, [pub(k) for k in TOWER_KEYS], [[pub(COS[0])] * 2])
+    assert len(flow.start()) == 4  # a request and a poll per vault
+    [again] = flow.on_opinions(ids[0], [opinion(TOWER_KEYS[0], ids[0], True, "", flow.txid)])
+    assert again.vault_id == ids[0]
+    cosign = flow.on_opinions(ids[1], [opinion(TOWER_KEYS[1], ids[1], True, "", flow.txid)])
+    assert sorted(a.index for a in cosign) == [0, 1]
+    # A late answer on the first vault asks nothing more.
+    assert flow.on_opinions(ids[0], [opinion(k, ids[0], True, "", flow.txid)
+                                      for k in TOWER_KEYS]) == []
+    # A refusal on any vault of the batch refuses the spend.
+    flow2 = SpendFlow(spend, ids, 1, [pub(k) for k in TOWER_KEYS], [[pub(COS[0])] * 2])
+    flow2.start()
+    with pytest.raises(SpendRefused):
+        flow2.on_opinions(ids[1], [opinion(TOWER_KEYS[0], ids[1], False, "no", flow.txid)])

@@ -8,6 +8,7 @@ its console module exactly as a user runs it, and one wallet config per particip
 from __future__ import annotations
 
 import hashlib
+import secrets
 from decimal import Decimal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         for cosigner in cosigners:
             await cosigner.start()
         for i, (d, noise, _) in enumerate(towers):
-            reserve = f"reserve-{root.name}-{i}"
+            reserve = f"reserve-{secrets.token_hex(4)}-{i}"  # one node, many systems
             node.new_wallet(reserve, fund=Decimal(1))
             config = write_config(d / "watchtower.toml", {
                 "listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
