@@ -142,5 +142,5 @@ def test_the_sample_config_is_valid():
 
 
 def _toml(data: dict) -> str:
-    from tests.support.system import write_wallet_config_text
+    from tests.support.deployment_system import write_wallet_config_text
     return write_wallet_config_text(data)

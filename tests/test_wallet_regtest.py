@@ -16,7 +16,7 @@ from revault.wallet_config import default_bitcoind_wallet
 from revault.wallet_flows import NotSecured
 from revault.wallet_store import WalletStore
 from tests.support.regtest import RegtestNode, btc
-from tests.support.system import HOST, start_system
+from tests.support.deployment_system import HOST, start_system
 
 DEPOSIT = 2_000_000
 
