@@ -36,6 +36,9 @@ __all__ = [
     "RPC_VERIFY_ALREADY_IN_CHAIN",
     "BitcoindConfig",
     "read_bitcoind_config",
+    "PackageRejected",
+    "PackageResult",
+    "submit_package",
 ]
 
 # Error codes of Bitcoin Core (src/rpc/protocol.h) that callers branch on.
@@ -109,6 +112,26 @@ class BitcoindError(Exception):
         super().__init__(f"bitcoind error {code}: {message}")
         self.code = code
         self.message = message
+
+
+class PackageRejected(Exception):
+    """`submitpackage` left part of the package out of the mempool; `errors` maps the
+    txid of each refused transaction to Bitcoin Core's reason."""
+
+    def __init__(self, message: str, errors: dict[str, str]):
+        super().__init__(message + "".join(f"; {txid}: {why}" for txid, why in errors.items()))
+        self.message = message
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class PackageResult:
+    """A package now in the mempool: its txids in order, the transactions it replaced
+    (RBF), and Core's result as it came."""
+
+    txids: tuple[str, ...]
+    replaced: tuple[str, ...]
+    raw: dict
 
 
 class BitcoindUnreachable(ConnectionError):
@@ -350,3 +373,19 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             raise BitcoindUnreachable("reply too large")
         chunks.append(await reader.readexactly(size))
         await reader.readexactly(2)
+
+
+async def submit_package(client: BitcoindClient, transactions_hex: list[str]) -> PackageResult:
+    """Submit parents and their child (child last) through `submitpackage`, so that the
+    child's fee counts for parents the mempool would refuse alone (package relay: a CPFP
+    in a fee spike). PackageRejected unless every one is in the mempool afterwards."""
+    result = await client.call("submitpackage", transactions_hex)
+    by_wtxid = result.get("tx-results", {})
+    txids, errors = [], {}
+    for entry in by_wtxid.values():
+        txids.append(entry["txid"])
+        if "error" in entry:
+            errors[entry["txid"]] = entry["error"]
+    if result.get("package_msg") != "success" or errors or len(txids) != len(transactions_hex):
+        raise PackageRejected(f"package refused: {result.get('package_msg')}", errors)
+    return PackageResult(tuple(txids), tuple(result.get("replaced-transactions", ())), result)

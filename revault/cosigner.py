@@ -37,6 +37,7 @@ from revault.config import ConfigTable, ProblemCollector
 from revault.cosigner_signing import CosignerKey, PsbtRefused
 from revault.cosigner_store import DATABASE_NAME, SignatureStore
 from revault.daemon import CommonConfig, run_daemon
+from revault.errors import Refused
 from revault.keys import KeyFileError, read_key_file
 from revault.messages import COSIGNER_METHODS, MANAGER, SignParams, SignResult
 from revault.rpc import Caller, Dispatcher
@@ -102,12 +103,14 @@ class CosignerService:
                      "(same spend %s)", request.outpoint, manager, request.spend_txid)
         else:
             # A different transaction for an outpoint already signed: either a manager
-            # rebuilt its spend, or someone is attempting a conflicting one. Operators
-            # want to see this.
-            log.warning("signed outpoint %s: replayed stored signature to manager %s, who "
-                        "asked for spend %s; it was signed for spend %s (manager %s)",
+            # rebuilt its spend, or someone is attempting a conflicting one. The stored
+            # signature is useless for it (DESIGN: refused, naming the spend signed);
+            # operators want to see this.
+            log.warning("sign refused for outpoint %s: manager %s asked for spend %s; it was "
+                        "signed for spend %s (manager %s)",
                         request.outpoint, manager, request.spend_txid, stored.spend_txid,
                         key_prefix(stored.manager))
+            raise Refused(f"outpoint {request.outpoint} already signed for spend {stored.spend_txid}")
         return SignResult(signature=stored.signature.hex())
 
     async def close(self) -> None:

@@ -3,7 +3,9 @@
 Pure: no I/O, no asyncio, no storage. `CosignerKey.prepare()` turns `(psbt, index)` into
 a `SigningRequest` (the outpoint that keys the once-per-outpoint store, and the digest to
 sign) or raises `PsbtRefused` naming the reason; `CosignerKey.sign()` signs the digest.
-The daemon decides *whether* to sign (the store); this module only decides *what*.
+The daemon decides *whether* to sign (the store); this module only decides *what*,
+and refuses, before anything is stored, a spend that could never be valid or standard
+(DESIGN "Cosigner"), so that no outpoint's one signature is burnt on it.
 
 embit parses the PSBT container, but the transaction whose digest we sign is taken from
 the PSBT's global unsigned transaction exactly as serialized: embit's `PSBT.tx` rebuilds
@@ -22,9 +24,13 @@ from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import Transaction, TransactionInput
 
+from revault.deployment import MAX_MONEY, VaultKeys, p2wsh, script_relative_lock
 from revault.errors import InvalidParams
 from revault.primitives import PSBT_MAGIC, SIGHASH_ALL, OutPoint
-from revault.transactions import p2wsh
+from revault.transactions import (
+    MAX_STANDARD_WEIGHT, MAX_WITNESS_SIGNATURE, TX_VERSION, Kind, SpendPath, SpentOutput, Tx,
+    TxIn, TxOut, dust_threshold,
+)
 
 
 class PsbtRefused(InvalidParams):
@@ -41,9 +47,22 @@ class SigningRequest:
     amount: int        # satoshis of the spent output, as the PSBT claims
 
 
+class _ExactTransaction(Transaction):
+    """embit's Transaction, refusing bytes it would not write back identically (it reads
+    a short nLockTime without complaint): the transaction signed must be the one sent."""
+
+    @classmethod
+    def parse(cls, data: bytes) -> _ExactTransaction:
+        tx = super().parse(data)
+        if tx.serialize() != data:
+            raise ValueError("global transaction does not re-serialize to the same bytes")
+        return tx
+
+
 class _UnsignedTxPSBT(PSBT):
     """embit's PSBT, keeping the global unsigned transaction as parsed."""
 
+    TX_CLS = _ExactTransaction
     unsigned_tx: Transaction | None = None
 
     def parse_tx(self, tx):
@@ -108,6 +127,70 @@ def bip143_digest(tx: Transaction, index: int, witness_script: bytes, amount: in
     return bare.sighash_segwit(index, Script(witness_script), amount, SIGHASH_ALL)
 
 
+def _check_spend(psbt: _UnsignedTxPSBT) -> None:
+    """PsbtRefused unless the whole spend could be valid and standard once signed."""
+    tx = psbt.unsigned_tx
+    if tx.version != TX_VERSION:
+        raise PsbtRefused("tx", f"version {tx.version}: a Revault spend is version {TX_VERSION}")
+    if tx.locktime != 0:
+        raise PsbtRefused("tx", f"nLockTime {tx.locktime}: a Revault spend has nLockTime 0")
+    outpoints = [(txin.txid, txin.vout) for txin in tx.vin]
+    if len(set(outpoints)) != len(outpoints):
+        raise PsbtRefused("tx", "the same outpoint is spent twice")
+    total_in = 0
+    inputs = []
+    for i, (txin, scope) in enumerate(zip(tx.vin, psbt.inputs)):
+        utxo = scope.witness_utxo
+        if utxo is None:
+            raise PsbtRefused("tx", f"input {i} has no witness_utxo")
+        if not 0 <= utxo.value <= MAX_MONEY:
+            # An amount is a signed 64-bit integer (CAmount); embit reads it unsigned.
+            amount = utxo.value - 2**64 if utxo.value >= 2**63 else utxo.value
+            raise PsbtRefused("tx", f"input {i} witness_utxo amount {amount} is outside 0..21M BTC")
+        total_in += utxo.value
+        spk = utxo.script_pubkey.data
+        if len(spk) != 34 or spk[:2] != b"\x00\x20":
+            raise PsbtRefused("tx", f"input {i} is not P2WSH")
+        if scope.witness_script is None:
+            raise PsbtRefused("tx", f"input {i} has no witness_script")
+        ws = scope.witness_script.data
+        if p2wsh(ws) != spk:
+            raise PsbtRefused("tx", f"input {i} witness_script does not match the witness_utxo scriptPubKey")
+        csv = script_relative_lock(ws)
+        if csv is None:
+            raise PsbtRefused("tx", f"input {i} witness_script has no relative timelock (not an unvault output)")
+        if txin.sequence != csv:
+            raise PsbtRefused(
+                "tx", f"input {i} nSequence {txin.sequence:#x} is not the csv ({csv}) of its witness script")
+        inputs.append(TxIn(OutPoint(txin.txid.hex(), txin.vout), txin.sequence, _max_witness(ws)))
+    outputs = []
+    for n, out in enumerate(tx.vout):
+        spk = out.script_pubkey.data
+        if out.value < dust_threshold(spk):
+            raise PsbtRefused("tx", f"output {n} pays {out.value} sat, below the dust limit {dust_threshold(spk)}")
+        outputs.append(TxOut(out.value, spk))
+    total_out = sum(o.value for o in outputs)
+    if total_out > total_in:
+        raise PsbtRefused("tx", f"outputs ({total_out} sat) exceed inputs ({total_in} sat)")
+    weight = Tx(tx.version, tuple(inputs), tuple(outputs), tx.locktime).weight
+    if weight > MAX_STANDARD_WEIGHT:
+        raise PsbtRefused("tx", f"{weight} WU once signed (every signature at its largest), above the "
+                                f"{MAX_STANDARD_WEIGHT} WU standard limit")
+
+
+def _max_witness(witness_script: bytes) -> tuple[bytes, ...]:
+    """The largest witness that can satisfy `witness_script`: exactly what build_spend
+    counts for a Revault unvault output, else a bound (a signature for every key)."""
+    keys = VaultKeys.from_unvault_script(witness_script)
+    if keys is not None:
+        return SpentOutput(0, p2wsh(witness_script), witness_script, SpendPath.UNVAULT_MANAGERS,
+                           Kind.SPEND.sighash_type, keys).max_witness()
+    pushes = script_pushes(witness_script)
+    signatures = [b"\x00" * MAX_WITNESS_SIGNATURE for op, _ in pushes if op == 33]
+    dummies = [b"" for _ in range(witness_script.count(0xAE) + witness_script.count(0xAF))]
+    return (*signatures, *dummies, witness_script)
+
+
 class CosignerKey:
     """The cosigner's secp256k1 key; the secret never appears in repr or messages."""
 
@@ -148,6 +231,7 @@ class CosignerKey:
             raise PsbtRefused("tx", f"input {index} witness_script is malformed ({e})") from None
         if not any(op == 33 and data == self.public_key for op, data in pushes):
             raise PsbtRefused("tx", f"input {index} witness_script does not contain the cosigner's key")
+        _check_spend(psbt)
         amount = scope.witness_utxo.value
         txin = tx.vin[index]
         return SigningRequest(

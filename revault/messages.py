@@ -22,7 +22,8 @@ import coincurve
 from bitcoin.core import CTransaction
 
 from revault.errors import InvalidParams
-from revault.primitives import MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex
+from revault.primitives import (MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex,
+                                pubkey_problem)
 
 MAX_REASON_CHARS = 1024
 MAX_TIMESTAMP = 2**63        # exclusive; what a signed 64-bit integer holds elsewhere
@@ -86,12 +87,9 @@ def check_hex(field: str, value: Any, nbytes: int | None) -> bytes:
 def check_pubkey(field: str, value: Any) -> bytes:
     """33-byte compressed secp256k1 point, lowercase hex; returns the bytes."""
     raw = check_hex(field, value, 33)
-    if raw[0] not in (2, 3):
-        raise InvalidParams(field, "not a compressed public key")
-    try:
-        coincurve.PublicKey(raw)
-    except ValueError:
-        raise InvalidParams(field, "not a valid public key") from None
+    problem = pubkey_problem(raw)
+    if problem is not None:
+        raise InvalidParams(field, problem)
     return raw
 
 

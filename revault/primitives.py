@@ -11,10 +11,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import coincurve
+
 __all__ = [
     "SECP256K1_ORDER", "SECP256K1_HALF_ORDER", "MAX_DER_SIGNATURE",
     "SIGHASH_ALL", "SIGHASH_ANYONECANPAY", "SIGHASH_ALL_ANYONECANPAY", "PSBT_MAGIC",
-    "EncodingError", "der_signature_problem", "is_lower_hex", "tx_uid", "OutPoint",
+    "EncodingError", "der_signature_problem", "pubkey_problem", "is_lower_hex", "tx_uid", "OutPoint",
 ]
 
 # secp256k1 group order: a signature with s > order/2 is malleable (BIP 62 / BIP 146).
@@ -77,6 +79,18 @@ def der_signature_problem(sig: bytes) -> str | None:
         return "not a valid signature"
     if s[0] > SECP256K1_HALF_ORDER:
         return "not low-S"
+    return None
+
+
+def pubkey_problem(key: bytes) -> str | None:
+    """Why `key` is not a 33-byte compressed secp256k1 public key (a point on the curve),
+    or None when it is one: "not a compressed public key", "not a valid public key"."""
+    if len(key) != 33 or key[0] not in (2, 3):
+        return "not a compressed public key"
+    try:
+        coincurve.PublicKey(key)
+    except ValueError:
+        return "not a valid public key"
     return None
 
 

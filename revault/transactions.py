@@ -1,30 +1,10 @@
-"""The Revault transaction chain: deployment, scripts, builders, signatures, fee bumping.
+"""The Revault transaction chain: its transactions, their builders, their signatures.
 
 Everything here is pure (no I/O) and deterministic: every participant who holds the
-same `[deployment]` table and sees the same deposit builds byte-identical unsigned
-transactions, which is what lets signatures be exchanged by transaction id alone.
-
-Scripts (segwit v0, transactions version 2, keys in the order of the config table):
-
-* deposit (a "vault"):  ``wsh(multi(N, stk_1..stk_N))``, N-of-N stakeholders.
-* unvault output, as the miniscript
-
-  ``wsh(or_d(multi(N,stk_1..stk_N),and_v(v:multi(k,mgr_1..mgr_M),and_v(v:pk(cos_1),...and_v(v:pk(cos_C),older(csv))))))``
-
-  i.e. the witness script::
-
-      N <stk..> N CHECKMULTISIG IFDUP NOTIF
-          k <mgr..> M CHECKMULTISIGVERIFY
-          <cos_1> CHECKSIGVERIFY ... <cos_C> CHECKSIGVERIFY
-          <csv> CHECKSEQUENCEVERIFY
-      ENDIF
-
-  The stakeholders branch (used by cancel and unvault-emergency) needs no timelock;
-  the managers branch (used by spend) needs k of the M managers, every cosigner and
-  the relative lock. With zero cosigners the branch is ``and_v(v:multi(k,..),older(csv))``
-  (allowed: 0..20 cosigners; the spec's deployments always have some).
-* one output per unvault transaction: the spec's CPFP output is left out (DESIGN.md
-  describes a single unvault output).
+same deployment (`revault.deployment`: keys, scripts, addresses) and sees the same
+deposit builds byte-identical unsigned transactions, which is what lets signatures be
+exchanged by transaction id alone. Fee reserve selection and bumping live in
+`revault.fees`, on top of this module.
 
 Fees: pre-signed transactions (unvault, cancel, emergency, unvault-emergency) pay
 ``ceil(253 * max_weight / 1000)`` where ``max_weight`` is the weight of the transaction
@@ -32,88 +12,68 @@ once fully signed with every signature at its largest (72 DER bytes + 1 sighash 
 Real low-S signatures are at most 71 + 1 bytes, so the real feerate is never below
 253 sat per 1000 weight units and the fee itself is known before anyone signs.
 
-Sighash types: ALL|ANYONECANPAY for cancel, emergency and unvault-emergency (so a
-watchtower can append fee inputs without invalidating them), ALL for unvault and spend.
+The unvault and the spend carry a CPFP output (the unvault's `[1]`, 30,000 sat; the
+spend's `[0]`, 16 sat per worst-case weight unit) so that a child can pay for them when
+their frozen fee no longer gets into the mempool (`revault.fees.build_cpfp`).
 
-With xpubs in the deployment, vault number ``index`` uses the non-hardened child
-``index`` of every key; with plain public keys every vault uses the same keys.
+Sighash types: ALL|ANYONECANPAY for cancel, emergency and unvault-emergency (so a
+watchtower can append fee inputs without invalidating them), ALL for unvault, spend and
+CPFP children.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
-import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import coincurve
 from bitcoin.core import (
     COutPoint, CScriptWitness, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx,
 )
-from bitcoin.core import script
 from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
-from embit import base58, bech32
-from embit.bip32 import HDKey
-from embit.descriptor.checksum import add_checksum
+
+from revault.deployment import (
+    MAX_MONEY, Deployment, DerivationError, VaultKeys, address_to_script_pubkey, p2wsh,
+    witness_program,
+)
+from revault.primitives import (
+    MAX_DER_SIGNATURE, SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY, OutPoint, der_signature_problem,
+    tx_uid,
+)
+from revault.transport import MAX_PLAINTEXT
 
 __all__ = [
-    "FEERATE_SAT_PER_KWU", "SIGHASH_ALL", "SIGHASH_ALL_ANYONECANPAY", "MAX_STAKEHOLDERS",
-    "MAX_MANAGERS", "MAX_COSIGNERS", "MAX_CSV", "NETWORKS",
-    "DeploymentError", "TransactionError", "SignatureError", "FeeBumpError",
-    "DeploymentKey", "VaultKeys", "Deployment",
-    "OutPoint", "TxIn", "TxOut", "Tx", "Coin", "Kind", "SpendPath", "SpentOutput",
-    "RevaultTransaction", "VaultTransactions", "FeeCoin", "FeeSelection",
+    "FEERATE_SAT_PER_KWU", "MAX_WITNESS_SIGNATURE", "RBF_SEQUENCE", "TX_VERSION",
+    "TransactionError", "SignatureError",
+    "TxIn", "TxOut", "Tx", "Coin", "Kind", "SpendPath", "SpentOutput",
+    "RevaultTransaction", "VaultTransactions",
     "build_unvault", "build_cancel", "build_emergency", "build_unvault_emergency",
-    "build_spend", "build_vault_transactions", "select_fee_inputs", "bump_revocation",
-    "address_to_script_pubkey", "script_pubkey_to_address", "p2wsh", "p2wpkh",
+    "build_spend", "build_vault_transactions", "cpfp_spent", "request_spend_size",
     "dust_threshold", "fee_for_weight", "sign_digest", "check_der_signature",
-    "tx_uid", "P2WPKH_INPUT_MAX_WEIGHT", "RBF_SEQUENCE", "TX_VERSION",
+    "UNVAULT_CPFP_VALUE", "SPEND_CPFP_SAT_PER_WU", "MAX_STANDARD_WEIGHT",
+    "MAX_SANE_FEERATE_SAT_PER_KWU",
 ]
 
 FEERATE_SAT_PER_KWU = 253  # the seed's fixed feerate for pre-signed transactions
-SIGHASH_ALL = 0x01
-SIGHASH_ANYONECANPAY = 0x80
-SIGHASH_ALL_ANYONECANPAY = SIGHASH_ALL | SIGHASH_ANYONECANPAY
-MAX_STAKEHOLDERS = 20  # CHECKMULTISIG takes at most 20 keys
-MAX_MANAGERS = 20
-MAX_COSIGNERS = 20  # keeps the witness script far below the 3600-byte policy limit
-MAX_CSV = 0xFFFF  # BIP 68 block-based relative locks are 16 bits
-MAX_DER_SIGNATURE = 72
 MAX_WITNESS_SIGNATURE = MAX_DER_SIGNATURE + 1  # + sighash byte
 TX_VERSION = 2  # BIP 68 relative locks need version >= 2
 RBF_SEQUENCE = 0xFFFFFFFD  # replaceable, locktime enabled, BIP 68 disabled
 DUST_RELAY_FEERATE = 3000  # sat per 1000 vbytes, Bitcoin Core's -dustrelayfee default
-P2WPKH_INPUT_MAX_WEIGHT = 41 * 4 + 1 + (1 + MAX_WITNESS_SIGNATURE) + (1 + 33)
-# Fee inputs are appended while the input count stays encodable in one byte, so the
-# weight of each addition is exactly known (252 inputs is far beyond any real need).
-MAX_INPUTS_ONE_BYTE_COUNT = 252
-
-# network name in the config -> (bech32 hrp, p2pkh version, p2sh version, xpub version)
-NETWORKS: dict[str, tuple[str, int, int, bytes]] = {
-    "bitcoin": ("bc", 0x00, 0x05, bytes.fromhex("0488b21e")),
-    "testnet": ("tb", 0x6F, 0xC4, bytes.fromhex("043587cf")),
-    "signet": ("tb", 0x6F, 0xC4, bytes.fromhex("043587cf")),
-    "regtest": ("bcrt", 0x6F, 0xC4, bytes.fromhex("043587cf")),
-}
-_PRIVATE_XKEY_VERSIONS = {bytes.fromhex("0488ade4"), bytes.fromhex("04358394")}
-
-OP_0, OP_1 = 0x00, 0x51
-OP_DUP, OP_HASH160, OP_EQUAL, OP_EQUALVERIFY = 0x76, 0xA9, 0x87, 0x88
-OP_CHECKSIG = 0xAC
-
-_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-
-class DeploymentError(ValueError):
-    """A `[deployment]` table that breaks the spec; the message names the key."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
+UNVAULT_CPFP_VALUE = 30_000  # sat, the unvault's output [1] (DESIGN, the spec)
+SPEND_CPFP_SAT_PER_WU = 16  # a spend's CPFP output: 16 sat per worst-case weight unit
+MAX_STANDARD_WEIGHT = 400_000  # Bitcoin Core's MAX_STANDARD_TX_WEIGHT
+# Above 1,000 sat/vB a fee is a mistake (a misplaced change, a unit confusion) more
+# often than a wish; build_spend refuses it unless the caller lifts the bound.
+MAX_SANE_FEERATE_SAT_PER_KWU = 250_000
+OP_RETURN = 0x6A
+MAX_SCRIPT_SIZE = 10_000  # consensus: a longer scriptPubKey can never be spent
+# request_spend's widest members (messages: timestamp < 2^63; ids are client counters).
+_WIDEST_TIMESTAMP = 2**63 - 1
+_WIDEST_REQUEST_ID = 2**63 - 1
 
 
 class TransactionError(ValueError):
@@ -125,103 +85,22 @@ class SignatureError(ValueError):
     or not valid for this transaction input."""
 
 
-class FeeBumpError(ValueError):
-    """The fee reserve cannot bring a revocation transaction to the target feerate."""
-
-    def __init__(self, message: str, *, shortfall_sat: int):
-        super().__init__(message)
-        self.shortfall_sat = shortfall_sat
-
-
 # --------------------------------------------------------------------------------------
-# Encoding helpers
+# Fees and signatures
 # --------------------------------------------------------------------------------------
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 def _hash256(data: bytes) -> bytes:
-    return _sha256(_sha256(data))
-
-
-def _hash160(data: bytes) -> bytes:
-    return hashlib.new("ripemd160", _sha256(data)).digest()
-
-
-# --------------------------------------------------------------------------------------
-# Addresses
-# --------------------------------------------------------------------------------------
-
-
-def p2wsh(witness_script: bytes) -> bytes:
-    return b"\x00\x20" + _sha256(witness_script)
-
-
-def p2wpkh(pubkey: bytes) -> bytes:
-    return b"\x00\x14" + _hash160(pubkey)
-
-
-def _p2wpkh_script_code(pubkey: bytes) -> bytes:
-    return bytes([OP_DUP, OP_HASH160, 20]) + _hash160(pubkey) + bytes([OP_EQUALVERIFY, OP_CHECKSIG])
-
-
-def address_to_script_pubkey(address: str, network: str) -> bytes:
-    """scriptPubKey of `address`; ValueError if it is not a valid address for `network`."""
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network {network!r}")
-    hrp, p2pkh_version, p2sh_version, _ = NETWORKS[network]
-    if not isinstance(address, str) or not address:
-        raise ValueError("not an address")
-    if address.lower().startswith(hrp + "1"):
-        version, program = bech32.decode(hrp, address)
-        if version is None:
-            raise ValueError(f"not a valid {network} segwit address")
-        if version == 1 and len(program) != 32:
-            raise ValueError("taproot programs are 32 bytes")
-        op = OP_0 if version == 0 else OP_1 + version - 1
-        return bytes([op, len(program)]) + bytes(program)
-    try:
-        raw = base58.decode_check(address)
-    except Exception:
-        raise ValueError(f"not a valid {network} address") from None
-    if len(raw) == 21 and raw[0] == p2pkh_version:
-        return bytes([OP_DUP, OP_HASH160, 20]) + raw[1:] + bytes([OP_EQUALVERIFY, OP_CHECKSIG])
-    if len(raw) == 21 and raw[0] == p2sh_version:
-        return bytes([OP_HASH160, 20]) + raw[1:] + bytes([OP_EQUAL])
-    raise ValueError(f"not a valid {network} address")
-
-
-def script_pubkey_to_address(script_pubkey: bytes, network: str) -> str:
-    hrp, p2pkh_version, p2sh_version, _ = NETWORKS[network]
-    program = _witness_program(script_pubkey)
-    if program is not None:
-        address = bech32.encode(hrp, program[0], program[1])
-        if address is None:
-            raise ValueError("witness program has no address")
-        return address
-    spk = script_pubkey
-    if len(spk) == 25 and spk[:3] == bytes([OP_DUP, OP_HASH160, 20]) and spk[23:] == bytes([OP_EQUALVERIFY, OP_CHECKSIG]):
-        return base58.encode_check(bytes([p2pkh_version]) + spk[3:23])
-    if len(spk) == 23 and spk[:2] == bytes([OP_HASH160, 20]) and spk[22] == OP_EQUAL:
-        return base58.encode_check(bytes([p2sh_version]) + spk[2:22])
-    raise ValueError("script has no standard address")
-
-
-def _witness_program(spk: bytes) -> tuple[int, bytes] | None:
-    if 4 <= len(spk) <= 42 and spk[1] == len(spk) - 2:
-        if spk[0] == OP_0:
-            return 0, spk[2:]
-        if OP_1 <= spk[0] <= OP_1 + 15:
-            return spk[0] - OP_1 + 1, spk[2:]
-    return None
+    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
 
 
 def dust_threshold(script_pubkey: bytes) -> int:
-    """Bitcoin Core's dust limit for an output to `script_pubkey` (default -dustrelayfee)."""
+    """Bitcoin Core's dust limit for an output to `script_pubkey` (default -dustrelayfee);
+    0 for an unspendable output (OP_RETURN), which is never dust, even worth 0 sat."""
+    if script_pubkey[:1] == bytes([OP_RETURN]) or len(script_pubkey) > MAX_SCRIPT_SIZE:
+        return 0
     size = len(TxOut(0, script_pubkey).serialize())
-    size += (32 + 4 + 1 + 107 // 4 + 4) if _witness_program(script_pubkey) else (32 + 4 + 1 + 107 + 4)
+    size += (32 + 4 + 1 + 107 // 4 + 4) if witness_program(script_pubkey) else (32 + 4 + 1 + 107 + 4)
     return size * DUST_RELAY_FEERATE // 1000
 
 
@@ -230,38 +109,11 @@ def fee_for_weight(weight: int, feerate_sat_per_kwu: int = FEERATE_SAT_PER_KWU) 
     return -(-weight * feerate_sat_per_kwu // 1000)
 
 
-def tx_uid(txid: str) -> str:
-    """The id used on the wire for a transaction or vault (DESIGN.md: sha256 of the txid bytes)."""
-    return hashlib.sha256(bytes.fromhex(txid)).hexdigest()
-
-
-# --------------------------------------------------------------------------------------
-# Signatures
-# --------------------------------------------------------------------------------------
-
-
 def check_der_signature(sig: bytes) -> None:
     """SignatureError unless `sig` is strict DER (BIP 66) with a low S (BIP 146)."""
-    n = len(sig)
-    if n < 8 or n > MAX_DER_SIGNATURE:
-        raise SignatureError(f"not a DER signature ({n} bytes)")
-    if sig[0] != 0x30 or sig[1] != n - 2:
-        raise SignatureError("not a DER signature (bad sequence header)")
-    len_r = sig[3]
-    if sig[2] != 0x02 or 5 + len_r >= n or len_r == 0:
-        raise SignatureError("not a DER signature (bad R)")
-    len_s = sig[5 + len_r]
-    if sig[4 + len_r] != 0x02 or len_s == 0 or len_r + len_s + 6 != n:
-        raise SignatureError("not a DER signature (bad S)")
-    r, s = sig[4 : 4 + len_r], sig[6 + len_r :]
-    for name, v in (("R", r), ("S", s)):
-        if v[0] & 0x80:
-            raise SignatureError(f"not a DER signature (negative {name})")
-        if len(v) > 1 and v[0] == 0 and not v[1] & 0x80:
-            raise SignatureError(f"not a DER signature (padded {name})")
-    s_value = int.from_bytes(s, "big")
-    if s_value > _SECP256K1_ORDER // 2:
-        raise SignatureError("signature has a high S (not low-S)")
+    problem = der_signature_problem(sig)
+    if problem is not None:
+        raise SignatureError(f"bad signature: {problem}")
 
 
 def sign_digest(private_key: bytes, digest: bytes) -> bytes:
@@ -285,302 +137,8 @@ def _sighash_name(sighash_type: int) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Deployment
-# --------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=65536)
-def _derive_child(xpub: str, index: int) -> bytes:
-    return HDKey.from_string(xpub).child(index).sec()
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentKey:
-    """A key of the deployment as written in the config: a compressed public key, or an
-    xpub whose child *i* is vault *i*'s key."""
-
-    text: str
-    pubkey: bytes  # the key itself, or the xpub's own public key
-    is_xpub: bool
-
-    def at(self, index: int) -> bytes:
-        """The 33-byte public key used by vault number `index`."""
-        if not self.is_xpub:
-            return self.pubkey
-        return _derive_child(self.text, index)
-
-    @classmethod
-    def parse(cls, key: str, value: Any, network: str) -> DeploymentKey:
-        if not isinstance(value, str):
-            raise DeploymentError(key, "must be a string (hex public key or xpub)")
-        if len(value) == 66 and all(c in "0123456789abcdefABCDEF" for c in value):
-            raw = bytes.fromhex(value)
-            if raw[0] not in (2, 3):
-                raise DeploymentError(key, "not a compressed public key (must start with 02 or 03)")
-            try:
-                coincurve.PublicKey(raw)
-            except ValueError:
-                raise DeploymentError(key, "not a valid public key (not on the curve)") from None
-            return cls(raw.hex(), raw, False)
-        try:
-            decoded = base58.decode_check(value)
-        except Exception:
-            raise DeploymentError(
-                key, "not a 33-byte compressed public key in hex nor an xpub"
-            ) from None
-        if len(decoded) != 78:
-            raise DeploymentError(key, "not a 33-byte compressed public key in hex nor an xpub")
-        version = decoded[:4]
-        if version in _PRIVATE_XKEY_VERSIONS:
-            raise DeploymentError(key, "is an extended PRIVATE key; put only the xpub here")
-        expected = NETWORKS[network][3]
-        if version != expected:
-            want = "xpub" if network == "bitcoin" else "tpub"
-            raise DeploymentError(key, f"not a {network} extended public key (expected {want}...)")
-        try:
-            hd = HDKey.from_string(value)
-        except Exception as exc:
-            raise DeploymentError(key, f"invalid xpub ({exc})") from None
-        return cls(value, hd.sec(), True)
-
-
-@dataclass(frozen=True, slots=True)
-class VaultKeys:
-    """The concrete keys of one vault (a derivation index of the deployment)."""
-
-    stakeholders: tuple[bytes, ...]
-    managers: tuple[bytes, ...]
-    managers_threshold: int
-    cosigners: tuple[bytes, ...]
-    unvault_csv: int
-
-    def deposit_script(self) -> bytes:
-        return bytes(CScript(_multisig(len(self.stakeholders), self.stakeholders,
-                                       script.OP_CHECKMULTISIG)))
-
-    def unvault_script(self) -> bytes:
-        # or_d(multi(N,stk), and_v(v:multi(k,mgr), and_v(v:pk(cos)..., older(csv)))):
-        # the stakeholders' N-of-N, else (IFDUP NOTIF) the managers' k-of-M, every
-        # cosigner, and the relative timelock.
-        items = _multisig(len(self.stakeholders), self.stakeholders, script.OP_CHECKMULTISIG)
-        items += [script.OP_IFDUP, script.OP_NOTIF]
-        items += _multisig(self.managers_threshold, self.managers, script.OP_CHECKMULTISIGVERIFY)
-        for key in self.cosigners:
-            items += [key, script.OP_CHECKSIGVERIFY]
-        items += [self.unvault_csv, script.OP_CHECKSEQUENCEVERIFY, script.OP_ENDIF]
-        return bytes(CScript(items))
-
-    def deposit_descriptor(self) -> str:
-        return add_checksum(f"wsh(multi({len(self.stakeholders)},{_hexes(self.stakeholders)}))")
-
-    def unvault_descriptor(self) -> str:
-        managers_path = f"older({self.unvault_csv})"
-        for key in reversed(self.cosigners):
-            managers_path = f"and_v(v:pk({key.hex()}),{managers_path})"
-        managers_path = (
-            f"and_v(v:multi({self.managers_threshold},{_hexes(self.managers)}),{managers_path})"
-        )
-        return add_checksum(
-            f"wsh(or_d(multi({len(self.stakeholders)},{_hexes(self.stakeholders)}),{managers_path}))"
-        )
-
-
-def _hexes(keys: Iterable[bytes]) -> str:
-    return ",".join(k.hex() for k in keys)
-
-
-def _multisig(k: int, keys: Sequence[bytes], opcode) -> list:
-    # CScript encodes 1..16 as OP_1..OP_16 and larger numbers minimally, as consensus wants.
-    return [k, *keys, len(keys), opcode]
-
-
-_DEPLOYMENT_KEYS = (
-    "network", "stakeholders", "managers", "managers_threshold", "cosigners",
-    "unvault_csv", "emergency_address", "watchtowers",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """The `[deployment]` table shared by wallets and watchtowers. Build it with
-    `Deployment.from_dict`, which enforces the spec's bounds."""
-
-    network: str
-    stakeholders: tuple[DeploymentKey, ...]
-    managers: tuple[DeploymentKey, ...]
-    managers_threshold: int
-    cosigners: tuple[DeploymentKey, ...]
-    unvault_csv: int
-    emergency_address: str
-    watchtowers: tuple[bytes, ...] = ()
-    emergency_script_pubkey: bytes = field(default=b"", repr=False)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, prefix: str = "deployment") -> Deployment:
-        """Parse and check a `[deployment]` table; DeploymentError names the bad key."""
-        if not isinstance(d, Mapping):
-            raise DeploymentError(prefix, "must be a table")
-        for name in d:
-            if name not in _DEPLOYMENT_KEYS:
-                raise DeploymentError(f"{prefix}.{name}", "unknown key")
-        for name in ("network", "stakeholders", "managers", "unvault_csv", "emergency_address"):
-            if name not in d:
-                raise DeploymentError(f"{prefix}.{name}", "missing")
-
-        network = d["network"]
-        if network not in NETWORKS:
-            raise DeploymentError(
-                f"{prefix}.network", f"must be one of {', '.join(NETWORKS)} (got {network!r})"
-            )
-
-        seen: dict[bytes, str] = {}
-
-        def key_list(name: str, lo: int, hi: int) -> tuple[DeploymentKey, ...]:
-            value = d.get(name, [])
-            if not isinstance(value, list):
-                raise DeploymentError(f"{prefix}.{name}", "must be a list of keys")
-            if not lo <= len(value) <= hi:
-                raise DeploymentError(
-                    f"{prefix}.{name}", f"must hold {lo} to {hi} keys (got {len(value)})"
-                )
-            keys = []
-            for i, item in enumerate(value):
-                where = f"{prefix}.{name}[{i}]"
-                key = DeploymentKey.parse(where, item, network)
-                if key.pubkey in seen:
-                    raise DeploymentError(where, f"duplicate key (same as {seen[key.pubkey]})")
-                seen[key.pubkey] = where
-                keys.append(key)
-            return tuple(keys)
-
-        stakeholders = key_list("stakeholders", 1, MAX_STAKEHOLDERS)
-        managers = key_list("managers", 1, MAX_MANAGERS)
-        if "cosigners" not in d:
-            raise DeploymentError(f"{prefix}.cosigners", "missing (use [] for none)")
-        cosigners = key_list("cosigners", 0, MAX_COSIGNERS)
-
-        threshold = d.get("managers_threshold", len(managers))
-        if not isinstance(threshold, int) or isinstance(threshold, bool):
-            raise DeploymentError(f"{prefix}.managers_threshold", "must be an integer")
-        if not 1 <= threshold <= len(managers):
-            raise DeploymentError(
-                f"{prefix}.managers_threshold",
-                f"must be between 1 and the number of managers ({len(managers)}), got {threshold}",
-            )
-
-        csv = d["unvault_csv"]
-        if not isinstance(csv, int) or isinstance(csv, bool):
-            raise DeploymentError(f"{prefix}.unvault_csv", "must be an integer (blocks)")
-        if not 1 <= csv <= MAX_CSV:
-            raise DeploymentError(
-                f"{prefix}.unvault_csv",
-                f"must be between 1 and {MAX_CSV} blocks (BIP 68 relative lock), got {csv}",
-            )
-
-        address = d["emergency_address"]
-        try:
-            emergency_spk = address_to_script_pubkey(address, network)
-        except ValueError as exc:
-            raise DeploymentError(
-                f"{prefix}.emergency_address", f"not a valid {network} address ({exc})"
-            ) from None
-
-        towers = d.get("watchtowers", [])
-        if not isinstance(towers, list):
-            raise DeploymentError(f"{prefix}.watchtowers", "must be a list of public keys")
-        watchtowers: list[bytes] = []
-        for i, item in enumerate(towers):
-            where = f"{prefix}.watchtowers[{i}]"
-            key = DeploymentKey.parse(where, item, network)
-            if key.is_xpub:
-                raise DeploymentError(where, "must be a public key (33 bytes hex), not an xpub")
-            if key.pubkey in watchtowers:
-                raise DeploymentError(where, "duplicate key")
-            watchtowers.append(key.pubkey)
-
-        return cls(
-            network=network,
-            stakeholders=stakeholders,
-            managers=managers,
-            managers_threshold=threshold,
-            cosigners=cosigners,
-            unvault_csv=csv,
-            emergency_address=address,
-            watchtowers=tuple(watchtowers),
-            emergency_script_pubkey=emergency_spk,
-        )
-
-    @property
-    def uses_xpubs(self) -> bool:
-        return any(k.is_xpub for k in self.stakeholders + self.managers + self.cosigners)
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (frozen, hashable, long-lived)
-    def keys(self, index: int = 0) -> VaultKeys:
-        """The keys of vault number `index`."""
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 2**31:
-            raise TransactionError(f"vault index must be in 0..2^31-1, got {index!r}")
-        vault = VaultKeys(
-            stakeholders=tuple(k.at(index) for k in self.stakeholders),
-            managers=tuple(k.at(index) for k in self.managers),
-            managers_threshold=self.managers_threshold,
-            cosigners=tuple(k.at(index) for k in self.cosigners),
-            unvault_csv=self.unvault_csv,
-        )
-        every = vault.stakeholders + vault.managers + vault.cosigners
-        if len(set(every)) != len(every):
-            raise TransactionError(f"vault {index}: two xpubs derive the same child key")
-        return vault
-
-    def deposit_witness_script(self, index: int = 0) -> bytes:
-        return self.keys(index).deposit_script()
-
-    def deposit_script_pubkey(self, index: int = 0) -> bytes:
-        return p2wsh(self.deposit_witness_script(index))
-
-    def deposit_address(self, index: int = 0) -> str:
-        return script_pubkey_to_address(self.deposit_script_pubkey(index), self.network)
-
-    def deposit_descriptor(self, index: int = 0) -> str:
-        return self.keys(index).deposit_descriptor()
-
-    def unvault_witness_script(self, index: int = 0) -> bytes:
-        return self.keys(index).unvault_script()
-
-    def unvault_script_pubkey(self, index: int = 0) -> bytes:
-        return p2wsh(self.unvault_witness_script(index))
-
-    def unvault_address(self, index: int = 0) -> str:
-        return script_pubkey_to_address(self.unvault_script_pubkey(index), self.network)
-
-    def unvault_descriptor(self, index: int = 0) -> str:
-        return self.keys(index).unvault_descriptor()
-
-
-# --------------------------------------------------------------------------------------
 # Transactions (consensus serialization, BIP 143)
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OutPoint:
-    txid: str  # display order hex, as bitcoind prints it
-    vout: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.txid, str) or len(self.txid) != 64:
-            raise TransactionError("txid must be 64 hex characters")
-        try:
-            bytes.fromhex(self.txid)
-        except ValueError:
-            raise TransactionError("txid must be 64 hex characters") from None
-        if not isinstance(self.vout, int) or not 0 <= self.vout <= 0xFFFFFFFF:
-            raise TransactionError("vout out of range")
-
-    def serialize(self) -> bytes:
-        return bytes.fromhex(self.txid)[::-1] + self.vout.to_bytes(4, "little")
-
-    def __str__(self) -> str:
-        return f"{self.txid}:{self.vout}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,10 +255,11 @@ class Kind(str, enum.Enum):
     EMERGENCY = "emergency"
     UNVAULT_EMERGENCY = "unvault_emergency"
     SPEND = "spend"
+    CPFP = "cpfp"  # a child paying for an unvault's or a spend's CPFP output
 
     @property
     def sighash_type(self) -> int:
-        return SIGHASH_ALL if self in (Kind.UNVAULT, Kind.SPEND) else SIGHASH_ALL_ANYONECANPAY
+        return SIGHASH_ALL if self in (Kind.UNVAULT, Kind.SPEND, Kind.CPFP) else SIGHASH_ALL_ANYONECANPAY
 
     @property
     def is_revocation(self) -> bool:
@@ -712,6 +271,7 @@ class SpendPath(str, enum.Enum):
     UNVAULT_STAKEHOLDERS = "unvault_stakeholders"  # or_d's first branch
     UNVAULT_MANAGERS = "unvault_managers"  # managers + cosigners after the csv
     FEE_P2WPKH = "fee_p2wpkh"  # a fee-reserve coin appended by a watchtower
+    CPFP = "cpfp"  # a CPFP output or CPFP-wallet coin: multi(1, cpfp keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,6 +302,8 @@ class SpentOutput:
         assert self.keys is not None
         if self.path is SpendPath.UNVAULT_MANAGERS:
             return self.keys.managers + self.keys.cosigners
+        if self.path is SpendPath.CPFP:
+            return self.keys.cpfp
         return self.keys.stakeholders
 
     def missing(self, sigs: Mapping[bytes, bytes]) -> list[bytes]:
@@ -754,6 +316,8 @@ class SpentOutput:
                 k for k in self.keys.managers if k not in sigs
             ]
             return missing + [k for k in self.keys.cosigners if k not in sigs]
+        if self.path is SpendPath.CPFP:
+            return [] if any(k in sigs for k in self.signers) else list(self.signers)
         return [k for k in self.signers if k not in sigs]
 
     def witness(self, sigs: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
@@ -761,6 +325,10 @@ class SpentOutput:
         if self.path is SpendPath.FEE_P2WPKH:
             return (sigs[self.fee_pubkey], self.fee_pubkey)
         assert self.keys is not None
+        if self.path is SpendPath.CPFP:
+            # multi(1, ...): a dummy, then the signature of the first key that signed.
+            signer = next(k for k in self.keys.cpfp if k in sigs)
+            return (b"", sigs[signer], self.witness_script)
         n = len(self.keys.stakeholders)
         if self.path in (SpendPath.DEPOSIT, SpendPath.UNVAULT_STAKEHOLDERS):
             # CHECKMULTISIG wants signatures in the order of the keys, after a dummy.
@@ -951,43 +519,82 @@ def _revault_tx(
 def _check_coin(coin: Coin, what: str) -> None:
     if not isinstance(coin, Coin):
         raise TransactionError(f"{what} must be a Coin")
-    if not isinstance(coin.value, int) or coin.value <= 0 or coin.value > 21_000_000 * 100_000_000:
+    if not isinstance(coin.value, int) or coin.value <= 0 or coin.value > MAX_MONEY:
         raise TransactionError(f"{what} value out of range: {coin.value!r}")
 
 
 def _presigned(
-    kind: Kind, coin: Coin, spent: SpentOutput, script_pubkey: bytes, vault_index: int
+    kind: Kind, coin: Coin, spent: SpentOutput, script_pubkey: bytes, vault_index: int,
+    fixed_outputs: Sequence[TxOut] = (),
 ) -> RevaultTransaction:
-    """A one-input, one-output pre-signed transaction paying exactly 253 sat/kWU."""
-    draft = _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)], [TxOut(0, script_pubkey)], vault_index)
+    """A one-input pre-signed transaction paying exactly 253 sat/kWU of its worst-case
+    weight: output 0 to `script_pubkey` takes what the fee and `fixed_outputs` leave."""
+    draft = _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)],
+                        [TxOut(0, script_pubkey), *fixed_outputs], vault_index)
     fee = fee_for_weight(draft.max_weight())
-    value = coin.value - fee
+    value = coin.value - fee - sum(o.value for o in fixed_outputs)
     dust = dust_threshold(script_pubkey)
     if value < dust:
         raise TransactionError(
-            f"{kind.value}: {coin.value} sat cannot pay the {fee} sat fee and leave at least "
-            f"{dust} sat (dust limit)"
+            f"{kind.value}: {coin.value} sat cannot pay the {fee} sat fee"
+            + (f" and {sum(o.value for o in fixed_outputs)} sat of CPFP output" if fixed_outputs else "")
+            + f" and leave at least {dust} sat (dust limit)"
         )
-    return _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)], [TxOut(value, script_pubkey)], vault_index)
+    return _revault_tx(kind, [(coin, spent, RBF_SEQUENCE)],
+                       [TxOut(value, script_pubkey), *fixed_outputs], vault_index)
+
+
+def _vault_keys(d: Deployment, index: int) -> VaultKeys:
+    try:
+        return d.keys(index)
+    except DerivationError as e:
+        raise TransactionError(str(e)) from None
 
 
 def _deposit_spent(d: Deployment, coin: Coin, kind: Kind) -> SpentOutput:
-    keys = d.keys(coin.index)
+    keys = _vault_keys(d, coin.index)
     ws = keys.deposit_script()
     return SpentOutput(coin.value, p2wsh(ws), ws, SpendPath.DEPOSIT, kind.sighash_type, keys)
 
 
 def _unvault_spent(d: Deployment, coin: Coin, kind: Kind, path: SpendPath) -> SpentOutput:
-    keys = d.keys(coin.index)
+    keys = _vault_keys(d, coin.index)
     ws = keys.unvault_script()
     return SpentOutput(coin.value, p2wsh(ws), ws, path, kind.sighash_type, keys)
 
 
-def build_unvault(d: Deployment, deposit: Coin) -> RevaultTransaction:
-    """Deposit -> unvault output (same vault index), ALL, 253 sat/kWU."""
+def cpfp_spent(d: Deployment, coin: Coin) -> SpentOutput:
+    """How a CPFP output (or a coin of the managers' CPFP wallet, at the same script
+    for its index) is spent: one signature of any CPFP key, ALL."""
+    keys = _vault_keys(d, coin.index)
+    ws = keys.cpfp_script()
+    return SpentOutput(coin.value, p2wsh(ws), ws, SpendPath.CPFP, SIGHASH_ALL, keys)
+
+
+def _check_deposit(d: Deployment, deposit: Coin) -> None:
     _check_coin(deposit, "deposit")
+    if deposit.value < d.min_deposit_value:
+        raise TransactionError(
+            f"deposit of {deposit.value} sat is under min_deposit_value ({d.min_deposit_value} sat): "
+            "not a vault")
+
+
+def _emergency_script_pubkey(d: Deployment) -> bytes:
+    if d.emergency_script_pubkey is None:
+        raise TransactionError(
+            "this deployment has no emergency_address (a manager-only participant cannot "
+            "build emergency transactions)")
+    return d.emergency_script_pubkey
+
+
+def build_unvault(d: Deployment, deposit: Coin) -> RevaultTransaction:
+    """Deposit -> [0] unvault output (same vault index), [1] CPFP output of 30,000 sat;
+    ALL, 253 sat/kWU. TransactionError for a deposit under `min_deposit_value`."""
+    _check_deposit(d, deposit)
     spent = _deposit_spent(d, deposit, Kind.UNVAULT)
-    return _presigned(Kind.UNVAULT, deposit, spent, d.unvault_script_pubkey(deposit.index), deposit.index)
+    cpfp = TxOut(UNVAULT_CPFP_VALUE, d.cpfp_script_pubkey(deposit.index))
+    return _presigned(Kind.UNVAULT, deposit, spent, d.unvault_script_pubkey(deposit.index),
+                      deposit.index, [cpfp])
 
 
 def build_cancel(d: Deployment, unvault: Coin) -> RevaultTransaction:
@@ -999,237 +606,150 @@ def build_cancel(d: Deployment, unvault: Coin) -> RevaultTransaction:
 
 def build_emergency(d: Deployment, deposit: Coin) -> RevaultTransaction:
     """Deposit -> emergency_address, ALL|ANYONECANPAY."""
-    _check_coin(deposit, "deposit")
+    _check_deposit(d, deposit)
     spent = _deposit_spent(d, deposit, Kind.EMERGENCY)
-    return _presigned(Kind.EMERGENCY, deposit, spent, d.emergency_script_pubkey, deposit.index)
+    return _presigned(Kind.EMERGENCY, deposit, spent, _emergency_script_pubkey(d), deposit.index)
 
 
 def build_unvault_emergency(d: Deployment, unvault: Coin) -> RevaultTransaction:
     """Unvault output -> emergency_address, ALL|ANYONECANPAY."""
     _check_coin(unvault, "unvault output")
     spent = _unvault_spent(d, unvault, Kind.UNVAULT_EMERGENCY, SpendPath.UNVAULT_STAKEHOLDERS)
-    return _presigned(Kind.UNVAULT_EMERGENCY, unvault, spent, d.emergency_script_pubkey, unvault.index)
+    return _presigned(Kind.UNVAULT_EMERGENCY, unvault, spent, _emergency_script_pubkey(d), unvault.index)
 
 
-def build_spend(d: Deployment, unvaults: Sequence[Coin], outputs: Sequence[TxOut]) -> RevaultTransaction:
-    """Unvault outputs (a batch) -> `outputs`, through the managers + cosigners branch,
-    every input with nSequence = unvault_csv. The fee is what the inputs leave over;
-    size it with `max_weight()` of a draft."""
+def request_spend_size(tx: Tx) -> int:
+    """Bytes of the `request_spend` frame that carries `tx`, with the widest timestamp
+    and request id any client sends: what must fit in one frame's plaintext."""
+    return len(json.dumps(
+        {"jsonrpc": "2.0", "method": "request_spend",
+         "params": {"transaction": tx.to_base64(), "timestamp": _WIDEST_TIMESTAMP,
+                    "vault_id": "0" * 64},
+         "id": _WIDEST_REQUEST_ID},
+        separators=(",", ":"),
+    ))
+
+
+def build_spend(
+    d: Deployment,
+    unvaults: Sequence[Coin],
+    payees: Sequence[TxOut],
+    *,
+    change_index: int | None = None,
+    feerate_sat_per_kwu: int = FEERATE_SAT_PER_KWU,
+    max_feerate_sat_per_kwu: int | None = MAX_SANE_FEERATE_SAT_PER_KWU,
+) -> RevaultTransaction:
+    """Unvault outputs (a batch) -> [0] the CPFP output (script of the highest vault
+    index among the inputs, 16 sat per worst-case weight unit), then `payees`, then, with
+    `change_index`, the change to the deposit script of that vault index.
+
+    Every input spends through the managers + cosigners branch with nSequence =
+    unvault_csv. With a change output the fee is `feerate_sat_per_kwu` of the worst-case
+    weight and the change takes the rest (it is left out, its value going to the fee,
+    when it would be dust); without one the fee is what the inputs leave over.
+
+    Refused with TransactionError before anyone signs (DESIGN "Transactions"): an output
+    under the dust limit, a fee under 253 sat/kWU of the worst-case weight, a worst-case
+    weight over 400,000, a `request_spend` frame over one frame, and a fee above
+    `max_feerate_sat_per_kwu` (1,000 sat/vB unless lifted; None lifts it).
+    """
     if not unvaults:
         raise TransactionError("spend: no unvault output to spend")
-    if not outputs:
-        raise TransactionError("spend: no output")
+    if not payees:
+        raise TransactionError("spend: no payee")
     if len({c.outpoint for c in unvaults}) != len(unvaults):
         raise TransactionError("spend: the same unvault output twice")
+    if not isinstance(feerate_sat_per_kwu, int) or feerate_sat_per_kwu < FEERATE_SAT_PER_KWU:
+        raise TransactionError(f"spend: feerate must be at least {FEERATE_SAT_PER_KWU} sat/kWU")
     spent = []
     for n, coin in enumerate(unvaults):
         _check_coin(coin, f"spend: unvault output {n}")
         spent.append((coin, _unvault_spent(d, coin, Kind.SPEND, SpendPath.UNVAULT_MANAGERS), d.unvault_csv))
-    for n, out in enumerate(outputs):
-        if not isinstance(out, TxOut) or not isinstance(out.value, int):
-            raise TransactionError(f"spend: output {n} must be a TxOut")
+    for n, out in enumerate(payees):
+        if not isinstance(out, TxOut) or not isinstance(out.value, int) or isinstance(out.value, bool):
+            raise TransactionError(f"spend: payee {n} must be a TxOut")
+    top = max(c.index for c in unvaults)
+    cpfp_spk = p2wsh(_vault_keys(d, top).cpfp_script())
+    change_spk = None if change_index is None else p2wsh(_vault_keys(d, change_index).deposit_script())
+    total_in = sum(c.value for c in unvaults)
+    total_pay = sum(o.value for o in payees)
+
+    def outputs(with_change: bool) -> list[TxOut]:
+        # Output values do not change the weight (always 8 bytes): size with a draft.
+        draft = [TxOut(0, cpfp_spk), *payees] + ([TxOut(0, change_spk)] if with_change else [])
+        weight = _revault_tx(Kind.SPEND, spent, draft, top).max_weight()
+        cpfp = TxOut(SPEND_CPFP_SAT_PER_WU * weight, cpfp_spk)
+        if not with_change:
+            return [cpfp, *payees]
+        change = total_in - total_pay - cpfp.value - fee_for_weight(weight, feerate_sat_per_kwu)
+        return [cpfp, *payees, TxOut(change, change_spk)]
+
+    chosen = outputs(with_change=change_spk is not None)
+    if change_spk is not None and chosen[-1].value < dust_threshold(change_spk):
+        chosen = outputs(with_change=False)  # dust (or negative) change: left to the fee
+    spend = _revault_tx(Kind.SPEND, spent, chosen, top)
+    _check_spend(spend, max_feerate_sat_per_kwu)
+    return spend
+
+
+def _check_spend(spend: RevaultTransaction, max_feerate_sat_per_kwu: int | None) -> None:
+    """The guards of DESIGN "Transactions": what no cosigner must be asked to sign."""
+    for n, out in enumerate(spend.tx.outputs):
+        what = "CPFP output" if n == 0 else f"output {n}"
         if out.value < dust_threshold(out.script_pubkey):
             raise TransactionError(
-                f"spend: output {n} pays {out.value} sat, below the dust limit "
-                f"{dust_threshold(out.script_pubkey)}"
-            )
-    total_in = sum(c.value for c in unvaults)
-    total_out = sum(o.value for o in outputs)
+                f"spend: {what} pays {out.value} sat, below the dust limit "
+                f"{dust_threshold(out.script_pubkey)}")
+    total_in = sum(s.value for s in spend.spent)
+    total_out = sum(o.value for o in spend.tx.outputs)
     if total_out > total_in:
         raise TransactionError(f"spend: outputs ({total_out} sat) exceed inputs ({total_in} sat)")
-    return _revault_tx(Kind.SPEND, spent, outputs, unvaults[0].index)
+    worst = spend.worst_case_signed()
+    weight = worst.weight
+    if weight > MAX_STANDARD_WEIGHT:
+        raise TransactionError(
+            f"spend: {weight} WU once signed (every signature at its largest), above the "
+            f"{MAX_STANDARD_WEIGHT} WU standard limit: spend fewer vaults at once")
+    fee = spend.fee
+    if fee < fee_for_weight(weight):
+        raise TransactionError(
+            f"spend: fee {fee} sat is under {FEERATE_SAT_PER_KWU} sat/kWU of its worst-case "
+            f"weight {weight} WU (at least {fee_for_weight(weight)} sat)")
+    size = request_spend_size(worst)
+    if size > MAX_PLAINTEXT:
+        raise TransactionError(
+            f"spend: its request_spend would take {size} bytes once signed (every signature "
+            f"at its largest), over one {MAX_PLAINTEXT}-byte frame: spend fewer vaults at once")
+    if max_feerate_sat_per_kwu is not None and 1000 * fee > max_feerate_sat_per_kwu * weight:
+        raise TransactionError(
+            f"spend: fee {fee} sat is {fee * 4000 // weight / 1000:g} sat/vB, above the sanity "
+            f"bound of {max_feerate_sat_per_kwu / 250:g} sat/vB (pass max_feerate_sat_per_kwu "
+            "to allow it)")
 
 
 @dataclass(frozen=True, slots=True)
 class VaultTransactions:
-    """The pre-signed transactions of one vault."""
+    """The pre-signed transactions of one vault. A deployment without
+    `emergency_address` (a manager-only participant) has no emergencies."""
 
     unvault: RevaultTransaction
     cancel: RevaultTransaction
-    emergency: RevaultTransaction
-    unvault_emergency: RevaultTransaction
+    emergency: RevaultTransaction | None
+    unvault_emergency: RevaultTransaction | None
 
     def revocations(self) -> tuple[RevaultTransaction, ...]:
-        return (self.cancel, self.emergency, self.unvault_emergency)
+        return tuple(t for t in (self.cancel, self.emergency, self.unvault_emergency) if t is not None)
 
 
 def build_vault_transactions(d: Deployment, deposit: Coin) -> VaultTransactions:
-    """Every pre-signed transaction of the vault at `deposit`."""
+    """Every pre-signed transaction of the vault at `deposit` (the emergencies only when
+    the deployment has an emergency address)."""
     unvault = build_unvault(d, deposit)
     unvault_coin = unvault.output_coin(0)
+    has_emergency = d.emergency_script_pubkey is not None
     return VaultTransactions(
         unvault=unvault,
         cancel=build_cancel(d, unvault_coin),
-        emergency=build_emergency(d, deposit),
-        unvault_emergency=build_unvault_emergency(d, unvault_coin),
+        emergency=build_emergency(d, deposit) if has_emergency else None,
+        unvault_emergency=build_unvault_emergency(d, unvault_coin) if has_emergency else None,
     )
-
-
-# --------------------------------------------------------------------------------------
-# Fee bumping of revocation transactions
-# --------------------------------------------------------------------------------------
-
-BNB_MAX_STEPS = 100_000  # exact search budget before settling for greedy
-
-
-@dataclass(frozen=True, slots=True)
-class FeeCoin:
-    """A fee-reserve coin: a P2WPKH output of the bumper's key."""
-
-    outpoint: OutPoint
-    value: int
-
-
-@dataclass(frozen=True, slots=True)
-class FeeSelection:
-    coins: tuple[FeeCoin, ...]
-    fee: int  # total fee once the coins are added
-    max_weight: int  # weight once the coins are signed (signatures at their largest)
-    exact: bool  # True when the search proved this is the least overpayment
-    feerate_sat_per_kwu: int
-
-    @property
-    def overpayment_msat(self) -> int:
-        """Fee above target x max_weight / 1000, in millisatoshis."""
-        return 1000 * self.fee - self.feerate_sat_per_kwu * self.max_weight
-
-
-def select_fee_inputs(
-    base_weight: int,
-    base_fee: int,
-    reserve: Sequence[FeeCoin],
-    feerate_sat_per_kwu: int,
-    *,
-    base_inputs: int = 1,
-    max_steps: int = BNB_MAX_STEPS,
-) -> FeeSelection:
-    """Choose reserve coins so that (base_fee + their value) / (base_weight + their
-    weight) reaches the target, overpaying as little as possible: with no change
-    output, that is the selection of least total value. Ties: fewer inputs.
-
-    Exact branch and bound while it fits in `max_steps`, then the best found or a greedy
-    pick. FeeBumpError (with `shortfall_sat`) when even the whole reserve is not enough.
-    """
-    if feerate_sat_per_kwu <= 0:
-        raise ValueError("target feerate must be positive")
-    # Work in millisatoshis so that the feerate condition is exact integer arithmetic:
-    # 1000 * fee >= feerate * weight.
-    deficit = feerate_sat_per_kwu * base_weight - 1000 * base_fee
-    if deficit <= 0:
-        return FeeSelection((), base_fee, base_weight, True, feerate_sat_per_kwu)
-    room = MAX_INPUTS_ONE_BYTE_COUNT - base_inputs
-    per_input = feerate_sat_per_kwu * P2WPKH_INPUT_MAX_WEIGHT
-    useful = sorted(
-        (c for c in reserve if 1000 * c.value > per_input),
-        key=lambda c: (-c.value, c.outpoint.txid, c.outpoint.vout),
-    )
-    effective = [1000 * c.value - per_input for c in useful]
-
-    def result(chosen: Sequence[int], exact: bool) -> FeeSelection:
-        coins = tuple(useful[i] for i in chosen)
-        return FeeSelection(
-            coins, base_fee + sum(c.value for c in coins),
-            base_weight + P2WPKH_INPUT_MAX_WEIGHT * len(coins), exact, feerate_sat_per_kwu,
-        )
-
-    best_total = sum(effective[:room])
-    if best_total < deficit:
-        shortfall = -(-(deficit - best_total) // 1000)
-        raise FeeBumpError(
-            f"fee reserve cannot reach {feerate_sat_per_kwu} sat/kWU: "
-            f"{len(reserve)} coin(s), {len(useful)} worth adding, short by {shortfall} sat",
-            shortfall_sat=shortfall,
-        )
-
-    # Every satoshi taken from the reserve becomes fee (there is no change), so the
-    # least overpayment is the cheapest selection that reaches the target; ties go to
-    # fewer inputs (a lighter transaction, a higher feerate). Branch and bound over
-    # coins by decreasing value: a branch stops when it reaches the target (more coins
-    # only cost more), when it cannot reach it with every remaining coin, or when it
-    # already costs as much as the best selection found.
-    values = [c.value for c in useful]
-    suffix = [0] * (len(effective) + 1)
-    for i in range(len(effective) - 1, -1, -1):
-        suffix[i] = suffix[i + 1] + effective[i]
-    best: list[int] | None = None
-    best_cost = 0
-    steps = 0
-    exhausted = True
-    stack: list[tuple[int, int, int, list[int]]] = [(0, 0, 0, [])]
-    while stack:
-        steps += 1
-        if steps > max_steps:
-            exhausted = False
-            break
-        pos, total, cost, chosen = stack.pop()
-        if best is not None and (cost > best_cost or (cost == best_cost and len(chosen) >= len(best))):
-            continue
-        if total >= deficit:
-            best, best_cost = chosen, cost
-            continue
-        if pos == len(effective) or len(chosen) >= room or total + suffix[pos] < deficit:
-            continue
-        # A coin adds at most its value to the effective total, so what is still
-        # missing costs at least that much more.
-        if best is not None and 1000 * cost + (deficit - total) > 1000 * best_cost:
-            continue
-        # Pushed last = explored first: including the coin finds a solution fast.
-        stack.append((pos + 1, total, cost, chosen))
-        stack.append((pos + 1, total + effective[pos], cost + values[pos], chosen + [pos]))
-    if best is not None:
-        return result(best, exhausted)
-
-    chosen: list[int] = []
-    total = 0
-    for i, e in enumerate(effective):
-        if total >= deficit or len(chosen) >= room:
-            break
-        chosen.append(i)
-        total += e
-    for i in sorted(chosen, key=lambda i: -effective[i]):
-        if total - effective[i] >= deficit:
-            chosen.remove(i)
-            total -= effective[i]
-    return result(sorted(chosen), False)
-
-
-def bump_revocation(
-    revocation: RevaultTransaction,
-    reserve: Sequence[FeeCoin],
-    feerate_sat_per_kwu: int,
-    fee_key: bytes,
-    *,
-    max_steps: int = BNB_MAX_STEPS,
-) -> tuple[RevaultTransaction, FeeSelection]:
-    """Append reserve coins (P2WPKH of `fee_key`) to a fully signed revocation so that
-    it pays at least `feerate_sat_per_kwu`, sign them ALL, and return the complete
-    transaction. Its own ALL|ANYONECANPAY signatures stay valid: they commit to the
-    outputs and to their own input only. FeeBumpError when the reserve is too small."""
-    if not revocation.kind.is_revocation:
-        raise TransactionError(f"{revocation.kind.value} is not a revocation transaction (ALL-signed)")
-    if not revocation.is_complete():
-        raise TransactionError(f"{revocation.kind.value} must be fully signed before a fee bump")
-    signed = revocation.finalize()
-    selection = select_fee_inputs(
-        signed.weight, revocation.fee, reserve, feerate_sat_per_kwu,
-        base_inputs=len(signed.inputs), max_steps=max_steps,
-    )
-    pubkey = coincurve.PrivateKey(fee_key).public_key.format(compressed=True)
-    spk = p2wpkh(pubkey)
-    script_code = _p2wpkh_script_code(pubkey)
-    inputs = revocation.tx.inputs + tuple(TxIn(c.outpoint, RBF_SEQUENCE) for c in selection.coins)
-    spent = revocation.spent + tuple(
-        SpentOutput(c.value, spk, script_code, SpendPath.FEE_P2WPKH, SIGHASH_ALL, None, pubkey)
-        for c in selection.coins
-    )
-    bumped = RevaultTransaction(
-        revocation.kind,
-        Tx(revocation.tx.version, inputs, revocation.tx.outputs, revocation.tx.locktime),
-        spent,
-        revocation.vault_index,
-    )
-    for i, sigs in enumerate(revocation.signatures):
-        bumped.signatures[i] = dict(sigs)
-    for i in range(len(revocation.spent), len(spent)):
-        bumped.sign(i, fee_key)
-    return bumped, selection

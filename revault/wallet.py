@@ -38,17 +38,20 @@ from typing import Any, TypeVar
 
 from revault.bitcoind import (
     RPC_VERIFY_ALREADY_IN_CHAIN, RPC_WALLET_NOT_FOUND, BitcoindClient, BitcoindError,
+    PackageRejected, submit_package,
 )
 from revault.clients import CosignerClient, SyncServerClient, WatchtowerClient
 from revault.config import ConfigError
 from revault.daemon import ensure_data_dir
 from revault.errors import Refused
 from revault.keys import KeyFileError, read_key_file
-from revault.primitives import OutPoint as WireOutPoint
-from revault.primitives import tx_uid
+from revault.deployment import Deployment, p2wsh
+from revault.fees import CpfpParent, FeeBumpError, build_cpfp
+from revault.primitives import OutPoint, tx_uid
 from revault.transactions import (
-    FEERATE_SAT_PER_KWU, Coin, OutPoint, RevaultTransaction, TransactionError, Tx, TxOut,
-    VaultTransactions, build_spend, build_vault_transactions, dust_threshold, fee_for_weight,
+    FEERATE_SAT_PER_KWU, MAX_SANE_FEERATE_SAT_PER_KWU, Coin, Kind, RevaultTransaction,
+    SpendPath, SpentOutput, TransactionError, Tx, TxOut, VaultTransactions, build_spend,
+    build_vault_transactions,
 )
 from revault.transport import TransportError
 from revault.wallet_config import (
@@ -63,17 +66,15 @@ from revault.wallet_flows import (
 from revault.wallet_store import SPEND_STAGES, StoredVault, WalletStore
 
 __all__ = ["Wallet", "Vault", "VAULT_STATES", "WalletError", "FlowError", "FlowTimeout",
-           "PeerUnavailable", "MIN_DEPOSIT_VALUE"]
+           "PeerUnavailable"]
 
 log = logging.getLogger("revault.wallet")
 
 VAULT_STATES = ("funded", "secured", "active", "unvaulting", "spent", "cancelled",
                 "emergencied")
-MIN_DEPOSIT_VALUE = 500_000  # sat; DESIGN.md's default for `min_deposit_value`
 DEFAULT_RETRY_TIMEOUT = 60.0   # seconds a daemon may stay unreachable or refusing
 DEFAULT_FLOW_TIMEOUT = 600.0   # seconds a verb waits for the other participants
 RPC_WALLET_ALREADY_LOADED = -35
-MAX_SPEND_FEERATE = 100_000    # sat/kWU (400 sat/vB): above it a fee is surely a mistake
 
 T = TypeVar("T")
 
@@ -192,6 +193,7 @@ class Wallet:
         self._call_timeout = call_timeout
         self.stakeholder: ParticipantKey | None = None
         self.manager: ParticipantKey | None = None
+        self.cpfp: ParticipantKey | None = None
         self._store: WalletStore | None = None
         self._peers: _Peers | None = None
         self._node: BitcoindClient | None = None
@@ -225,6 +227,7 @@ class Wallet:
         if config.manager_key_file is not None:
             self.manager = participant_key("manager", config.manager_key_file, d.managers,
                                            d.network)
+            self.cpfp = participant_key("cpfp", config.cpfp_key_file, d.cpfp_keys, d.network)
         ensure_data_dir(config.data_dir)
         self._store = await WalletStore.open(config.data_dir)
         self._peers = _Peers(noise, self._retry_timeout, self._call_timeout)
@@ -322,7 +325,7 @@ class Wallet:
 
     @property
     def min_deposit_value(self) -> int:
-        return getattr(self.deployment, "min_deposit_value", MIN_DEPOSIT_VALUE)
+        return self.deployment.min_deposit_value
 
     async def _discover(self) -> _ChainView:
         """Record every deposit Core's wallet reports (vaults never leave the store);
@@ -454,7 +457,7 @@ class Wallet:
 
     async def _known_vault(self, outpoint: str) -> tuple[StoredVault, VaultTransactions]:
         try:
-            canonical = str(WireOutPoint.parse(outpoint))
+            canonical = str(OutPoint.parse(outpoint))
         except ValueError as e:
             raise WalletError(f"{outpoint!r}: not a \"txid:vout\" outpoint ({e})") from None
         stored = await self.store.vault(canonical)
@@ -628,14 +631,17 @@ class Wallet:
 
     async def spend(self, outpoints: Sequence[str], payees: Mapping[str, int], *,
                     feerate_sat_per_kwu: int = FEERATE_SAT_PER_KWU,
-                    max_feerate_sat_per_kwu: int = MAX_SPEND_FEERATE,
+                    max_feerate_sat_per_kwu: int | None = MAX_SANE_FEERATE_SAT_PER_KWU,
+                    cpfp_feerate_sat_per_kwu: int | None = None,
                     timeout: float = DEFAULT_FLOW_TIMEOUT) -> str:
         """Spend active vaults (one transaction for all of them) to `payees` (address ->
-        sat), the rest less the fee going back to a deposit address as a new vault.
-        Waits for every deployment watchtower's signed acceptance of this very txid,
-        then every cosigner's signature; broadcasts the unvaults, waits the csv, then
-        broadcasts the spend and returns its txid. SpendRefused names who refused and
-        why. Called again with the same vaults, it resumes the same spend."""
+        sat); the spend's CPFP output comes first, the rest less the fee goes back to a
+        deposit address as a new vault. Waits for every deployment watchtower's signed
+        acceptance of this very txid, then every cosigner's signature; broadcasts the
+        unvaults (with a CPFP child when `cpfp_feerate_sat_per_kwu`, or Core's estimate,
+        is above their fixed feerate), waits the csv, then broadcasts the spend the same
+        way and returns its txid. SpendRefused names who refused and why. Called again
+        with the same vaults, it resumes the same spend."""
         key = self._role(self.manager, "manager", "spend")
         if not outpoints:
             raise WalletError("spend: give at least one vault outpoint")
@@ -666,23 +672,21 @@ class Wallet:
             stage = "cosigned"
             await self.store.set_spend_stage(spend.txid, stage)
         if stage == "cosigned":
+            target = await self._cpfp_target(cpfp_feerate_sat_per_kwu)
             for _, txs in vaults:
-                await self._broadcast(txs.unvault.finalize(), "unvault")
+                await self._broadcast_bumped(txs.unvault, target)
             stage = "unvaulted"
             await self.store.set_spend_stage(spend.txid, stage)
         if stage == "unvaulted":
             await self._wait_csv([txs.unvault.txid for _, txs in vaults], deadline)
-            await self._broadcast(spend.finalize(), "spend")
+            await self._broadcast_bumped(spend, await self._cpfp_target(cpfp_feerate_sat_per_kwu))
             stage = "broadcast"
             await self.store.set_spend_stage(spend.txid, stage)
         return spend.txid
 
     async def _new_spend(self, vaults, payees: Mapping[str, int], key: ParticipantKey,
-                         feerate: int, max_feerate: int) -> RevaultTransaction:
+                         feerate: int, max_feerate: int | None) -> RevaultTransaction:
         d = self.deployment
-        if not 1 <= feerate <= max_feerate:
-            raise WalletError(f"spend: feerate {feerate} sat/kWU outside 1..{max_feerate} "
-                              "(pass max_feerate_sat_per_kwu to lift the bound)")
         if d.managers_threshold > 1:
             raise WalletError(
                 f"spend: the deployment needs {d.managers_threshold} managers' signatures; "
@@ -701,41 +705,24 @@ class Wallet:
             except ValueError as e:
                 raise WalletError(f"spend: payee {address!r}: {e}") from None
         coins = [txs.unvault.output_coin(0) for _, txs in vaults]
-        total_in = sum(c.value for c in coins)
-        paid = sum(o.value for o in outputs)
-        change_index = max(stored.index for stored, _ in vaults)
-        change_spk = d.deposit_script_pubkey(change_index)
         try:
-            change, change_dust = -1, dust_threshold(change_spk)
-            if total_in - paid >= change_dust:
-                # Output values do not change the weight: size the fee on a draft.
-                draft = build_spend(d, coins, outputs + [TxOut(change_dust, change_spk)])
-                change = total_in - paid - fee_for_weight(draft.max_weight(), feerate)
-            if change >= max(change_dust, self.min_deposit_value):
-                spend = build_spend(d, coins, outputs + [TxOut(change, change_spk)])
-            else:
-                # Too little left for a vault: it goes to the fee.
-                spend = build_spend(d, coins, outputs)
-                fee = fee_for_weight(spend.max_weight(), feerate)
-                if total_in - paid < fee:
-                    raise WalletError(f"spend: the vaults hold {total_in} sat after their "
-                                      f"unvaults, not enough to pay {paid} sat and a {fee} sat fee")
-                if fee_for_weight(spend.max_weight(), max_feerate) < total_in - paid:
-                    raise WalletError(
-                        f"spend: {total_in - paid} sat would go to fees, above the "
-                        f"{max_feerate} sat/kWU bound; pay less or more precisely")
+            spend = build_spend(d, coins, outputs,
+                                change_index=max(stored.index for stored, _ in vaults),
+                                feerate_sat_per_kwu=feerate, max_feerate_sat_per_kwu=max_feerate)
         except TransactionError as e:
-            raise WalletError(f"spend: {e}") from None
+            raise WalletError(str(e)) from None
         for i, (stored, _) in enumerate(vaults):
             spend.sign(i, key.secret_at(stored.index))
         return spend
 
     def _rebuild_spend(self, vaults, tx_base64: str) -> RevaultTransaction:
+        """The stored spend with what signing needs (the spent outputs and scripts)."""
         tx = Tx.from_base64(tx_base64)
         coins = [txs.unvault.output_coin(0) for _, txs in vaults]
-        spend = build_spend(self.deployment, coins, list(tx.outputs))
-        if spend.txid != tx.txid:
-            raise WalletError(f"stored spend {tx.txid} does not rebuild identically")
+        spent = [_spend_input(self.deployment, c) for c in coins]
+        spend = RevaultTransaction(Kind.SPEND, tx, spent, max(c.index for c in coins))
+        if [i.outpoint for i in tx.inputs] != [c.outpoint for c in coins]:
+            raise WalletError(f"stored spend {tx.txid} does not spend these vaults")
         return spend
 
     async def _refresh_unvault(self, txs: VaultTransactions) -> None:
@@ -779,6 +766,44 @@ class Wallet:
         start = flow.start() if not flow.done else []
         await self._run(start, handle, lambda: flow.done, missing, timeout,
                         f"spend {spend.txid}")
+
+    async def _cpfp_target(self, feerate: int | None) -> int | None:
+        """The feerate (sat/kWU) an unvault or spend must reach: the caller's, else
+        Core's 6-block estimate, else None (no estimate: regtest, a fresh node)."""
+        if feerate is not None:
+            return feerate
+        estimate = await self._node.call("estimatesmartfee", 6)
+        if "feerate" not in estimate:
+            return None
+        return int(Decimal(estimate["feerate"]) * 100_000_000 / 4)  # BTC/kvB -> sat/kWU
+
+    async def _broadcast_bumped(self, rtx: RevaultTransaction, target: int | None) -> None:
+        """Broadcast a complete unvault or spend; when its own feerate is under `target`,
+        with a CPFP child spending its CPFP output, signed with this manager's CPFP key,
+        the two submitted as a package."""
+        tx = rtx.finalize()
+        if target is None or 1000 * rtx.fee >= target * tx.weight:
+            await self._broadcast(tx, rtx.kind.value)
+            return
+        if await self._confirmations(tx.txid) is not None:
+            return  # already in (a resumed spend): its child went with it
+        key = self._role(self.cpfp, "manager", "CPFP")
+        try:
+            package = build_cpfp(self.deployment, [CpfpParent.of(rtx)], [], target,
+                                 change_index=rtx.vault_index)
+        except (FeeBumpError, TransactionError) as e:
+            raise FlowError(f"{rtx.kind.value} {tx.txid}: cannot CPFP it to {target} "
+                            f"sat/kWU: {e}") from None
+        child = package.child
+        for i, spent in enumerate(child.spent):
+            child.sign(i, key.secret_at(rtx.vault_index))
+        try:
+            await submit_package(self._node, [tx.to_hex(), child.finalize().to_hex()])
+        except PackageRejected as e:
+            raise FlowError(f"{rtx.kind.value} {tx.txid}: bitcoind refused it with its CPFP "
+                            f"child: {e}") from None
+        log.info("%s %s broadcast with CPFP child %s (package at %d sat/kWU)",
+                 rtx.kind.value, tx.txid, child.txid, package.feerate_sat_per_kwu)
 
     async def _broadcast(self, tx: Tx, what: str) -> None:
         try:
@@ -848,6 +873,14 @@ class Wallet:
             raise FlowError(f"emergency: broadcast {len(sent)} transaction(s) but could not "
                             "move " + "; ".join(stuck))
         return sent
+
+
+def _spend_input(d: Deployment, unvault: Coin) -> SpentOutput:
+    """How a spend's input spends an unvault output: the managers' branch, ALL."""
+    keys = d.keys(unvault.index)
+    script = keys.unvault_script()
+    return SpentOutput(unvault.value, p2wsh(script), script, SpendPath.UNVAULT_MANAGERS,
+                       Kind.SPEND.sighash_type, keys)
 
 
 def _sats(amount: Decimal) -> int:

@@ -27,7 +27,7 @@ from embit.bip32 import HDKey
 from revault.bitcoind import BitcoindConfig, read_bitcoind_config
 from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
 from revault.keys import KeyFileError, bitcoin_public_key, read_key_file
-from revault.transactions import Deployment, DeploymentError, DeploymentKey
+from revault.deployment import Deployment, DeploymentKey, read_deployment
 
 __all__ = ["Endpoint", "ParticipantKey", "WalletConfig", "read_wallet_config",
            "load_wallet_config", "default_bitcoind_wallet"]
@@ -141,13 +141,8 @@ def read_wallet_config(table: ConfigTable, base: Path, path: Path | None = None)
     cosigners = _read_endpoints(table, "cosigners", p)
     bitcoind_table = p.read(table.table, "bitcoind")
     bitcoind = p.read(read_bitcoind_config, bitcoind_table, base) if bitcoind_table else None
-    deployment = None
-    raw_deployment = p.read(table.raw, "deployment")
-    if raw_deployment is not None:
-        try:
-            deployment = Deployment.from_dict(raw_deployment)
-        except DeploymentError as e:
-            p.add(str(e))
+    deployment_table = p.read(table.table, "deployment")
+    deployment = read_deployment(deployment_table, p) if deployment_table else None
     if stakeholder_key_file is None and manager_key_file is None and not p.problems:
         p.add("stakeholder_key_file: give stakeholder_key_file and/or manager_key_file")
     if stakeholder_key_file is not None and not watchtowers and "watchtowers" not in table:

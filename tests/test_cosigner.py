@@ -97,17 +97,22 @@ async def sign(client: RpcClient, psbt: str, index: int = 0) -> bytes:
 
 # --- signing, replay, logs --------------------------------------------------------------
 
-async def test_sign_then_replay_for_another_transaction(cosigner):
+async def test_sign_then_replay_or_refuse_another_transaction(cosigner):
     txid = os.urandom(32)
     first = make_spend(cosigner.bitcoin_pub, n_inputs=2)
     first.inputs[1].txid, first.inputs[1].vout = txid, 3
+    first_txid = first.tx().GetTxid()[::-1].hex()
     async with await cosigner.client(0) as a, await cosigner.client(1) as b:
         sig = await sign(a, first.psbt(), 1)
         # Verified against python-bitcoinlib's BIP 143 digest; no sighash byte appended.
         assert_valid_signature(sig, first.digest(1), cosigner.bitcoin_pub)
         second = make_spend(cosigner.bitcoin_pub, txid=txid, vout=3)
         assert second.digest(0) != first.digest(1)
-        assert await sign(b, second.psbt(), 0) == sig
+        # DESIGN "Cosigner": another spend of that outpoint is refused, naming the first.
+        with pytest.raises(RpcError) as info:
+            await sign(b, second.psbt(), 0)
+        assert info.value.code == REFUSED
+        assert info.value.message == f"outpoint {txid.hex()}:3 already signed for spend {first_txid}"
         assert await sign(a, first.psbt(), 1) == sig
         # Another vout of the same txid is another outpoint.
         third = make_spend(cosigner.bitcoin_pub, txid=txid, vout=4)
@@ -120,8 +125,9 @@ async def test_sign_then_replay_for_another_transaction(cosigner):
     prefix_a = cosigner.managers[0].public[:4].hex()
     prefix_b = cosigner.managers[1].public[:4].hex()
     assert re.search(rf"signed outpoint {outpoint}: new signature for manager {prefix_a}", log)
-    assert re.search(rf"signed outpoint {outpoint}: replayed stored signature to manager "
-                     rf"{prefix_b}, who asked for spend {second.tx().GetTxid()[::-1].hex()}", log)
+    assert re.search(rf"sign refused for outpoint {outpoint}: manager {prefix_b} asked for spend "
+                     rf"{second.tx().GetTxid()[::-1].hex()}; it was signed for spend {first_txid} "
+                     rf"\(manager {prefix_a}\)", log)
     assert re.search(rf"signed outpoint {outpoint}: replayed stored signature to manager "
                      rf"{prefix_a} \(same spend", log)
     assert f"signed outpoint {txid.hex()}:4: new signature" in log
@@ -223,23 +229,31 @@ async def test_fifty_concurrent_conflicting_requests_yield_one_signature(tmp_pat
 
         async def ask(client, spend):
             await ready.wait()
-            return await sign(client, spend.psbt())
+            try:
+                return await sign(client, spend.psbt())
+            except RpcError as e:  # the 49 other spends: refused, naming the one signed
+                assert e.code == REFUSED
+                return e.message
 
         tasks = [asyncio.create_task(ask(cl, s)) for cl, s in zip(clients, spends)]
         ready.set()
-        signatures = await asyncio.gather(*tasks)
+        answers = await asyncio.gather(*tasks)
         await asyncio.gather(*(cl.close() for cl in clients))
+        signatures = [a for a in answers if isinstance(a, bytes)]
+        refusals = [a for a in answers if isinstance(a, str)]
         distinct = set(signatures)
         print(f"\n50 concurrent conflicting requests: {len(distinct)} distinct signature(s)")
-        assert len(distinct) == 1
+        assert len(distinct) == 1 and len(signatures) == 1
         (sig,) = distinct
         valid_for = [s for s in spends if _verifies(sig, s.digest(0), c.bitcoin_pub)]
         assert len(valid_for) == 1
+        signed_txid = valid_for[0].tx().GetTxid()[::-1].hex()
+        assert refusals == [f"outpoint {txid.hex()}:1 already signed for spend {signed_txid}"] * 49
         assert c.rows() == [(txid.hex(), 1, sig)]
         assert await c.daemon.stop() == 0
         log = c.daemon.stderr()
         assert log.count(f"signed outpoint {txid.hex()}:1: new signature") == 1
-        assert log.count(f"signed outpoint {txid.hex()}:1: replayed") == 49
+        assert log.count(f"sign refused for outpoint {txid.hex()}:1:") == 49
     finally:
         c.daemon.ensure_dead()
 
@@ -263,20 +277,30 @@ async def test_kill_9_loop_never_yields_a_second_signature(tmp_path):
     sent: dict[tuple[bytes, int], list] = {op: [] for op in pool}
     in_flight_at_kill = []
     received = 0
+    refused: dict[tuple[bytes, int], set[str]] = {op: set() for op in pool}
+    shared_spend = make_spend(c.bitcoin_pub, txid=shared, vout=0)
+    sent[(shared, 0)].append(shared_spend)
 
     def record(outpoint, sig):
         nonlocal received
         seen[outpoint].add(sig)
         received += 1
 
+    async def ask(client, outpoint, spend):
+        """Sign, or record the refusal (another spend of that outpoint was signed)."""
+        try:
+            record(outpoint, await sign(client, spend.psbt()))
+        except RpcError as e:
+            if e.code != REFUSED:
+                raise
+            refused[outpoint].add(e.message)
+
     try:
         for round_ in range(10):
             await c.daemon.start()
             # The outpoint signed in an earlier round keeps its signature across the crash.
             async with await c.client(0) as client:
-                spend = make_spend(c.bitcoin_pub, txid=shared, vout=0)
-                sent[(shared, 0)].append(spend)
-                record((shared, 0), await sign(client, spend.psbt()))
+                record((shared, 0), await sign(client, shared_spend.psbt()))
             clients = await asyncio.gather(*(c.client(i % 4) for i in range(8)))
             done_count = 0
             threshold = 3 + 4 * round_  # kill at a different point of the burst each round
@@ -291,12 +315,11 @@ async def test_kill_9_loop_never_yields_a_second_signature(tmp_path):
                     sent[outpoint].append(spend)
                     pending.add(outpoint)
                     try:
-                        sig = await sign(client, spend.psbt())
+                        await ask(client, outpoint, spend)
                     except (transport.TransportError, OSError, RpcError):
                         return
                     finally:
                         pending.discard(outpoint)
-                    record(outpoint, sig)
                     done_count += 1
                     if done_count >= threshold:
                         reached.set()
@@ -314,7 +337,7 @@ async def test_kill_9_loop_never_yields_a_second_signature(tmp_path):
             for outpoint in pool:
                 spend = make_spend(c.bitcoin_pub, txid=outpoint[0], vout=outpoint[1])
                 sent[outpoint].append(spend)
-                record(outpoint, await sign(client, spend.psbt()))
+                await ask(client, outpoint, spend)
         assert await c.daemon.stop() == 0
     finally:
         c.daemon.ensure_dead()
@@ -323,12 +346,16 @@ async def test_kill_9_loop_never_yields_a_second_signature(tmp_path):
           f"{received} signatures received, "
           f"max distinct per outpoint: {max(len(s) for s in seen.values())}")
     assert sum(in_flight_at_kill) > 0
-    for outpoint, signatures in seen.items():
-        assert len(signatures) == 1, f"{outpoint[0].hex()}:{outpoint[1]} got {len(signatures)}"
-        (sig,) = signatures
-        assert any(_verifies(sig, s.digest(0), c.bitcoin_pub) for s in sent[outpoint])
+    # The final pass asked for every outpoint, so each has its one stored signature: the
+    # one received (if any), valid for one of the spends sent, and every refusal names it.
     rows = {(bytes.fromhex(t), v): s for t, v, s in c.rows()}
-    assert rows == {op: next(iter(sigs)) for op, sigs in seen.items()}
+    assert set(rows) == set(pool)
+    for outpoint, stored in rows.items():
+        assert seen[outpoint] <= {stored}, f"{outpoint[0].hex()}:{outpoint[1]} got {len(seen[outpoint])}"
+        [signed] = [s for s in sent[outpoint] if _verifies(stored, s.digest(0), c.bitcoin_pub)]
+        signed_txid = signed.tx().GetTxid()[::-1].hex()
+        assert refused[outpoint] <= {f"outpoint {outpoint[0].hex()}:{outpoint[1]} already signed "
+                                     f"for spend {signed_txid}"}
 
 
 # --- configuration and operations -------------------------------------------------------
@@ -394,12 +421,13 @@ async def test_sigterm_stops_cleanly_and_state_survives(tmp_path):
     try:
         await c.daemon.start()
         txid = os.urandom(32)
+        spend = make_spend(c.bitcoin_pub, txid=txid)
         async with await c.client() as client:
-            sig = await sign(client, make_spend(c.bitcoin_pub, txid=txid).psbt())
+            sig = await sign(client, spend.psbt())
         assert await c.daemon.stop(signal.SIGTERM) == 0
         await c.daemon.start()
         async with await c.client(1) as client:
-            assert await sign(client, make_spend(c.bitcoin_pub, txid=txid).psbt()) == sig
+            assert await sign(client, spend.psbt()) == sig
         assert await c.daemon.stop(signal.SIGINT) == 0
         assert "cosigner stopped" in c.daemon.stderr()
     finally:

@@ -5,8 +5,8 @@ daemon under test (its bitcoin key is in every unvault script). Two vaults are
 deposited and unvaulted, then spent together in one batch: the managers sign, the
 daemon signs input 0 and input 1 (over real Noise connections, from the PSBT that
 revault.transactions produces), and Core takes the result once `unvault_csv` has passed.
-A conflicting spend of the same unvault output then gets the same, now useless,
-signature back, and Core refuses what a manager could build with it.
+A conflicting spend of the same unvault output is then refused (-32002, naming the
+spend signed), and Core refuses what a manager could build with the signature given.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from decimal import Decimal
 import coincurve
 import pytest
 
-from revault.transactions import (Coin, Deployment, OutPoint, SignatureError, TxOut,
-                                  build_spend, build_vault_transactions, fee_for_weight, p2wpkh,
-                                  script_pubkey_to_address)
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.primitives import OutPoint
+from revault.rpc import REFUSED, RpcError
+from revault.transactions import Coin, SignatureError, TxOut, build_spend, build_vault_transactions
 from tests.support.regtest import RegtestNode, sats
 from tests.test_cosigner import setup_cosigner
 
@@ -68,6 +69,7 @@ async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: Regte
         "stakeholders": [pub(s).hex() for s in stakeholders],
         "managers": [pub(s).hex() for s in managers],
         "cosigners": [cosigner.bitcoin_pub.hex()],
+        "cpfp_keys": [pub(secret("cpfp 0")).hex(), pub(secret("cpfp 1")).hex()],
         "unvault_csv": CSV,
         "emergency_address": script_pubkey_to_address(p2wpkh(pub(secret("emergency"))),
                                                       "regtest"),
@@ -89,10 +91,9 @@ async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: Regte
 
     # The managers' batch spend of both unvault outputs.
     payee = p2wpkh(pub(secret("payee")))
-    total = sum(c.value for c in unvault_coins)
-    draft = build_spend(d, unvault_coins, [TxOut(total - 10_000, payee)])
-    fee = fee_for_weight(draft.max_weight(), 1000)  # 1 sat/WU: a spend is not pre-signed
-    spend = build_spend(d, unvault_coins, [TxOut(total - fee, payee)])
+    # 1 sat/WU, the change back to a vault: a spend's fee is the managers' choice.
+    spend = build_spend(d, unvault_coins, [TxOut(1_500_000, payee)], change_index=1,
+                        feerate_sat_per_kwu=1000)
     for index in range(2):
         for sk in managers:
             spend.sign(index, sk)
@@ -118,19 +119,23 @@ async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: Regte
     assert sats(verdict["fees"]["base"]) == spend.fee
 
     # A conflicting spend of unvault output 0, asked of the cosigner by the other manager:
-    # it gets the signature it already gave, which does not sign this transaction, so
-    # no valid conflicting spend can be completed.
+    # refused (-32002) naming the spend already signed; and the signature it gave does not
+    # sign this transaction, so no valid conflicting spend can be completed.
     thief = p2wpkh(pub(secret("thief")))
-    conflict = build_spend(d, unvault_coins[:1], [TxOut(unvault_coins[0].value - fee, thief)])
+    conflict = build_spend(d, unvault_coins[:1], [TxOut(900_000, thief)], change_index=2,
+                           feerate_sat_per_kwu=1000)
     for sk in managers:
         conflict.sign(0, sk)
     async with await cosigner.client(1) as client:
-        result = await client.call("sign", {"tx": conflict.to_psbt(), "index": 0})
-    replayed = bytes.fromhex(result["signature"])
-    assert replayed == spend.signatures[0][cosigner.bitcoin_pub]
+        with pytest.raises(RpcError) as refused:
+            await client.call("sign", {"tx": conflict.to_psbt(), "index": 0})
+    assert refused.value.code == REFUSED
+    assert refused.value.message == (f"outpoint {unvault_coins[0].outpoint} already signed for "
+                                     f"spend {spend.txid}")
+    given = spend.signatures[0][cosigner.bitcoin_pub]
     with pytest.raises(SignatureError):
-        conflict.add_signature(0, cosigner.bitcoin_pub, replayed)
-    conflict.signatures[0][cosigner.bitcoin_pub] = replayed  # what a thief would try
+        conflict.add_signature(0, cosigner.bitcoin_pub, given)
+    conflict.signatures[0][cosigner.bitcoin_pub] = given  # what a thief would try
     verdict = await mempool_verdict(bitcoind, conflict.finalize())
     assert not verdict["allowed"]
     assert "script-verify" in verdict["reject-reason"], verdict
@@ -145,4 +150,4 @@ async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: Regte
     log = cosigner.daemon.stderr()
     for coin in unvault_coins:
         assert f"signed outpoint {coin.outpoint}: new signature" in log
-    assert f"signed outpoint {unvault_coins[0].outpoint}: replayed stored signature" in log
+    assert f"sign refused for outpoint {unvault_coins[0].outpoint}: manager" in log

@@ -6,8 +6,9 @@ import hashlib
 import os
 
 import pytest
+from bitcoin.core.script import OP_CHECKMULTISIGVERIFY, OP_CHECKSEQUENCEVERIFY, OP_CHECKSIGVERIFY, CScript
 
-from revault.cosigner_signing import CosignerKey, PsbtRefused, script_pushes
+from revault.cosigner_signing import CosignerKey, PsbtRefused, bip143_digest, parse_psbt, script_pushes
 from revault.primitives import OutPoint
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, kv, make_spend,
                                          p2wsh, pubkey, random_key, serialize_psbt)
@@ -47,11 +48,16 @@ def test_signature_verifies_against_independent_bip143_digest(key, index):
     (6, 2, 0x7FFFFFFF),  # python-bitcoinlib packs nLockTime signed
 ])
 def test_digest_commits_to_exact_sequence_version_locktime(key, sequence, version, locktime):
+    # prepare() refuses all of these before signing (see the refusals below); the digest
+    # itself is still the one of the transaction exactly as serialized.
     spend = make_spend(key.public_key, n_inputs=2, version=version, locktime=locktime)
     for i in spend.inputs:
         i.sequence = sequence
-    request = key.prepare(spend.psbt(), 1)
-    assert request.digest == spend.digest(1)
+    tx = parse_psbt(spend.psbt()).unsigned_tx
+    digest = bip143_digest(tx, 1, spend.inputs[1].witness_script, spend.inputs[1].amount)
+    assert digest == spend.digest(1)
+    with pytest.raises(PsbtRefused):
+        key.prepare(spend.psbt(), 1)
 
 
 def test_amount_is_committed(key):
@@ -119,7 +125,8 @@ def test_missing_witness_utxo(key):
     spend = make_spend(key.public_key, n_inputs=2)
     spend.inputs[1].include_witness_utxo = False
     assert refusal(key, spend.psbt(), 1) == "tx: input 1 has no witness_utxo"
-    key.prepare(spend.psbt(), 0)  # the other input is fine
+    # Without it the spend's fee and validity are unknown: input 0 is refused too.
+    assert refusal(key, spend.psbt(), 0) == "tx: input 1 has no witness_utxo"
 
 
 def test_non_witness_utxo_alone_is_not_enough(key):
@@ -220,15 +227,107 @@ def test_script_pushes():
 
 
 def test_psbt_with_other_inputs_lacking_metadata(key):
-    # Only input `index` needs its metadata; the others may belong to other signers.
+    # DESIGN "Cosigner": every input must show what it spends (amount, script), or the
+    # spend's validity cannot be judged before its one signature is given.
     spend = make_spend(key.public_key, n_inputs=3)
-    for i in (0, 2):
-        spend.inputs[i].include_witness_utxo = False
-        spend.inputs[i].include_witness_script = False
-    assert key.prepare(spend.psbt(), 1).digest == spend.digest(1)
+    spend.inputs[2].include_witness_script = False
+    assert refusal(key, spend.psbt(), 1) == "tx: input 2 has no witness_script"
+    spend.inputs[0].include_witness_utxo = False
+    assert refusal(key, spend.psbt(), 1) == "tx: input 0 has no witness_utxo"
 
 
 def test_unknown_fields_are_tolerated(key):
     spend = make_spend(key.public_key)
     spend.inputs[0].extra_fields.append((b"\xfc\x05hello", b"proprietary"))
     assert key.prepare(spend.psbt(), 0).digest == spend.digest(0)
+
+
+# --- what would burn an outpoint (DESIGN "Cosigner"; issue 9 item 6, issue 12 item 10) ---
+
+def _tweaked(key, **changes):
+    spend = make_spend(key.public_key, n_inputs=2)
+    for name, value in changes.items():
+        setattr(spend, name, value)
+    return spend
+
+
+@pytest.mark.parametrize("tweak,reason", [
+    (dict(version=1), "tx: version 1: a Revault spend is version 2"),
+    (dict(version=3), "tx: version 3: a Revault spend is version 2"),
+    (dict(locktime=1), "tx: nLockTime 1: a Revault spend has nLockTime 0"),
+    (dict(locktime=800_000), "tx: nLockTime 800000: a Revault spend has nLockTime 0"),
+])
+def test_version_and_locktime_refused(key, tweak, reason):
+    assert refusal(key, _tweaked(key, **tweak).psbt(), 0) == reason
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    *(("sequence", n, f"input 1 nSequence {n:#x} is not the csv (6) of its witness script")
+      for n in (0xFFFFFFFD, 0xFFFFFFFF, 5, 7, 0)),
+    *(("amount", n, f"input 1 witness_utxo amount {n} is outside 0..21M BTC")
+      for n in (-1, -2**63, 2**63 - 1, 21_000_000 * 100_000_000 + 1)),
+])
+def test_one_bad_input_refuses_every_input(key, field, value, reason):
+    spend = make_spend(key.public_key, n_inputs=2)
+    setattr(spend.inputs[1], field, value)
+    # Input 1 makes the whole spend invalid: input 0's signature is refused too.
+    assert refusal(key, spend.psbt(), 0) == f"tx: {reason}"
+
+
+def test_duplicate_inputs_refused(key):
+    spend = make_spend(key.public_key, n_inputs=2)
+    spend.inputs[1].txid, spend.inputs[1].vout = spend.inputs[0].txid, spend.inputs[0].vout
+    assert refusal(key, spend.psbt(), 0) == "tx: the same outpoint is spent twice"
+
+
+def test_non_p2wsh_input_refused(key):
+    spend = make_spend(key.public_key, n_inputs=2)
+    spend.inputs[1].witness_utxo_script = b"\x00\x14" + os.urandom(20)
+    assert refusal(key, spend.psbt(), 0) == "tx: input 1 is not P2WSH"
+
+
+def test_input_without_relative_lock_refused(key):
+    spend = make_spend(key.public_key, n_inputs=2)
+    spend.inputs[1].witness_script = b"\x21" + pubkey(random_key()) + b"\xac"
+    assert refusal(key, spend.psbt(), 0) == \
+        "tx: input 1 witness_script has no relative timelock (not an unvault output)"
+
+
+def test_outputs_worth_more_than_inputs_refused(key):
+    spend = make_spend(key.public_key, n_inputs=2)  # 200,000 in
+    spend.outputs = [(200_001, spend.outputs[0][1])]
+    assert refusal(key, spend.psbt(), 0) == "tx: outputs (200001 sat) exceed inputs (200000 sat)"
+    spend.outputs = [(200_000, spend.outputs[0][1])]
+    key.prepare(spend.psbt(), 0)  # a zero fee is for the CPFP output to fix, not invalid
+
+
+def test_dust_output_refused(key):
+    spend = make_spend(key.public_key)
+    spend.outputs.append((1, bytes(p2wsh(b"x"))))
+    assert refusal(key, spend.psbt(), 0) == "tx: output 1 pays 1 sat, below the dust limit 330"
+    spend.outputs[-1] = (0, b"\x6a")  # a 0-value OP_RETURN is not dust
+    key.prepare(spend.psbt(), 0)
+
+
+def test_global_transaction_that_does_not_reserialize_refused(key):
+    spend = make_spend(key.public_key)
+    tx = spend.tx().serialize()
+    for cut in (1, 2, 3, 4):  # embit reads a short nLockTime without complaint
+        raw = serialize_psbt(tx[:-cut], [[(b"\x05", spend.inputs[0].witness_script)]], 1)
+        assert "global transaction does not re-serialize to the same bytes" in refusal(key, b64(raw))
+
+
+def test_worst_case_weight_over_the_standard_limit_refused(key):
+    # 20 manager keys per input: a signature bound of 20 x 74 bytes each; enough inputs
+    # push the worst case over 400,000 WU while the unsigned PSBT stays small.
+    managers = [pubkey(random_key()) for _ in range(19)]
+    script = bytes(CScript([19, *managers, 19, OP_CHECKMULTISIGVERIFY, key.public_key,
+                            OP_CHECKSIGVERIFY, 6, OP_CHECKSEQUENCEVERIFY]))
+    spend = make_spend(key.public_key, n_inputs=200)
+    for i in spend.inputs:
+        i.witness_script = script
+    reason = refusal(key, spend.psbt(), 0)
+    assert reason.startswith("tx: ") and "WU once signed" in reason and "400000 WU standard limit" in reason
+    spend.inputs = spend.inputs[:100]
+    spend.outputs = [(90_000 * 100, spend.outputs[0][1])]
+    key.prepare(spend.psbt(), 0)

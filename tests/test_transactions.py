@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import random
+from pathlib import Path
 
 import coincurve
 import pytest
@@ -16,36 +18,40 @@ from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import Transaction as EmbitTransaction
 
-from revault.transactions import (
-    FEERATE_SAT_PER_KWU,
-    P2WPKH_INPUT_MAX_WEIGHT,
-    SIGHASH_ALL,
-    SIGHASH_ALL_ANYONECANPAY,
-    Coin,
+from revault.deployment import (
     Deployment,
     DeploymentError,
+    DerivationError,
+    address_to_script_pubkey,
+    p2wpkh,
+    script_pubkey_to_address,
+)
+from revault.fees import (
+    P2WPKH_INPUT_MAX_WEIGHT,
     FeeBumpError,
     FeeCoin,
+    bump_revocation,
+    select_fee_inputs,
+)
+from revault.primitives import SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY, OutPoint, tx_uid
+from revault.transactions import (
+    FEERATE_SAT_PER_KWU,
+    Coin,
+    build_cancel,
     Kind,
-    OutPoint,
-    SignatureError,
     RevaultTransaction,
+    SignatureError,
     TransactionError,
     Tx,
     TxOut,
-    address_to_script_pubkey,
     build_emergency,
     build_spend,
     build_unvault,
     build_vault_transactions,
-    bump_revocation,
     check_der_signature,
     dust_threshold,
     fee_for_weight,
-    p2wpkh,
-    script_pubkey_to_address,
-    select_fee_inputs,
-    tx_uid,
+    request_spend_size,
 )
 
 N_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -60,7 +66,7 @@ def pub(i: int) -> bytes:
     return coincurve.PrivateKey(secret(i)).public_key.format()
 
 
-STK, MGR, COS = (1, 2, 3), (11, 12), (21, 22, 23)
+STK, MGR, COS, CPFP = (1, 2, 3), (11, 12), (21, 22, 23), (31, 32)
 
 
 def table(**overrides):
@@ -69,6 +75,7 @@ def table(**overrides):
         "stakeholders": [pub(i).hex() for i in STK],
         "managers": [pub(i).hex() for i in MGR],
         "cosigners": [pub(i).hex() for i in COS],
+        "cpfp_keys": [pub(i).hex() for i in CPFP],
         "unvault_csv": 6,
         "emergency_address": REGTEST_EMERGENCY,
     }
@@ -151,6 +158,7 @@ def test_deployment_bounds_accepted_at_the_limit() -> None:
         table(
             stakeholders=[pub(i).hex() for i in range(100, 120)],
             managers=[pub(i).hex() for i in range(200, 220)],
+            cpfp_keys=[pub(i).hex() for i in range(400, 420)],
             cosigners=[],
             unvault_csv=65535,
             managers_threshold=1,
@@ -183,8 +191,10 @@ def test_xpub_deployment_uses_child_i_of_every_key() -> None:
         assert keys.cosigners[2] == pub(23)
     assert d.deposit_address(0) != d.deposit_address(5)
     assert d.unvault_address(0) != d.unvault_address(5)
-    with pytest.raises(TransactionError, match="vault index"):
+    with pytest.raises(DerivationError, match="vault index"):
         d.keys(2**31)
+    with pytest.raises(TransactionError, match="vault index"):
+        build_unvault(d, Coin(DEPOSIT.outpoint, DEPOSIT.value, 2**31))
 
 
 def test_xpub_network_and_private_keys_refused() -> None:
@@ -209,6 +219,7 @@ def test_scripts_match_miniscript_compiler(n_stk, n_mgr, k, n_cos) -> None:
             stakeholders=[pub(100 + i).hex() for i in range(n_stk)],
             managers=[pub(200 + i).hex() for i in range(n_mgr)],
             cosigners=[pub(300 + i).hex() for i in range(n_cos)],
+            cpfp_keys=[pub(400 + i).hex() for i in range(n_mgr)],
             managers_threshold=k,
             unvault_csv=65535,
         )
@@ -308,19 +319,28 @@ def test_presigned_fee_is_253_per_kwu_of_the_max_signed_weight(dep: Deployment) 
         signed = sign_all(rtx).finalize()
         assert signed.weight <= rtx.max_weight()
         assert 1000 * rtx.fee >= FEERATE_SAT_PER_KWU * signed.weight
-        assert len(rtx.tx.inputs) == len(rtx.tx.outputs) == 1
+        assert len(rtx.tx.inputs) == 1
+        assert len(rtx.tx.outputs) == (2 if rtx.kind is Kind.UNVAULT else 1)
         assert rtx.tx.version == 2
-    assert txs.unvault.tx.outputs[0].value == DEPOSIT.value - txs.unvault.fee
+    assert txs.unvault.tx.outputs[0].value == DEPOSIT.value - 30_000 - txs.unvault.fee
+    assert txs.unvault.tx.outputs[1] == TxOut(30_000, dep.cpfp_script_pubkey())
     assert txs.cancel.tx.outputs[0].script_pubkey == dep.deposit_script_pubkey()
     assert txs.unvault.tx.outputs[0].script_pubkey == dep.unvault_script_pubkey()
     assert txs.emergency.tx.outputs[0].script_pubkey == dep.emergency_script_pubkey
 
 
 def test_too_small_deposit_refused(dep: Deployment) -> None:
+    with pytest.raises(TransactionError, match=r"under min_deposit_value \(500000 sat\): not a vault"):
+        build_unvault(dep, Coin(DEPOSIT.outpoint, 499_999))
+    with pytest.raises(TransactionError, match="under min_deposit_value"):
+        build_emergency(dep, Coin(DEPOSIT.outpoint, 400))
+    with pytest.raises(TransactionError, match="under min_deposit_value"):
+        build_vault_transactions(dep, Coin(DEPOSIT.outpoint, 400))
     with pytest.raises(TransactionError, match="dust limit"):
-        build_unvault(dep, Coin(DEPOSIT.outpoint, 400))
+        build_cancel(dep, Coin(DEPOSIT.outpoint, 400))
     with pytest.raises(TransactionError, match="value out of range"):
         build_emergency(dep, Coin(DEPOSIT.outpoint, 0))
+    assert build_unvault(dep, Coin(DEPOSIT.outpoint, 500_000)).tx.outputs[1].value == 30_000
     assert dust_threshold(dep.deposit_script_pubkey()) == 330
     assert dust_threshold(p2wpkh(pub(1))) == 294
     assert dust_threshold(address_to_script_pubkey("mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn", "regtest")) == 546
@@ -376,11 +396,11 @@ def test_non_canonical_signatures_refused(dep: Deployment) -> None:
     sb = b"\x00" + sb if sb[0] & 0x80 else sb
     body = b"\x02" + bytes([len(rb)]) + rb + b"\x02" + bytes([len(sb)]) + sb
     high = b"\x30" + bytes([len(body)]) + body
-    with pytest.raises(SignatureError, match="high S"):
+    with pytest.raises(SignatureError, match="not low-S"):
         emergency.verify_signature(0, pub(1), high)
-    with pytest.raises(SignatureError, match="not a DER"):
+    with pytest.raises(SignatureError, match="not DER"):
         emergency.verify_signature(0, pub(1), sig + b"\x01")
-    with pytest.raises(SignatureError, match="not a DER"):
+    with pytest.raises(SignatureError, match="not DER"):
         check_der_signature(b"\x30\x06\x02\x01\x00\x02\x01\x80")
     check_der_signature(sig)
 
@@ -398,10 +418,11 @@ def test_finalize_orders_multisig_signatures_by_key(dep: Deployment) -> None:
 
 
 def test_spend_witness_managers_branch() -> None:
-    d = Deployment.from_dict(table(managers=[pub(i).hex() for i in (11, 12, 13)], managers_threshold=2))
+    d = Deployment.from_dict(table(managers=[pub(i).hex() for i in (11, 12, 13)], managers_threshold=2,
+                                   cpfp_keys=[pub(i).hex() for i in (31, 32, 33)]))
     unvault = build_unvault(d, DEPOSIT)
     coin = unvault.output_coin()
-    spend = build_spend(d, [coin], [TxOut(coin.value - 2000, p2wpkh(pub(77)))])
+    spend = build_spend(d, [coin], [TxOut(coin.value // 2, p2wpkh(pub(77)))], change_index=0)
     assert spend.tx.inputs[0].sequence == 6
     assert spend.signers(0) == (pub(11), pub(12), pub(13), pub(21), pub(22), pub(23))
     for i in COS:
@@ -428,7 +449,7 @@ def test_spend_witness_managers_branch() -> None:
 def test_spend_bounds(dep: Deployment) -> None:
     coin = build_unvault(dep, DEPOSIT).output_coin()
     with pytest.raises(TransactionError, match="exceed inputs"):
-        build_spend(dep, [coin], [TxOut(coin.value + 1, p2wpkh(pub(1)))])
+        build_spend(dep, [coin], [TxOut(coin.value + 1, p2wpkh(pub(1)))], max_feerate_sat_per_kwu=None)
     with pytest.raises(TransactionError, match="dust"):
         build_spend(dep, [coin], [TxOut(100, p2wpkh(pub(1)))])
     with pytest.raises(TransactionError, match="twice"):
@@ -439,7 +460,7 @@ def test_spend_bounds(dep: Deployment) -> None:
 
 def test_psbt_carries_what_a_cosigner_needs(dep: Deployment) -> None:
     coin = build_unvault(dep, DEPOSIT).output_coin()
-    spend = build_spend(dep, [coin], [TxOut(coin.value - 5000, p2wpkh(pub(5)))])
+    spend = build_spend(dep, [coin], [TxOut(coin.value // 2, p2wpkh(pub(5)))], change_index=0)
     psbt = PSBT.from_string(spend.to_psbt())
     inp = psbt.inputs[0]
     assert inp.witness_script.data == dep.unvault_witness_script()
@@ -564,7 +585,7 @@ def test_bump_revocation_keeps_signatures_valid(dep: Deployment) -> None:
 
 def test_psbt_is_refused_rather_than_written_for_another_transaction(dep: Deployment) -> None:
     coin = build_unvault(dep, DEPOSIT).output_coin()
-    spend = build_spend(dep, [coin], [TxOut(coin.value - 5000, p2wpkh(pub(5)))])
+    spend = build_spend(dep, [coin], [TxOut(coin.value // 2, p2wpkh(pub(5)))], change_index=0)
     assert PSBT.from_string(spend.to_psbt()).tx.serialize() == spend.tx.serialize(with_witness=False)
     # embit would write nSequence 0 as 0xFFFFFFFF: a different transaction.
     tx = dataclasses.replace(spend.tx, inputs=tuple(
@@ -572,3 +593,201 @@ def test_psbt_is_refused_rather_than_written_for_another_transaction(dep: Deploy
     zero = RevaultTransaction(spend.kind, tx, spend.spent, spend.vault_index)
     with pytest.raises(TransactionError, match="cannot be written as a PSBT"):
         zero.to_psbt()
+
+
+# --- transactions v2: the pinned vector, CPFP outputs, spend guards ----------------------
+
+VECTOR = json.loads((Path(__file__).parent / "vectors" / "revault-chain.json").read_text())
+
+
+def vector_deployment() -> Deployment:
+    key = lambda i: coincurve.PrivateKey(bytes([i]) * 32).public_key.format().hex()  # noqa: E731
+    return Deployment.from_dict({
+        "network": "regtest",
+        "stakeholders": [key(i) for i in (1, 2, 3)],
+        "managers": [key(i) for i in (4, 5)],
+        "cosigners": [key(6)],
+        "cpfp_keys": [key(7), key(8)],
+        "unvault_csv": VECTOR["unvault_csv"],
+        "emergency_address": script_pubkey_to_address(
+            bytes.fromhex(VECTOR["emergency_script_pubkey"]), "regtest"),
+    })
+
+
+def test_the_pinned_chain_vector_is_rebuilt_byte_for_byte() -> None:
+    d = vector_deployment()
+    keys = d.keys(0)
+    assert [k.hex() for k in keys.stakeholders] == VECTOR["stakeholders"]
+    assert [k.hex() for k in keys.managers] == VECTOR["managers"]
+    assert [k.hex() for k in keys.cosigners] == VECTOR["cosigners"]
+    assert [k.hex() for k in keys.cpfp] == VECTOR["cpfp_keys"]
+    assert d.emergency_script_pubkey.hex() == VECTOR["emergency_script_pubkey"]
+    assert d.deposit_script_pubkey().hex() == VECTOR["deposit_script_pubkey"]
+    assert d.unvault_script_pubkey().hex() == VECTOR["unvault_script_pubkey"]
+    assert d.cpfp_script_pubkey().hex() == VECTOR["cpfp_script_pubkey"]
+    deposit = Coin(OutPoint.parse(VECTOR["deposit_outpoint"]), VECTOR["deposit_value"])
+    txs = build_vault_transactions(d, deposit)
+    for kind in ("unvault", "cancel", "emergency", "unvault_emergency"):
+        rtx = getattr(txs, kind)
+        assert rtx.tx.serialize().hex() == VECTOR[kind]["hex"], kind
+        assert rtx.txid == VECTOR[kind]["txid"], kind
+        assert rtx.fee == VECTOR[kind]["fee"], kind
+
+
+def test_cpfp_script_and_descriptor(dep: Deployment) -> None:
+    ws = dep.cpfp_witness_script()
+    # 1 <cpfp_1> <cpfp_2> 2 CHECKMULTISIG
+    assert ws == bytes([0x51, 33]) + pub(31) + bytes([33]) + pub(32) + bytes([0x52, 0xAE])
+    desc = Descriptor.from_string(dep.cpfp_descriptor().split("#")[0])
+    assert desc.witness_script().data == ws
+    assert dep.cpfp_address() == desc.address(network=_embit_regtest())
+
+
+def test_dust_threshold_knows_op_return_is_never_dust() -> None:
+    assert dust_threshold(bytes([0x6A])) == 0
+    assert dust_threshold(bytes([0x6A, 4]) + b"test") == 0
+    assert dust_threshold(p2wpkh(pub(1))) == 294
+
+
+def test_manager_only_deployment_has_no_emergencies() -> None:
+    d = Deployment.from_dict(table(emergency_address=None))
+    assert d.emergency_address is None and d.emergency_script_pubkey is None
+    txs = build_vault_transactions(d, DEPOSIT)
+    assert txs.emergency is None and txs.unvault_emergency is None
+    assert txs.revocations() == (txs.cancel,)
+    # The same unvault and cancel as the stakeholders': one chain, whoever builds it.
+    full = build_vault_transactions(Deployment.from_dict(table()), DEPOSIT)
+    assert (txs.unvault.txid, txs.cancel.txid) == (full.unvault.txid, full.cancel.txid)
+    with pytest.raises(TransactionError, match="no emergency_address"):
+        build_emergency(d, DEPOSIT)
+
+
+MORE_BAD_TABLES = [
+    (dict(cpfp_keys=None), "deployment.cpfp_keys", "missing"),
+    (dict(cpfp_keys=[pub(31).hex()]), "deployment.cpfp_keys", "one key per manager (2), got 1"),
+    (dict(cpfp_keys=[pub(31).hex(), pub(11).hex()]), "deployment.cpfp_keys[1]",
+     "duplicate key (same as deployment.managers[0])"),
+    (dict(min_deposit_value=49_999), "deployment.min_deposit_value", "between 50000 and"),
+    (dict(min_deposit_value="1"), "deployment.min_deposit_value", "integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,reason", MORE_BAD_TABLES)
+def test_cpfp_and_deposit_keys_refused_with_named_key(overrides, key, reason) -> None:
+    with pytest.raises(DeploymentError) as err:
+        Deployment.from_dict(table(**overrides))
+    assert err.value.key == key and reason in str(err.value)
+
+
+def _unvault_coins(d: Deployment, n: int, index: int = 0, value: int = 1_000_000) -> list[Coin]:
+    return [Coin(OutPoint(f"{i + 1:064x}", 0), value, index) for i in range(n)]
+
+
+def test_spend_layout_cpfp_first_at_the_highest_index_then_payees_then_change() -> None:
+    roots = [tpub(s) for s in range(1, 11)]
+    d = Deployment.from_dict(table(
+        stakeholders=[x for _, x in roots[:3]], managers=[x for _, x in roots[3:5]],
+        cosigners=[x for _, x in roots[5:8]], cpfp_keys=[x for _, x in roots[8:10]]))
+    coins = [Coin(OutPoint("11" * 32, 0), 800_000, 3), Coin(OutPoint("22" * 32, 1), 900_000, 7)]
+    payee = TxOut(1_000_000, p2wpkh(pub(77)))
+    spend = build_spend(d, coins, [payee], change_index=9, feerate_sat_per_kwu=1_000)
+    cpfp, paid, change = spend.tx.outputs
+    weight = spend.max_weight()
+    assert cpfp == TxOut(16 * weight, d.cpfp_script_pubkey(7))
+    assert paid == payee
+    assert change.script_pubkey == d.deposit_script_pubkey(9)
+    assert spend.fee == fee_for_weight(weight, 1_000)
+    assert change.value == 1_700_000 - 1_000_000 - 16 * weight - spend.fee
+    assert [i.sequence for i in spend.tx.inputs] == [6, 6]
+    assert spend.vault_index == 7 and spend.output_coin(0).index == 7
+
+
+def test_spend_change_that_would_be_dust_goes_to_the_fee(dep: Deployment) -> None:
+    [coin] = _unvault_coins(dep, 1)
+    draft = build_spend(dep, [coin], [TxOut(500_000, p2wpkh(pub(77)))], change_index=0)
+    change = draft.tx.outputs[-1].value
+    payee = TxOut(500_000 + change - 100, p2wpkh(pub(77)))  # leaves a 100-sat change
+    spend = build_spend(dep, [coin], [payee], change_index=0)
+    assert len(spend.tx.outputs) == 2
+    assert spend.fee == coin.value - payee.value - spend.tx.outputs[0].value
+    assert spend.fee > draft.fee
+
+
+def test_spend_guards_refuse_before_anyone_signs(dep: Deployment) -> None:
+    [coin] = _unvault_coins(dep, 1)
+    spk = p2wpkh(pub(77))
+    with pytest.raises(TransactionError, match=r"output 1 pays 100 sat, below the dust limit 294"):
+        build_spend(dep, [coin], [TxOut(100, spk)], change_index=0)
+    # A zero-fee spend: the payee takes all but the CPFP output.
+    draft = build_spend(dep, [coin], [TxOut(500_000, spk)], max_feerate_sat_per_kwu=None)
+    cpfp = draft.tx.outputs[0].value
+    with pytest.raises(TransactionError, match=r"fee 0 sat is under 253 sat/kWU"):
+        build_spend(dep, [coin], [TxOut(coin.value - cpfp, spk)])
+    # The floor exactly: accepted; one satoshi less: refused.
+    floor = fee_for_weight(draft.max_weight())
+    assert build_spend(dep, [coin], [TxOut(coin.value - cpfp - floor, spk)]).fee == floor
+    with pytest.raises(TransactionError, match="under 253 sat/kWU"):
+        build_spend(dep, [coin], [TxOut(coin.value - cpfp - floor + 1, spk)])
+    # An insane fee (no change, a small payee): refused unless the caller lifts the bound.
+    with pytest.raises(TransactionError, match=r"above the sanity bound of 1000 sat/vB"):
+        build_spend(dep, [coin], [TxOut(10_000, spk)])
+    assert build_spend(dep, [coin], [TxOut(10_000, spk)], max_feerate_sat_per_kwu=None).fee > 900_000
+    with pytest.raises(TransactionError, match="feerate must be at least 253"):
+        build_spend(dep, [coin], [TxOut(10_000, spk)], change_index=0, feerate_sat_per_kwu=252)
+    with pytest.raises(TransactionError, match="no payee"):
+        build_spend(dep, [coin], [])
+
+
+def test_spend_over_the_standard_weight_is_refused(dep: Deployment) -> None:
+    # Issue 9: a 77-input 20/20/20 spend weighed 402,663 WU and was built anyway. (One
+    # frame is the tighter bound for build_spend; the weight guard still holds alone.)
+    d = Deployment.from_dict(table(
+        stakeholders=[pub(100 + i).hex() for i in range(20)],
+        managers=[pub(200 + i).hex() for i in range(20)],
+        cosigners=[pub(300 + i).hex() for i in range(20)],
+        cpfp_keys=[pub(400 + i).hex() for i in range(20)]))
+    with pytest.raises(TransactionError, match=r"40\d{4} WU once signed .* above the 400000 WU standard limit"):
+        build_spend(d, _unvault_coins(d, 77), [TxOut(1_000_000, p2wpkh(pub(77)))], change_index=0)
+
+
+def _payee_and_change(d: Deployment, n: int) -> RevaultTransaction:
+    return build_spend(d, _unvault_coins(d, n), [TxOut(100_000, p2wpkh(pub(77)))], change_index=1)
+
+
+def largest_batch(d: Deployment) -> tuple[int, str]:
+    """The most vaults one spend (a payee and a change) can take, and why one more fails."""
+    lo, hi = 1, 2
+    while True:
+        try:
+            _payee_and_change(d, hi)
+        except TransactionError:
+            break
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            _payee_and_change(d, mid)
+            lo = mid
+        except TransactionError:
+            hi = mid
+    with pytest.raises(TransactionError) as err:
+        _payee_and_change(d, lo + 1)
+    return lo, str(err.value)
+
+
+def test_largest_batch_per_deployment_shape() -> None:
+    """Printed with -s: the most vaults one spend can take for each deployment shape."""
+    for n_stk, n_mgr, n_cos in ((3, 2, 3), (20, 20, 3), (20, 20, 20)):
+        d = Deployment.from_dict(table(
+            stakeholders=[pub(100 + i).hex() for i in range(n_stk)],
+            managers=[pub(200 + i).hex() for i in range(n_mgr)],
+            cosigners=[pub(300 + i).hex() for i in range(n_cos)],
+            cpfp_keys=[pub(400 + i).hex() for i in range(n_mgr)]))
+        n, why = largest_batch(d)
+        spend = _payee_and_change(d, n)
+        assert spend.max_weight() <= 400_000
+        assert request_spend_size(spend.worst_case_signed()) <= 65501
+        assert "standard limit" in why or "over one 65501-byte frame" in why
+        print(f"\nlargest batch {n_stk}/{n_mgr}/{n_cos}: {n} vaults, "
+              f"{spend.max_weight()} WU, request_spend {request_spend_size(spend.worst_case_signed())} bytes; "
+              f"{n + 1}: {why.split(': ', 1)[1].split(',')[0]}")

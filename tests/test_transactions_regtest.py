@@ -6,126 +6,34 @@ unvault_csv = 6; once with plain public keys, once with xpubs at two vault index
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
-from decimal import Decimal
 
 import coincurve
 import pytest
-from embit.bip32 import HDKey
 
+from revault.deployment import p2wpkh, script_pubkey_to_address
+from revault.fees import FeeCoin, bump_revocation
+from revault.primitives import SIGHASH_ALL, SIGHASH_ALL_ANYONECANPAY, OutPoint, tx_uid
 from revault.transactions import (
-    SIGHASH_ALL,
-    SIGHASH_ALL_ANYONECANPAY,
     Coin,
-    Deployment,
-    FeeCoin,
     Kind,
-    OutPoint,
     RevaultTransaction,
     SignatureError,
+    TransactionError,
     Tx,
     TxIn,
     TxOut,
     build_spend,
     build_vault_transactions,
-    bump_revocation,
-    p2wpkh,
-    script_pubkey_to_address,
     sign_digest,
-    tx_uid,
 )
+from tests.support.chain import CSV, accepted, fund, make_participants, rejected
 from tests.support.regtest import RegtestNode, sats
 
-CSV = 6
 DEPOSIT_SATS = 1_000_000
 # DESIGN.md, Transport: a frame carries at most 65501 bytes of plaintext.
 MAX_MESSAGE = 65501
 WEIGHTS: dict[str, dict[str, int]] = {}  # kind -> Core's numbers
-
-
-@dataclass
-class Participants:
-    """A deployment together with every private key behind it."""
-
-    deployment: Deployment
-    secrets: list  # per role position: a 32-byte key, or an HDKey (xprv) for xpubs
-
-    def secret(self, position: int, index: int) -> bytes:
-        s = self.secrets[position]
-        return s.child(index).key.secret if isinstance(s, HDKey) else s
-
-    def keys_for(self, rtx: RevaultTransaction, input_index: int, vault_index: int) -> list[bytes]:
-        """The private keys able to sign that input (stakeholders or managers+cosigners)."""
-        wanted = set(rtx.signers(input_index))
-        out = []
-        for pos in range(len(self.secrets)):
-            sk = self.secret(pos, vault_index)
-            if coincurve.PrivateKey(sk).public_key.format() in wanted:
-                out.append(sk)
-        return out
-
-    def sign(self, rtx: RevaultTransaction, vault_indexes: list[int] | None = None) -> RevaultTransaction:
-        for i in range(len(rtx.spent)):
-            index = (vault_indexes or [rtx.vault_index] * len(rtx.spent))[i]
-            for sk in self.keys_for(rtx, i, index):
-                rtx.sign(i, sk)
-        assert rtx.is_complete()
-        return rtx
-
-
-def make_participants(flavor: str, n_stk=3, n_mgr=2, n_cos=3, threshold=None) -> Participants:
-    sizes = (n_stk, n_mgr, n_cos)
-    secrets: list = []
-    texts: list[list[str]] = [[], [], []]
-    for role, count in enumerate(sizes):
-        for j in range(count):
-            seed = bytes([role + 1, j + 1]) * 16
-            if flavor == "xpubs":
-                root = HDKey.from_seed(seed, version=bytes.fromhex("04358394"))
-                secrets.append(root)
-                texts[role].append(root.to_public().to_string())
-            else:
-                sk = hashlib.sha256(seed).digest()
-                secrets.append(sk)
-                texts[role].append(coincurve.PrivateKey(sk).public_key.format().hex())
-    table = {
-        "network": "regtest",
-        "stakeholders": texts[0],
-        "managers": texts[1],
-        "cosigners": texts[2],
-        "unvault_csv": CSV,
-        # p2wpkh of key 0x42..42: an address nobody in the test signs for.
-        "emergency_address": script_pubkey_to_address(
-            p2wpkh(coincurve.PrivateKey(b"\x42" * 32).public_key.format()), "regtest"
-        ),
-    }
-    if threshold is not None:
-        table["managers_threshold"] = threshold
-    return Participants(Deployment.from_dict(table), secrets)
-
-
-async def fund(node: RegtestNode, address: str, amount: int, index: int = 0) -> Coin:
-    txid = await node.rpc("sendtoaddress", address, Decimal(amount) / Decimal(10**8), wallet=node.MINER_WALLET)
-    tx = await node.rpc("getrawtransaction", txid, True)
-    for out in tx["vout"]:
-        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount:
-            return Coin(OutPoint(txid, out["n"]), amount, index)
-    raise AssertionError(f"{txid} does not pay {address}")
-
-
-async def accepted(node: RegtestNode, tx: Tx) -> dict:
-    [result] = await node.rpc("testmempoolaccept", [tx.to_hex()])
-    assert result["allowed"], result
-    assert result["txid"] == tx.txid
-    return result
-
-
-async def rejected(node: RegtestNode, tx: Tx) -> str:
-    [result] = await node.rpc("testmempoolaccept", [tx.to_hex()])
-    assert not result["allowed"], result
-    return result["reject-reason"]
 
 
 async def broadcast_and_mine(node: RegtestNode, rtx: RevaultTransaction, tx: Tx | None = None) -> dict:
@@ -191,9 +99,11 @@ async def test_chain_accepted_by_bitcoind(bitcoind: RegtestNode, flavor: str, in
 
     unvault_coin = chains[1].unvault.output_coin()
     payee = p2wpkh(coincurve.PrivateKey(b"\x43" * 32).public_key.format())
-    draft = build_spend(d, [unvault_coin], [TxOut(unvault_coin.value - 1000, payee)])
-    fee = draft.max_weight()  # 1 sat per weight unit: the caller's choice
-    spend = p.sign(build_spend(d, [unvault_coin], [TxOut(unvault_coin.value - fee, payee)]))
+    # 1 sat per weight unit, a change back to a vault at the next index.
+    spend = p.sign(build_spend(d, [unvault_coin], [TxOut(400_000, payee)], change_index=index + 1,
+                               feerate_sat_per_kwu=1000))
+    assert spend.tx.outputs[0].script_pubkey == d.cpfp_script_pubkey(index)
+    assert spend.tx.outputs[2].script_pubkey == d.deposit_script_pubkey(index + 1)
     signed = spend.finalize()
     assert all(i.sequence == CSV for i in signed.inputs)
 
@@ -333,14 +243,17 @@ async def test_largest_deployment_batch_of_15_fits_one_message(bitcoind: Regtest
     payee = p2wpkh(coincurve.PrivateKey(b"\x44" * 32).public_key.format())
 
     def spend_of(unvault_coins: list[Coin]) -> RevaultTransaction:
-        total = sum(c.value for c in unvault_coins)
-        draft = build_spend(d, unvault_coins, [TxOut(100_000, payee), TxOut(total - 200_000, d.deposit_script_pubkey())])
-        fee = draft.max_weight()  # 1 sat per weight unit
-        return build_spend(d, unvault_coins, [TxOut(100_000, payee), TxOut(total - 100_000 - fee, d.deposit_script_pubkey())])
+        # 1 sat per weight unit; build_spend refuses what would not fit one frame.
+        return build_spend(d, unvault_coins, [TxOut(100_000, payee)], change_index=0,
+                           feerate_sat_per_kwu=1000)
 
     def fits(n: int) -> bool:
         fake = [Coin(OutPoint(f"{i + 1:064x}", 0), 900_000) for i in range(n)]
-        worst = spend_of(fake).worst_case_signed()
+        try:
+            worst = spend_of(fake).worst_case_signed()
+        except TransactionError as e:
+            assert "over one 65501-byte frame" in str(e)
+            return False
         return len(request_spend_envelope(worst, fake[0].outpoint.txid)) <= MAX_MESSAGE
 
     largest = max(n for n in range(1, 40) if fits(n))

@@ -11,7 +11,7 @@ import pytest
 
 from revault.config import ConfigError, ConfigTable
 from revault.keys import create_key_file
-from revault.transactions import p2wpkh, script_pubkey_to_address
+from revault.deployment import p2wpkh, script_pubkey_to_address
 from revault.wallet import Wallet
 from revault.wallet_config import default_bitcoind_wallet, load_wallet_config, read_wallet_config
 
@@ -32,6 +32,7 @@ DEPLOYMENT = {
     "stakeholders": [pub("stk0"), pub("stk1")],
     "managers": [pub("mgr0")],
     "cosigners": [pub("cos0")],
+    "cpfp_keys": [pub("cpfp0")],
     "unvault_csv": 6,
     "emergency_address": script_pubkey_to_address(
         p2wpkh(bytes.fromhex(pub("emergency"))), "regtest"),

@@ -9,10 +9,9 @@ import pytest
 
 from revault.messages import RelayedOpinion, sign_opinion
 from revault.primitives import tx_uid
-from revault.transactions import (
-    Coin, Deployment, OutPoint, TxOut, build_spend, build_vault_transactions, p2wpkh,
-    script_pubkey_to_address,
-)
+from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
+from revault.primitives import OutPoint
+from revault.transactions import Coin, TxOut, build_spend, build_vault_transactions
 from revault.wallet_flows import (
     BACKOFF_MAX, MAX_ERR_SIG_ROUNDS, MAX_WATCHTOWER_NACKS, ActivateFlow, BadSignatures,
     CosignerMisbehaved, CosignerSign, ErrSig, FetchOpinions, FetchSigs, FlowError, NotSecured,
@@ -39,6 +38,7 @@ DEPLOYMENT = Deployment.from_dict({
     "managers": [pub(s).hex() for s in MGR],
     "managers_threshold": 1,
     "cosigners": [pub(s).hex() for s in COS],
+    "cpfp_keys": [pub(secret(f"cpfp {i}")).hex() for i in range(2)],
     "unvault_csv": 6,
     "emergency_address": script_pubkey_to_address(p2wpkh(pub(secret("emergency"))), "regtest"),
     "watchtowers": [pub(s).hex() for s in TOWER_KEYS],
@@ -205,7 +205,7 @@ def spend_flow():
     txs = vault_txs()
     coin = txs.unvault.output_coin(0)
     payee = p2wpkh(pub(secret("payee")))
-    spend = build_spend(DEPLOYMENT, [coin], [TxOut(coin.value - 5_000, payee)])
+    spend = build_spend(DEPLOYMENT, [coin], [TxOut(coin.value - 100_000, payee)])
     spend.sign(0, MGR[0])
     vault_id = tx_uid(DEPOSIT.outpoint.txid)
     cosigners = [[pub(COS[0])]]
@@ -285,7 +285,8 @@ def test_a_batch_needs_each_watchtower_once_whichever_vault_it_answered():
     txs = [vault_txs(), build_vault_transactions(DEPLOYMENT, Coin(OutPoint("cd" * 32, 0),
                                                                    3_000_000, 0))]
     coins = [t.unvault.output_coin(0) for t in txs]
-    spend = build_spend(DEPLOYMENT, coins, [TxOut(4_000_000, p2wpkh(pub(secret("payee"))))])
+    spend = build_spend(DEPLOYMENT, coins, [TxOut(4_000_000, p2wpkh(pub(secret("payee"))))],
+                        change_index=0)
     ids = [tx_uid("ab" * 32), tx_uid("cd" * 32)]
     flow = SpendFlow(spend, ids, 1, [pub(k) for k in TOWER_KEYS], [[pub(COS[0])] * 2])
     assert len(flow.start()) == 4  # a request and a poll per vault

@@ -10,7 +10,7 @@ import pytest
 
 from revault.clients import SyncServerClient
 from revault.primitives import tx_uid
-from revault.transactions import Deployment
+from revault.deployment import Deployment
 from revault.wallet import PeerUnavailable, WalletError
 from revault.wallet_config import default_bitcoind_wallet
 from revault.wallet_flows import NotSecured

@@ -16,7 +16,7 @@ from pathlib import Path
 import coincurve
 
 from revault.keys import create_key_file, generate_bitcoin_key
-from revault.transactions import p2wpkh, script_pubkey_to_address
+from revault.deployment import p2wpkh, script_pubkey_to_address
 from revault.wallet import Wallet
 from tests.support.daemons import DaemonProcess, NoiseIdentity, to_toml, write_config
 from tests.support.regtest import RegtestNode, free_port
@@ -41,6 +41,7 @@ class Participant:
     noise: NoiseIdentity
     stakeholder_secret: bytes | None = None
     manager_secret: bytes | None = None
+    cpfp_secret: bytes | None = None
     config_path: Path | None = None
 
     def wallet(self, **options) -> Wallet:
@@ -59,6 +60,7 @@ class System:
     cosigners: list[DaemonProcess] = field(default_factory=list)
     cosigner_noise: list[NoiseIdentity] = field(default_factory=list)
     watchtowers: list[DaemonProcess] = field(default_factory=list)
+    payee: str = ""  # an address the demo pays, outside the deployment
 
     def daemons(self) -> list[DaemonProcess]:
         return [self.sync, *self.cosigners, *self.watchtowers]
@@ -91,15 +93,15 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
                         stakeholder_secret=bitcoin_key(d / "stakeholder.key"))
         if i < both_roles:
             p.manager_secret = bitcoin_key(d / "manager.key")
-            bitcoin_key(d / "cpfp.key")
+            p.cpfp_secret = bitcoin_key(d / "cpfp.key")
         stakeholders.append(p)
     managers = [p for p in stakeholders if p.manager_secret is not None]
     for j in range(n_managers - len(managers)):
         d = root / f"manager{j}"
         d.mkdir()
         managers.append(Participant(f"manager{j}", d, NoiseIdentity.create(d / "noise.key"),
-                                    manager_secret=bitcoin_key(d / "manager.key")))
-        bitcoin_key(d / "cpfp.key")
+                                    manager_secret=bitcoin_key(d / "manager.key"),
+                                    cpfp_secret=bitcoin_key(d / "cpfp.key")))
 
     # Per manager a cosigner.
     cosigners, cosigner_noise, cosigner_pubs = [], [], []
@@ -133,6 +135,7 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         "managers_threshold": 1,
         "cosigners": cosigner_pubs,
         "unvault_csv": unvault_csv,
+        "cpfp_keys": [pub(p.cpfp_secret).hex() for p in managers],
         "emergency_address": emergency,
         "watchtowers": [pub(opinion).hex() for _, _, opinion in towers],
     }
@@ -182,6 +185,10 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
                 "bitcoind": _bitcoind_table(node),
                 "deployment": deployment,
             }
+            if p.stakeholder_secret is None:
+                # DESIGN: a manager who is not a stakeholder never learns it.
+                table["deployment"] = {k: v for k, v in deployment.items()
+                                       if k != "emergency_address"}
             if p.stakeholder_secret is not None:
                 table["stakeholder_key_file"] = "stakeholder.key"
                 i = stakeholders.index(p)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from revault.bitcoind import BitcoindClient
@@ -85,9 +86,10 @@ class RegtestNode:
 
     MINER_WALLET = "miner"
 
-    def __init__(self, datadir: Path, bin_dir: Path | None = None):
+    def __init__(self, datadir: Path, bin_dir: Path | None = None, extra_conf: Sequence[str] = ()):
         self.bin_dir = bin_dir if bin_dir is not None else bitcoind_bin_dir()
         self.datadir = Path(datadir)
+        self.extra_conf = tuple(extra_conf)  # more `key=value` lines for [regtest]
         self.rpc_user = "revault-" + secrets.token_hex(4)
         self.rpc_password = secrets.token_hex(16)
         self.rpc_port = 0
@@ -145,6 +147,7 @@ class RegtestNode:
                 "fixedseeds=0\n"
                 "keypool=10\n"
                 "printtoconsole=0\n"
+                + "".join(f"{line}\n" for line in self.extra_conf)
             )
 
     def _spawn(self) -> None:
@@ -285,9 +288,9 @@ class RegtestNode:
         raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
 
 
-def start_node(datadir: Path) -> RegtestNode:
+def start_node(datadir: Path, extra_conf: Sequence[str] = ()) -> RegtestNode:
     """A started node with a funded miner wallet; stopped again if setup fails."""
-    node = RegtestNode(datadir)
+    node = RegtestNode(datadir, extra_conf=extra_conf)
     try:
         node.start()
         node.setup_miner_wallet()
