@@ -20,8 +20,9 @@ Config (TOML; see contrib/cosigner.sample.toml):
     noise_key_file = "noise.key"
     bitcoin_key_file = "bitcoin.key"
     managers = ["<64 hex>", ...]
-    # optional: requests_per_second (per connection, default 10), idle_timeout,
-    # max_connections, log_level
+    # optional: requests_per_second (per manager key, default 10), idle_timeout,
+    # max_connections, max_handshakes, max_handshakes_per_address,
+    # max_connections_per_peer, write_timeout, log_level
 
 The store grows by one row per outpoint signed and never shrinks (see cosigner_store).
 """
@@ -39,11 +40,13 @@ from revault.cosigner_store import DATABASE_NAME, SignatureStore
 from revault.daemon import CommonConfig, run_daemon
 from revault.errors import Refused
 from revault.keys import KeyFileError, read_key_file
+from revault.log_limit import LimitedLog
 from revault.messages import COSIGNER_METHODS, MANAGER, SignParams, SignResult
 from revault.rpc import Caller, Dispatcher
 from revault.transport import key_prefix
 
 log = logging.getLogger("revault.cosigner")
+_refusal_notices = LimitedLog(log)
 
 NAME = "cosigner"
 DEFAULT_REQUESTS_PER_SECOND = 10.0
@@ -89,8 +92,10 @@ class CosignerService:
         try:
             request = self._key.prepare(params.tx, params.index)
         except PsbtRefused as e:
-            # The dispatcher answers it (-32602); this line says which manager sent it.
-            log.info("sign refused for manager %s: %s", manager, e)
+            # The dispatcher answers it (-32602); this line says which manager sent it,
+            # a few times a minute per manager at most.
+            _refusal_notices.log(logging.INFO, caller.public_key,
+                                 "sign refused for manager %s: %s", manager, e)
             raise
         # A store that is closing raises StoreClosed, answered -32002 by the dispatcher.
         outcome = await self._store.sign_once(request, caller.public_key)
@@ -126,7 +131,7 @@ async def make_service(config: CosignerConfig, noise_private: bytes) -> Cosigner
         raise KeyFileError(
             f"bitcoin_key_file: {config.bitcoin_key_file}: not a valid secp256k1 secret key") from None
     store = await SignatureStore.open(config.common.data_dir / DATABASE_NAME, key.sign)
-    log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per connection",
+    log.info("cosigner bitcoin public key %s, %d manager(s), %s requests/s per manager key",
              key.public_key.hex(), len(config.managers), f"{config.common.requests_per_second:g}")
     return CosignerService(config, key, store)
 

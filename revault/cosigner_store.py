@@ -4,7 +4,8 @@ One table, one row per outpoint ever signed, never updated, never deleted: delet
 would let the cosigner sign that outpoint a second time, which is the one thing it exists
 to prevent. The table therefore grows by one row (about 300 bytes) per outpoint signed;
 in a deployment that is bounded by the managers' actual spends, and a misbehaving
-manager key is bounded by the daemon's `requests_per_second` and `max_connections`.
+manager key is bounded by the daemon's `requests_per_second` (one budget per key,
+across all its connections).
 
 How "exactly one signature per outpoint, even across crashes" is obtained:
 

@@ -13,23 +13,29 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol, TypeVar
+from typing import Awaitable, Callable, Mapping, Protocol, TypeVar
 
 from revault.config import ConfigError, ConfigTable, ProblemCollector, load_config_file
 from revault.keys import KeyFileError, noise_public_key, read_key_file
-from revault.rpc import Caller, Dispatcher, serve_connection
-from revault.storage import StorageError
+from revault.rpc import Caller, Dispatcher, RequestPacer, serve_connection
+from revault.storage import StorageError, storage_error_cause
 from revault.transport import NoiseConnection, ServerLimits, start_server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_CONFIG = 2   # the config or a key file is unusable: fix it, restarting will not help
 EXIT_FAILURE = 1  # failed at run time (port taken, database refused)
+# File descriptors a daemon needs besides its connections: the listening socket, SQLite
+# (database, WAL, shared memory, read-only connections), bitcoind and ZMQ sockets, the
+# event loop's own. max_connections must leave them room, or accept() fails under load.
+FD_MARGIN = 64
 
 log = logging.getLogger("revault.daemon")
 
@@ -45,7 +51,11 @@ class CommonConfig:
     idle_timeout: float
     max_connections: int
     log_level: str
-    requests_per_second: float | None  # per connection; None: no limit
+    requests_per_second: float | None  # per peer key, all its connections; None: no limit
+    max_handshakes: int
+    max_handshakes_per_address: int
+    max_connections_per_peer: int
+    write_timeout: float
 
     @classmethod
     def read(cls, table: ConfigTable, base: Path, *,
@@ -55,10 +65,20 @@ class CommonConfig:
         Problems are collected, not raised one by one: see ProblemCollector.
         """
         p = ProblemCollector()
+        defaults = ServerLimits()
         listen = p.read(table.listen, "listen")
         log_level = p.read(table.string, "log_level", "info")
         if log_level is not None and log_level not in LOG_LEVELS:
             p.add(f"{table.key_name('log_level')}: must be one of {', '.join(LOG_LEVELS)}")
+        max_connections = p.read(table.integer, "max_connections", minimum=1,
+                                 maximum=100_000, default=1024)
+        # By default a quarter of the sockets, at most 64, may be mid-handshake, all of
+        # them from one address: a host opening many connections at once (a busy wallet,
+        # several peers behind one NAT) is not cut, and when the budget is full the address
+        # holding the most loses its oldest first anyway.
+        handshakes = p.read(table.integer, "max_handshakes", minimum=1, maximum=100_000,
+                            default=max(1, min(defaults.max_handshakes,
+                                               (max_connections or 1024) // 4)))
         config = cls(
             listen_host=listen[0] if listen else "",
             listen_port=listen[1] if listen else 0,
@@ -66,14 +86,38 @@ class CommonConfig:
             noise_key_file=p.read(table.path, "noise_key_file", base),
             idle_timeout=p.read(table.number, "idle_timeout", minimum=1, maximum=86400,
                                 default=300),
-            max_connections=p.read(table.integer, "max_connections", minimum=1,
-                                   maximum=100_000, default=1024),
+            max_connections=max_connections,
             log_level=log_level,
             requests_per_second=p.read(table.number, "requests_per_second", minimum=0.001,
                                        maximum=1_000_000, default=requests_per_second),
+            max_handshakes=handshakes,
+            max_handshakes_per_address=p.read(
+                table.integer, "max_handshakes_per_address", minimum=1, maximum=100_000,
+                default=handshakes or 1),
+            max_connections_per_peer=p.read(
+                table.integer, "max_connections_per_peer", minimum=1, maximum=100_000,
+                default=defaults.max_connections_per_peer),
+            write_timeout=p.read(table.number, "write_timeout", minimum=1, maximum=86400,
+                                 default=defaults.write_timeout),
         )
+        for key, value, bound_key, bound in (
+                ("max_handshakes", config.max_handshakes, "max_connections",
+                 config.max_connections),
+                ("max_handshakes_per_address", config.max_handshakes_per_address,
+                 "max_handshakes", config.max_handshakes)):
+            if None not in (value, bound) and value > bound:
+                p.add(f"{table.key_name(key)}: must be at most {bound_key} ({bound}), "
+                      f"got {value}")
         p.finish()
         return config
+
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(idle_timeout=self.idle_timeout,
+                            max_connections=self.max_connections,
+                            max_handshakes=self.max_handshakes,
+                            max_handshakes_per_address=self.max_handshakes_per_address,
+                            max_connections_per_peer=self.max_connections_per_peer,
+                            write_timeout=self.write_timeout)
 
 
 class Service(Protocol):
@@ -135,6 +179,26 @@ def ensure_data_dir(path: Path) -> None:
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 700 on it")
 
 
+def check_descriptor_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; refuse a max_connections it cannot
+    hold (plus FD_MARGIN). Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have; the check below uses it
+    if soft != resource.RLIM_INFINITY and max_connections + FD_MARGIN > soft:
+        raise ConfigError(
+            f"max_connections: {max_connections} connections plus {FD_MARGIN} descriptors "
+            f"for the daemon's own files exceed the open-file limit of {soft}; lower "
+            f"max_connections to at most {max(0, soft - FD_MARGIN)} or raise the limit "
+            f"(LimitNOFILE= in the systemd unit)")
+    return soft
+
+
 def load_app_config(
     name: str, config_path: Path, read_config: Callable[[ConfigTable, Path], AppConfig],
 ) -> AppConfig:
@@ -157,16 +221,28 @@ def run_daemon(
     argv: list[str] | None,
     read_config: Callable[[ConfigTable, Path], AppConfig],
     make_service: Callable[[AppConfig, bytes], Awaitable[Service]],
+    commands: Mapping[str, Callable[[AppConfig], Awaitable[int]]] | None = None,
 ) -> int:
-    """Entry point body of `revault-<name>`; returns the process exit status."""
+    """Entry point body of `revault-<name>`; returns the process exit status.
+
+    `commands`: one-shot subcommands (`revault-<name> --config FILE COMMAND`) run
+    with the validated config instead of the daemon; each returns the exit status.
+    """
     prog = f"revault-{name}"
     parser = argparse.ArgumentParser(prog=prog, description=f"Revault {name} daemon.")
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    if commands:
+        parser.add_argument("command", nargs="?", choices=sorted(commands),
+                            help="run this command instead of the daemon")
     args = parser.parse_args(argv)
 
     try:
         config = load_app_config(name, args.config, read_config)
+        check_descriptor_limit(config.common.max_connections)
         ensure_data_dir(config.common.data_dir)
+        if commands and args.command:
+            setup_logging(config.common.log_level)
+            return asyncio.run(commands[args.command](config))
         noise_private = read_key_file(config.common.noise_key_file)
     except ConfigError as e:
         for problem in e.problems:
@@ -196,17 +272,25 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
     except (KeyFileError, ConfigError) as e:  # e.g. a daemon's own key file: fix the config
         log.error("cannot start %s: %s", name, e)
         return EXIT_CONFIG
-    except (StorageError, OSError) as e:
-        log.error("cannot start %s: %s", name, e)
+    except (StorageError, OSError, sqlite3.Error) as e:
+        log.error("cannot start %s: %s", name, storage_error_cause(e) or e)
         return EXIT_FAILURE
+
+    limits = common.server_limits()
+    peer_slots = limits.max_connections - limits.max_handshakes
+    if peer_slots < len(service.known_peers):
+        # Each configured peer is promised a connection whatever the others do.
+        log.error("cannot start %s: max_connections - max_handshakes (%d) must be at least "
+                  "the number of configured peers (%d)", name, peer_slots,
+                  len(service.known_peers))
+        await service.close()
+        return EXIT_CONFIG
+    pacer = RequestPacer(common.requests_per_second)
 
     async def handle(conn: NoiseConnection) -> None:
         caller = Caller(public_key=conn.peer_public, roles=service.roles_of(conn.peer_public))
-        await serve_connection(conn, service.dispatcher, caller,
-                               requests_per_second=common.requests_per_second)
+        await serve_connection(conn, service.dispatcher, caller, pacer)
 
-    limits = ServerLimits(idle_timeout=common.idle_timeout,
-                          max_connections=common.max_connections)
     try:
         server = await start_server(common.listen_host, common.listen_port, noise_private,
                                     service.known_peers, handle, limits)

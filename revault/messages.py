@@ -493,21 +493,19 @@ class WatchtowerSigParams:
 class WatchtowerSigResult:
     ack: bool
     txid: str
-    reason: str = ""  # why it did not ack (DESIGN.md: {"ack":false,"txid","reason"})
+    reason: str = ""  # why the watchtower refused (DESIGN.md: only with "ack": false)
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
-        reason = obj.get("reason", "")
-        return cls(ack=_check_bool("ack", _require(obj, "ack")),
-                   txid=_id("txid", _require(obj, "txid")),
-                   reason=_check_str("reason", reason, MAX_REASON_CHARS))
+        ack = _check_bool("ack", _require(obj, "ack"))
+        reason = "" if ack else _check_str("reason", obj.get("reason", ""), MAX_REASON_CHARS)
+        return cls(ack=ack, txid=_id("txid", _require(obj, "txid")), reason=reason)
 
     def to_json(self) -> dict:
-        out = {"ack": self.ack, "txid": self.txid}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
+        if self.ack:
+            return {"ack": True, "txid": self.txid}
+        return {"ack": False, "txid": self.txid, "reason": self.reason}
 
 
 # --- cosigner -------------------------------------------------------------------

@@ -21,6 +21,8 @@ from revault.errors import (
     PARSE_ERROR, REFUSED, Forbidden, InternalError, InvalidRequest, ParseError, Refused,
     UnknownMethod, WireError, error_from_wire,
 )
+from revault.log_limit import LimitedLog
+from revault.storage import storage_error_cause
 
 log = logging.getLogger("revault.rpc")
 
@@ -28,7 +30,7 @@ __all__ = [
     "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "FORBIDDEN",
     "REFUSED", "INTERNAL_ERROR", "RpcError", "ProtocolError", "Caller", "Request",
     "Response", "decode_request", "encode_result", "encode_error", "encode_request",
-    "decode_response", "Handler", "MethodSpec", "Dispatcher", "TokenBucket",
+    "decode_response", "Handler", "MethodSpec", "Dispatcher", "TokenBucket", "RequestPacer",
     "serve_connection", "RpcClient",
 ]
 
@@ -223,17 +225,20 @@ class _Method:
 
 def _log_internal(method: str, caller: Caller, exc: BaseException) -> None:
     # The frames say where it failed; the exception's message is left out because it
-    # may quote params values (signatures) or worse.
+    # may quote params values (signatures) or worse. SQLite's own messages never do, and
+    # they are the cause an operator needs (read-only file, disk full, I/O error).
     frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
     log.error("internal error in %r for %s: %s\n%s", _echo(method), caller.describe(),
-              type(exc).__qualname__, frames)
+              storage_error_cause(exc) or type(exc).__qualname__, frames)
 
 
-def _log_refusal(method: str, error: WireError, caller: Caller) -> None:
+def _log_refusal(notices: LimitedLog, method: str, error: WireError,
+                 caller: Caller) -> None:
     # Error messages are what the peer is told anyway (never params values), but may
-    # echo a hostile map key or method name: repr keeps a log record on one line.
-    log.info("refused %r (%d %r) for %s", _echo(method), error.code,
-             error.message[:MAX_LOGGED_MESSAGE], caller.describe())
+    # echo a hostile map key or method name: repr keeps a log record on one line. A peer
+    # can be refused as often as its pace allows: past a few lines a minute, counted.
+    notices.log(logging.INFO, caller.public_key, "refused %r (%d %r) for %s", _echo(method),
+                error.code, error.message[:MAX_LOGGED_MESSAGE], caller.describe())
 
 
 class Dispatcher:
@@ -245,6 +250,7 @@ class Dispatcher:
         self._methods: dict[str, _Method] = {}
         # A response the transport cannot carry would otherwise kill the connection.
         self.max_response = transport.MAX_PLAINTEXT if max_response is None else max_response
+        self._refusals = LimitedLog(log)
 
     def method(self, name: str, params: type, roles: Iterable[str], *,
                result: type | None = None):
@@ -283,15 +289,6 @@ class Dispatcher:
         for name, spec in table.items():
             self.method(name, spec.params, spec.roles, result=spec.result)(handlers[name])
 
-    def refuse(self, caller: Caller, raw: bytes, error: WireError) -> bytes | None:
-        """Answer a frame with `error` without running it (a notification gets nothing)."""
-        request = decode_request(raw)
-        if isinstance(request, WireError):
-            return self._envelope_error(caller, request)
-        _log_refusal(request.method, error, caller)
-        return None if request.notification else encode_error(request.id, error.code,
-                                                              error.message)
-
     async def handle(self, caller: Caller, raw: bytes) -> bytes | None:
         """Never raises. Returns the encoded response, or None for a notification.
         Role is checked before params are parsed or the handler runs (-32001)."""
@@ -310,14 +307,14 @@ class Dispatcher:
             return encode_error(None, INTERNAL_ERROR, "internal error")
 
     def _envelope_error(self, caller: Caller, error: WireError) -> bytes:
-        _log_refusal("", error, caller)
+        _log_refusal(self._refusals, "", error, caller)
         return encode_error(None, error.code, error.message)
 
     async def _run(self, caller: Caller, request: Request) -> dict | WireError:
         """The result as a JSON object, or the error that answers the request."""
         outcome = await self._call(caller, request)
         if isinstance(outcome, WireError) and outcome.code != INTERNAL_ERROR:
-            _log_refusal(request.method, outcome, caller)
+            _log_refusal(self._refusals, request.method, outcome, caller)
         return outcome
 
     async def _call(self, caller: Caller, request: Request) -> dict | WireError:
@@ -355,7 +352,8 @@ class Dispatcher:
             _log_internal(request.method, caller, e)
             return encode_error(request.id, INTERNAL_ERROR, "internal error")
         if len(response) > self.max_response:
-            _log_refusal(request.method, Refused(f"response of {len(response)} bytes"), caller)
+            _log_refusal(self._refusals, request.method,
+                         Refused(f"response of {len(response)} bytes"), caller)
             return encode_error(request.id, REFUSED, "response too large")
         return response
 
@@ -363,7 +361,11 @@ class Dispatcher:
 # --- asyncio adapters ----------------------------------------------------------------
 
 class TokenBucket:
-    """`rate` tokens per second, holding at most max(1, rate): short bursts pass, floods do not."""
+    """`rate` tokens per second, holding at most max(1, rate): short bursts pass at once.
+
+    `reserve` never refuses: it takes a token, going into debt when there is none, and
+    says how long to wait before acting on it. Concurrent callers thus queue in order.
+    """
 
     def __init__(self, rate: float, now: float):
         if not rate > 0:
@@ -373,30 +375,58 @@ class TokenBucket:
         self.tokens = self.capacity
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def reserve(self, now: float) -> float:
+        """Seconds to wait (0 for none) before the request this token is for may run."""
         elapsed = max(0.0, now - self.stamp)
-        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate) - 1.0
+        self.stamp = max(now, self.stamp)
+        return 0.0 if self.tokens >= 0.0 else -self.tokens / self.rate
+
+
+class RequestPacer:
+    """The request rate of each peer key, across all its connections (DESIGN, "Envelope").
+
+    A request over the rate is not refused: its connection waits for its turn, reading
+    nothing meanwhile, so the peer's later requests stay in its own TCP window and TCP
+    pushes back. Buckets exist only for keys that completed a handshake: configured peers.
+    """
+
+    def __init__(self, requests_per_second: float | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self._rate = requests_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._buckets: dict[bytes, TokenBucket] = {}
+
+    async def wait_turn(self, peer: bytes) -> None:
+        if self._rate is None:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            bucket = self._buckets[peer] = TokenBucket(self._rate, now)
+        delay = bucket.reserve(now)
+        if delay > 0:
+            await self._sleep(delay)
 
 
 async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatcher,
-                           caller: Caller, requests_per_second: float | None = None) -> None:
-    """Answer requests on one connection until it closes; over-rate requests get -32002."""
+                           caller: Caller, pacer: RequestPacer | None = None) -> None:
+    """Answer requests on one connection, in order, each once the peer's pace allows,
+    until it closes. After the peer shuts down its side, every request it sent before
+    is still answered."""
     try:
-        bucket = (None if requests_per_second is None
-                  else TokenBucket(requests_per_second, time.monotonic()))
         while True:
             raw = await conn.recv()
-            if bucket is not None and not bucket.take(time.monotonic()):
-                response = dispatcher.refuse(caller, raw, Refused("rate limit exceeded"))
-            else:
-                response = await dispatcher.handle(caller, raw)
+            if pacer is not None:
+                await pacer.wait_turn(caller.public_key)
+            response = await dispatcher.handle(caller, raw)
             if response is not None:
                 await conn.send(response)
+            # A handler that never waits (a read served from memory) would otherwise
+            # run a peer's whole pipelined backlog without letting anyone else in.
+            await asyncio.sleep(0)
     except transport.TransportError as e:
         # ConnectionClosed is the normal end; a broken frame ends this connection only.
         log.debug("connection of %s ended: %s", caller.describe(), type(e).__name__)

@@ -30,6 +30,18 @@ class StorageError(Exception):
     """The database cannot be used as it is (newer schema, unreadable file)."""
 
 
+def storage_error_cause(exc: BaseException) -> str | None:
+    """What SQLite said, fit for a log line, or None for any other exception.
+
+    SQLite's messages name the failure (read-only database, disk full, I/O error, which
+    constraint) and never quote a bound value, unlike most exceptions' messages.
+    """
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorname", None)
+    return f"{type(exc).__qualname__}: {exc}" + (f" ({code})" if code else "")
+
+
 async def open_database(
     path: Path,
     migrations: Sequence[str],
@@ -61,10 +73,26 @@ async def open_database(
         # A second process on the same file waits a little instead of failing at once.
         await db.execute("PRAGMA busy_timeout=5000")
         await migrate(db, migrations, path)
+        await _check_writable(db, path)
     except BaseException:
         await db.close()
         raise
     return db
+
+
+async def _check_writable(db: aiosqlite.Connection, path: Path) -> None:
+    """Refuse a database SQLite opened read-only (file mode, read-only mount, ...):
+    otherwise the daemon would start, say it is ready, and fail every write."""
+    version = await schema_version(db)
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        # PRAGMA takes no bound parameters; version is an int SQLite gave us.
+        await db.execute(f"PRAGMA user_version={int(version)}")
+    except sqlite3.Error as e:
+        raise StorageError(f"{path}: database is not writable: "
+                           f"{storage_error_cause(e)}") from None
+    finally:
+        await db.execute("ROLLBACK")
 
 
 async def _pragma(db: aiosqlite.Connection, pragma: str):

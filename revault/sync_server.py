@@ -27,6 +27,7 @@ from bitcoin.core import CTransaction, b2lx
 from revault.config import ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, run_daemon
 from revault.errors import InvalidParams
+from revault.log_limit import LimitedLog
 from revault.messages import (
     MANAGER, MAX_OPINIONS, STAKEHOLDER, SYNC_SERVER_METHODS, WATCHTOWER, AckResult,
     ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
@@ -130,14 +131,19 @@ def spend_txid(transaction_b64: str) -> str:
     return b2lx(CTransaction.deserialize(base64.b64decode(transaction_b64)).GetTxid())
 
 
+# A peer can hit its quota as often as its pace allows: a few lines a minute, then a count.
+_quota_notices = LimitedLog(log)
+
+
 def _log_quota(e: QuotaExceeded, caller: Caller) -> None:
     # The dispatcher logs every refusal too; this line leads with the quota, and a full
     # table is raised to a warning because it refuses every peer, not one.
     if e.quota.startswith("total_"):
-        log.warning("%s: refusing new rows until some expire or the quota is raised (%s)",
-                    e, caller.describe())
+        _quota_notices.log(logging.WARNING, e.quota, "%s: refusing new rows until some "
+                           "expire or the quota is raised (%s)", e, caller.describe())
     else:
-        log.info("%s for %s", e, caller.describe())
+        _quota_notices.log(logging.INFO, caller.public_key, "%s for %s", e,
+                           caller.describe())
 
 
 async def _acknowledge(write: Awaitable[object], caller: Caller) -> AckResult:

@@ -24,7 +24,7 @@ import asyncio
 import collections
 import logging
 import struct
-import time
+import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
@@ -36,6 +36,9 @@ from noise.constants import Empty
 from noise.exceptions import NoiseValueError
 from noise.noise_protocol import NoiseProtocol
 from noise.state import CipherState, SymmetricState
+
+from revault.admission import Admission, ConnectionSlots
+from revault.log_limit import LimitedLog
 
 __all__ = [
     "MAX_PLAINTEXT", "ACT_ONE_LEN", "ACT_TWO_LEN", "HANDSHAKE_TIMEOUT",
@@ -462,52 +465,91 @@ class ResponderHandshake:
 
 
 # --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # asyncio adapter
 # --------------------------------------------------------------------------------------
 
 # Decrypted but not yet received bytes that make us stop reading the socket; the extra
-# per-message charge bounds a flood of tiny frames as well.
-_READ_HIGH = 1 << 20
-_READ_LOW = 1 << 18
+# per-message charge bounds a flood of tiny frames as well. One full frame passes it on
+# its own: a peer pipelining faster than it is served waits in its own TCP window, not
+# in our memory.
+_READ_HIGH = 16 * 1024
+_READ_LOW = 4 * 1024
 _MESSAGE_OVERHEAD = 64
+# What we have written that the peer has not taken yet, past which a sender waits (and
+# the write deadline starts): enough for a pipelined peer, one frame past it at most.
+_WRITE_HIGH = 16 * 1024
+# Bytes read from a socket at once. Reads land in one buffer per event loop (see
+# _read_buffer), so a connection's memory is bounded by what it keeps, not by how much
+# the kernel had for it.
+_READ_CHUNK = 64 * 1024
 _CLOSE_GRACE = 5.0
+
+_read_buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
+    """The loop's one receive buffer. Safe to share: the selector loop calls get_buffer,
+    recv_into and buffer_updated back to back, and buffer_updated copies what it keeps."""
+    buffer = _read_buffers.get(loop)
+    if buffer is None:
+        buffer = _read_buffers[loop] = memoryview(bytearray(_READ_CHUNK))
+    return buffer
+
+
+# Lines a peer can provoke go through a LimitedLog; a client's own connections share one.
+_client_notices = LimitedLog(logger)
 
 
 class NoiseConnection:
-    """An established channel. One task may recv while any number send."""
+    """An established channel. One task may recv while any number send.
+
+    After the peer shuts down its sending side, what it sent before is still received
+    and answers can still be sent; recv raises ConnectionClosed once all is received.
+    """
 
     def __init__(self, transport: asyncio.Transport, codec: FrameCodec, peer_public: bytes,
                  idle_timeout: float | None, loop: asyncio.AbstractEventLoop,
-                 lost: asyncio.Future):
+                 lost: asyncio.Future, *, write_timeout: float | None = None,
+                 notices: LimitedLog = _client_notices):
         self.peer_public = peer_public
         self._transport = transport
         self._codec = codec
         self._idle_timeout = idle_timeout
+        self._write_timeout = write_timeout
         self._loop = loop
         self._lost = lost
+        self._notices = notices
         self._messages: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._reading_paused = False
+        self._input_ended = False
         self._waiter: asyncio.Future | None = None
         self._error: ConnectionClosed | None = None
         self._closing = False
         self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future] = []
 
     @property
     def closed(self) -> bool:
         return self._closing or self._error is not None
 
+    @property
+    def frames_received(self) -> int:
+        return self._codec._recv_n // 2
+
     # -- events from the protocol --
-    def _data(self, data: bytes) -> None:
+    def _data(self, data) -> None:
         if self._closing or self._error is not None:
             return
         messages: list[bytes] = []
         try:
             self._codec._feed_into(data, messages)
         except TransportError as e:
-            logger.info("closing connection with peer %s: %s",
-                        key_prefix(self.peer_public), e)
+            self._notices.log(logging.INFO, ("bad frame", self.peer_public),
+                              "closing connection with peer %s: %s",
+                              key_prefix(self.peer_public), e)
             self._set_error(ConnectionClosed(f"bad frame: {e}"))
             self._transport.abort()
         if messages:
@@ -518,41 +560,71 @@ class NoiseConnection:
             if self._queued > _READ_HIGH and not self._reading_paused and self._error is None:
                 self._reading_paused = True
                 self._transport.pause_reading()
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _set_error(self, error: ConnectionClosed) -> None:
         if self._error is None:
             self._error = error
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._cancel_write_timer()
+        self._wake()
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)
         self._drain_waiters.clear()
 
     def _eof(self) -> None:
-        self._set_error(ConnectionClosed("peer closed the connection"))
+        self._input_ended = True
+        self._wake()
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         self._set_error(ConnectionClosed("connection lost" if exc is None else f"connection lost: {exc}"))
 
     def _pause_writing(self) -> None:
         self._write_paused = True
+        if self._write_timeout is not None and self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._write_timeout,
+                                                      self._write_expired)
 
     def _resume_writing(self) -> None:
         self._write_paused = False
+        self._cancel_write_timer()
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)
         self._drain_waiters.clear()
 
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_expired(self) -> None:
+        # The peer has not read what we wrote for write_timeout seconds: whatever it
+        # keeps sending, it may not keep our buffers (and a connection slot) hostage.
+        self._write_timer = None
+        if self._error is not None:
+            return
+        self._notices.log(logging.INFO, ("not reading", self.peer_public),
+                          "closing connection with peer %s: it has not read for %g s",
+                          key_prefix(self.peer_public), self._write_timeout)
+        self._set_error(ConnectionClosed("peer does not read"))
+        self._messages.clear()
+        self._queued = 0
+        self._transport.abort()
+
     # -- public API --
     async def send(self, plaintext: bytes) -> None:
         if self._error is not None:
             raise ConnectionClosed(*self._error.args)
+        if self._transport.is_closing():
+            # The socket failed (reset by the peer) and asyncio would drop what we write,
+            # silently: a sender must learn now, not after its whole backlog.
+            raise ConnectionClosed("connection lost")
         # Sealing and writing without an await in between keeps frames whole and in
         # nonce order when several tasks send at once.
         self._transport.write(self._codec._seal(plaintext))
@@ -574,6 +646,8 @@ class NoiseConnection:
                 return message
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
+            if self._input_ended:
+                raise ConnectionClosed("peer closed the connection")
             if self._waiter is not None:
                 raise RuntimeError("another task is already receiving on this connection")
             idle = timeout is None
@@ -588,10 +662,12 @@ class NoiseConnection:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-            if expired and not self._messages and self._error is None and not self._closing:
+            if (expired and not self._messages and self._error is None
+                    and not self._input_ended and not self._closing):
                 if idle:
-                    logger.info("closing idle connection from peer %s",
-                                key_prefix(self.peer_public))
+                    self._notices.log(logging.INFO, ("idle", self.peer_public),
+                                      "closing idle connection from peer %s",
+                                      key_prefix(self.peer_public))
                     self._set_error(ConnectionClosed("idle timeout"))
                     self._closing = True
                     self._transport.close()
@@ -617,18 +693,39 @@ def _expire(waiter: asyncio.Future) -> None:
         waiter.set_result(True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerLimits:
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    """Bounds that keep one peer, or someone with no key, from denying service to others
+    (see revault.admission for how the connection slots are shared)."""
+
+    handshake_timeout: float = HANDSHAKE_TIMEOUT   # until the first frame decrypts
     idle_timeout: float = 300.0
     max_connections: int = 1024
+    max_handshakes: int = 64                       # connections not yet authenticated
+    max_handshakes_per_address: int = 64           # the same: a host's burst is not cut
+    max_connections_per_peer: int = 32
+    write_timeout: float = 30.0                    # a peer that does not read is closed
+
+    def slots(self, peers: Iterable[bytes]) -> ConnectionSlots:
+        return ConnectionSlots(max_connections=self.max_connections,
+                               max_handshakes=self.max_handshakes,
+                               max_handshakes_per_address=self.max_handshakes_per_address,
+                               max_connections_per_peer=self.max_connections_per_peer,
+                               peers=peers)
 
 
-class _HandshakingProtocol(asyncio.Protocol):
+class _HandshakingProtocol(asyncio.BufferedProtocol):
     """Both ends: once the handshake made `_conn`, write flow control is the connection's."""
 
     __slots__ = ()
     _conn: NoiseConnection | None
+    _loop: asyncio.AbstractEventLoop
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer(self._loop)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(_read_buffer(self._loop)[:nbytes])
 
     def pause_writing(self) -> None:
         if self._conn is not None:
@@ -640,31 +737,46 @@ class _HandshakingProtocol(asyncio.Protocol):
 
 
 class _ServerProtocol(_HandshakingProtocol):
-    __slots__ = ("_server", "_transport", "_buf", "_conn", "_timer", "lost")
+    __slots__ = ("_server", "_loop", "_transport", "_buf", "_conn", "_timer",
+                 "_authenticated", "lost")
 
     def __init__(self, server: NoiseServer):
         self._server = server
+        self._loop = server._loop
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._conn: NoiseConnection | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._authenticated = False
         self.lost: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         server = self._server
-        if server._closing or len(server._protocols) >= server._limits.max_connections:
-            server._refused()
+        if server._closing:
             transport.abort()
             return
+        admission = server._slots.accept(self, _address(transport))
+        if not admission.admitted:
+            server._notice(logging.WARNING, "connection refused: %s", admission.reason)
+            transport.abort()
+            return
+        server._evict(admission)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
         self.lost = server._loop.create_future()
         server._protocols.add(self)
         self._timer = server._loop.call_later(server._limits.handshake_timeout,
                                               self._handshake_expired)
 
+    def _evict(self) -> None:
+        """Closed to make room for another connection (see revault.admission)."""
+        if self._conn is not None:
+            self._conn._set_error(ConnectionClosed("evicted"))
+        self._transport.abort()
+
     def _handshake_expired(self) -> None:
         self._timer = None
-        if self._conn is None:
+        if not self._authenticated:
             logger.debug("handshake timed out with %s", self._peer())
             self._transport.abort()
 
@@ -674,10 +786,10 @@ class _ServerProtocol(_HandshakingProtocol):
         except Exception:
             return "?"
 
-    def data_received(self, data: bytes) -> None:
+    def _received(self, data: memoryview) -> None:
         conn = self._conn
         if conn is not None:
-            conn._data(data)
+            self._frames(conn, data)
             return
         if self.lost is None or self._transport.is_closing():
             return
@@ -691,26 +803,44 @@ class _ServerProtocol(_HandshakingProtocol):
             peer = handshake.read_act_one(bytes(buf[:ACT_ONE_LEN]))
             act_two, codec = handshake.act_two()
         except TransportError as e:
-            logger.info("refused handshake from %s: %s", self._peer(), e)
+            server._notice(logging.INFO, "refused handshake from %s: %s", self._peer(), e)
             self._transport.abort()
             return
+        admission = server._slots.identify(self, peer)
+        if not admission.admitted:
+            server._notice(logging.INFO, "refused handshake from peer %s: %s",
+                           key_prefix(peer), admission.reason)
+            self._transport.abort()
+            return
+        server._evict(admission)
         rest = bytes(buf[ACT_ONE_LEN:])
         self._buf = bytearray()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._transport.write(act_two)
-        conn = self._conn = NoiseConnection(self._transport, codec, peer,
-                                            server._limits.idle_timeout, server._loop, self.lost)
+        conn = self._conn = NoiseConnection(
+            self._transport, codec, peer, server._limits.idle_timeout, server._loop,
+            self.lost, write_timeout=server._limits.write_timeout, notices=server._notices)
         logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
         server._start_handler(conn)
         if rest:
-            conn._data(rest)
+            self._frames(conn, rest)
+
+    def _frames(self, conn: NoiseConnection, data) -> None:
+        conn._data(data)
+        if not self._authenticated and conn.frames_received and conn._error is None:
+            # Only the holder of the peer's key can make a frame decrypt: a replayed act
+            # one never gets here, and stays bound by the handshake deadline.
+            self._authenticated = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._server._slots.authenticate(self)
 
     def eof_received(self) -> bool:
-        if self._conn is not None:
-            self._conn._eof()
-        return False
+        if not self._authenticated:
+            return False  # a liveness probe, or a handshake given up: nothing to answer
+        # Half-closed: what was received is still answered, then the handler closes.
+        self._conn._eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -719,10 +849,18 @@ class _ServerProtocol(_HandshakingProtocol):
             self._timer.cancel()
             self._timer = None
         self._server._protocols.discard(self)
+        self._server._slots.release(self)
         if self._conn is not None:
             self._conn._connection_lost(exc)
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername)
 
 
 class NoiseServer:
@@ -735,11 +873,12 @@ class NoiseServer:
         self._handler = handler
         self._limits = limits
         self._loop = loop
+        self._slots = limits.slots(p.public_bytes for p in keys.peers)
+        self._notices = LimitedLog(logger)
         self._protocols: set[_ServerProtocol] = set()
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
-        self._last_refusal_log = float("-inf")
         self.port = 0
 
     @property
@@ -747,13 +886,15 @@ class NoiseServer:
         """Open connections, those still in their handshake included."""
         return len(self._protocols)
 
-    def _refused(self) -> None:
-        # Logged at most once a minute: a flood must not flood the log too.
-        now = time.monotonic()
-        if now - self._last_refusal_log >= 60.0:
-            self._last_refusal_log = now
-            logger.warning("connection refused: max_connections (%d) reached",
-                           self._limits.max_connections)
+    def _notice(self, level: int, message: str, *args: object) -> None:
+        # One topic per kind of line: a flood of refusals is summarized, not logged each.
+        self._notices.log(level, message, message, *args)
+
+    def _evict(self, admission: Admission) -> None:
+        for proto in admission.evicted:
+            self._notice(logging.INFO, "closing a connection still in its handshake: %s",
+                         admission.reason)
+            proto._evict()
 
     def _start_handler(self, conn: NoiseConnection) -> None:
         task = self._loop.create_task(self._run_handler(conn))
@@ -768,8 +909,9 @@ class NoiseServer:
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.warning("handler failed for peer %s", key_prefix(conn.peer_public),
-                           exc_info=True)
+            self._notices.log(logging.WARNING, ("handler failed", conn.peer_public),
+                              "handler failed for peer %s", key_prefix(conn.peer_public),
+                              exc_info=True)
         finally:
             await conn.close()
 
@@ -791,6 +933,7 @@ class NoiseServer:
             await asyncio.gather(*lost, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        self._notices.flush(every_window=True)
 
 
 async def start_server(host: str, port: int, local_private: bytes,
@@ -799,7 +942,8 @@ async def start_server(host: str, port: int, local_private: bytes,
                        limits: ServerLimits | None = None) -> NoiseServer:
     """Listen on host:port; run ``handler(conn)`` for every peer that completes KK.
 
-    The connection is closed when the handler returns or raises.
+    The connection is closed when the handler returns or raises, and also when the
+    peer's first frame has not decrypted within ``limits.handshake_timeout``.
     """
     limits = limits if limits is not None else ServerLimits()
     loop = asyncio.get_running_loop()
@@ -833,7 +977,7 @@ class _ClientProtocol(_HandshakingProtocol):
         if not self._done.done():
             self._done.set_exception(error)
 
-    def data_received(self, data: bytes) -> None:
+    def _received(self, data: memoryview) -> None:
         conn = self._conn
         if conn is not None:
             conn._data(data)
@@ -860,7 +1004,8 @@ class _ClientProtocol(_HandshakingProtocol):
 
     def eof_received(self) -> bool:
         if self._conn is not None:
-            self._conn._eof()
+            # A server that stops sending is done with us: what it sent is still received.
+            self._conn._set_error(ConnectionClosed("peer closed the connection"))
         else:
             self._fail(ConnectionClosed("server closed the connection during the handshake"))
         return False
@@ -875,9 +1020,9 @@ class _ClientProtocol(_HandshakingProtocol):
 
 
 async def connect(host: str, port: int, local_private: bytes, remote_public: bytes,
-                  timeout: float = 10.0) -> NoiseConnection:
+                  timeout: float = 10.0, *, source: str | None = None) -> NoiseConnection:
     """Open a channel to a responder; ``timeout`` bounds TCP connect and handshake together
-    (asyncio.TimeoutError when it expires)."""
+    (asyncio.TimeoutError when it expires). ``source`` binds the local address."""
     loop = asyncio.get_running_loop()
     handshake = InitiatorHandshake(local_private, remote_public)
     # Before connecting: a key the DH refuses must fail here, not inside a protocol callback.
@@ -888,7 +1033,8 @@ async def connect(host: str, port: int, local_private: bytes, remote_public: byt
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
-                lambda: _ClientProtocol(handshake, act_one, remote, done, loop), host, port)
+                lambda: _ClientProtocol(handshake, act_one, remote, done, loop), host, port,
+                local_addr=None if source is None else (source, 0))
             return await done
     except BaseException:
         if transport is not None:

@@ -74,6 +74,23 @@ def test_every_bad_and_unknown_key_is_reported_and_nothing_starts(echo_setup):
     assert not (tmp / "data").exists()
 
 
+def test_slot_budgets_are_checked_against_each_other_and_the_peers(echo_setup):
+    tmp, server, client, config = echo_setup
+    config.update({"max_connections": 8, "max_handshakes": 9,
+                   "max_handshakes_per_address": 0})
+    result = run_echo(write_config(tmp / "echo.toml", config))
+    assert result.returncode == 2
+    assert "max_handshakes: must be at most max_connections (8), got 9" in result.stderr
+    assert "max_handshakes_per_address: must be at least 1" in result.stderr
+    # Every handshake slot and no room for the one configured peer: refused too.
+    config.update({"max_connections": 8, "max_handshakes": 8,
+                   "max_handshakes_per_address": 8})
+    result = run_echo(write_config(tmp / "echo.toml", config))
+    assert result.returncode == 2
+    assert ("max_connections - max_handshakes (0) must be at least the number of "
+            "configured peers (1)") in result.stderr
+
+
 def test_missing_required_key(echo_setup):
     tmp, server, client, config = echo_setup
     del config["noise_key_file"]

@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import random
+import sqlite3
 from collections import deque
 
 import coincurve
@@ -65,6 +66,10 @@ class Service:
         @d.method("deep_check", m.GetSpendRequestsParams, roles=["manager"])
         async def deep_check(caller, params):
             raise m.ParamsError("tx", "input index out of range")
+
+        @d.method("readonly", m.GetSpendRequestsParams, roles=["manager"])
+        async def readonly(caller, params):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
 
         @d.method("big", m.GetSpendRequestsParams, roles=["manager"])
         async def big(caller, params):
@@ -241,6 +246,16 @@ async def test_internal_error_does_not_leak(service, caplog):
     assert service.calls == [("boom", m.GetSpendRequestsParams())]
 
 
+async def test_storage_error_logged_with_its_cause(service, caplog):
+    caplog.set_level(logging.ERROR, logger="revault.rpc")
+    code, message, _ = error_of(await handle(service, MANAGER, req("readonly", {})))
+    assert (code, message) == (INTERNAL_ERROR, "internal error")
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "internal error in 'readonly' for roles=manager key=11223344: OperationalError: "
+        "attempt to write a readonly database")
+
+
 async def test_handler_returning_non_object_is_internal_error(service):
     code, message, _ = error_of(await handle(service, MANAGER, req("not_a_dict", {})))
     assert (code, message) == (INTERNAL_ERROR, "internal error")
@@ -390,17 +405,35 @@ def test_decode_response_refuses_malformed(raw):
         rpc.decode_response(raw)
 
 
-def test_token_bucket_burst_and_refill():
+def test_token_bucket_burst_then_paced():
     bucket = rpc.TokenBucket(2.0, now=100.0)
-    assert [bucket.take(100.0) for _ in range(3)] == [True, True, False]
-    assert bucket.take(100.5) is True          # half a second buys one token at 2/s
-    assert bucket.take(100.5) is False
-    assert [bucket.take(1000.0) for _ in range(3)] == [True, True, False]   # capped at burst
+    # The burst passes at once; beyond it each token is lent against the refill.
+    assert [bucket.reserve(100.0) for _ in range(4)] == [0.0, 0.0, 0.5, 1.0]
+    assert bucket.reserve(101.25) == 0.25      # the debt of 2 is half repaid
+    assert bucket.reserve(1000.0) == 0.0       # capped at the burst
+    assert bucket.reserve(1000.0) == 0.0
+    assert bucket.reserve(1000.0) == 0.5
     slow = rpc.TokenBucket(0.5, now=0.0)
     assert slow.capacity == 1.0
-    assert [slow.take(0.0), slow.take(1.0), slow.take(2.0)] == [True, False, True]
+    assert [slow.reserve(0.0), slow.reserve(0.0)] == [0.0, 2.0]
     with pytest.raises(ValueError):
         rpc.TokenBucket(0, now=0.0)
+
+
+class FakeClock:
+    """Time that passes only when the pacer sleeps: pacing checked without waiting."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.now += delay
+        await asyncio.sleep(0)
 
 
 # --- serve_connection over an in-memory connection ----------------------------------------
@@ -454,23 +487,45 @@ async def test_serve_connection_ends_on_broken_frame(service):
     assert len(conn.sent) == 1 and conn.closed
 
 
-async def test_serve_connection_rate_limit(service):
-    # 0.001/s: a burst of one, and no refill within the test's lifetime.
-    conn = FakeConnection([
-        frame(req("get_spend_requests", id=1)),
-        frame(req("get_spend_requests", id=2)),
-        frame({"jsonrpc": "2.0", "method": "get_spend_requests"}),     # over-rate notification
-        frame(req("get_sigs", {"id": ID}, id="three")),
-    ])
-    await serve_connection(conn, service.dispatcher, MANAGER, requests_per_second=0.001)
-    answers = [json.loads(s) for s in conn.sent]
-    assert answers[0] == {"jsonrpc": "2.0", "result": {"requests": []}, "id": 1}
-    assert answers[1:] == [
-        {"jsonrpc": "2.0", "error": {"code": REFUSED, "message": "rate limit exceeded"}, "id": 2},
-        {"jsonrpc": "2.0", "error": {"code": REFUSED, "message": "rate limit exceeded"},
-         "id": "three"},
-    ]
-    assert len(service.calls) == 1
+async def test_serve_connection_paces_per_key_and_never_refuses(service):
+    # 4 per second, burst 4: two connections of one key share the budget, so 12 requests
+    # cost 8 refills (2 s); every one is answered with its result.
+    clock = FakeClock()
+    pacer = rpc.RequestPacer(4.0, clock=clock, sleep=clock.sleep)
+    conns = [FakeConnection([frame(req("get_spend_requests", id=i)) for i in range(6)])
+             for _ in range(2)]
+    await asyncio.gather(*(serve_connection(c, service.dispatcher, MANAGER, pacer)
+                           for c in conns))
+    for conn in conns:
+        answers = [json.loads(s) for s in conn.sent]
+        assert answers == [{"jsonrpc": "2.0", "result": {"requests": []}, "id": i}
+                           for i in range(6)]
+    assert len(service.calls) == 12
+    assert clock.now == pytest.approx(2.0)
+    # Another key has its own budget: its burst passes without waiting.
+    other = FakeConnection([frame(req("get_sigs", {"id": ID}, id=i)) for i in range(4)])
+    before = len(clock.sleeps)
+    await serve_connection(other, service.dispatcher, STAKEHOLDER, pacer)
+    assert len(clock.sleeps) == before and len(other.sent) == 4
+
+
+async def test_serve_connection_lets_others_run_between_requests(service):
+    # Neither this connection nor the handler ever waits: without a yield per request a
+    # pipelined backlog would hold the event loop until it is all answered.
+    conn = FakeConnection([frame(req("get_spend_requests", id=i)) for i in range(50)])
+    seen: list[int] = []
+
+    async def someone_else() -> None:
+        while True:
+            seen.append(len(conn.sent))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(someone_else())
+    await asyncio.sleep(0)
+    await serve_connection(conn, service.dispatcher, MANAGER)
+    other.cancel()
+    assert len(conn.sent) == 50
+    assert len(set(seen)) >= 40
 
 
 # --- RpcClient ------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import resource
 import signal
@@ -15,7 +13,6 @@ from pathlib import Path
 import coincurve
 import pytest
 import pytest_asyncio
-from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, b2lx
 
 from revault import transport
 from revault.messages import RelayedOpinion, sign_opinion, verify_opinion
@@ -23,29 +20,12 @@ from revault.primitives import SECP256K1_ORDER
 from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 from tests.support.design import DESIGN_ROLES
+from tests.support.sync_data import der, h, pubkey, spend_tx
 
 HOST = "127.0.0.1"
 
 
 # --- test data ----------------------------------------------------------------------
-
-def h(text: str) -> str:
-    """A 64-hex id, distinct per text: tx uids and vault ids in these tests."""
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def btc_key(n: int) -> coincurve.PrivateKey:
-    return coincurve.PrivateKey(n.to_bytes(32, "big"))
-
-
-def pubkey(n: int) -> str:
-    return btc_key(n).public_key.format(compressed=True).hex()
-
-
-def der(n: int, message: str = "m") -> str:
-    """A DER low-S signature (coincurve normalizes S) without a sighash byte."""
-    return btc_key(n).sign(hashlib.sha256(message.encode()).digest(), hasher=None).hex()
-
 
 def high_s(sig_hex: str) -> str:
     """The same signature with S replaced by n - S: valid DER, but high-S."""
@@ -59,17 +39,6 @@ def high_s(sig_hex: str) -> str:
         s_bytes = b"\0" + s_bytes
     body = b"\x02" + bytes([len(r)]) + r + b"\x02" + bytes([len(s_bytes)]) + s_bytes
     return (b"\x30" + bytes([len(body)]) + body).hex()
-
-
-def spend_tx(seed: str, outputs: int = 1) -> tuple[str, str]:
-    """(base64 transaction, txid) of a distinct, well-formed spend transaction."""
-    tx = CMutableTransaction(
-        [CMutableTxIn(COutPoint(hashlib.sha256(seed.encode()).digest(), 0),
-                      nSequence=0xFFFFFFFD)],
-        [CMutableTxOut(10_000 + i, CScript([0, hashlib.sha256(f"{seed}{i}".encode()).digest()]))
-         for i in range(outputs)],
-        nVersion=2)
-    return base64.b64encode(tx.serialize()).decode(), b2lx(tx.GetTxid())
 
 
 WATCHTOWER_KEY = (0x11).to_bytes(1, "big") * 32
@@ -100,6 +69,8 @@ def sync_config(peers: Peers, **extra) -> dict:
         "noise_key_file": "server.key",
         "log_level": "debug",
         "requests_per_second": 10_000,
+        # test_500_concurrent_connections opens about 170 per key.
+        "max_connections_per_peer": 200,
         "peers": {
             "stakeholders": [p.public.hex() for p in
                              (peers.stakeholder, peers.stakeman, peers.everything)],
@@ -519,21 +490,29 @@ async def test_quotas_refused_with_quota_named(own_sync):
     assert await sync.daemon.stop() == 0
 
 
-async def test_rate_limit_per_connection(own_sync):
-    sync = await own_sync(requests_per_second=5)
+async def test_rate_paces_each_key_across_its_connections(own_sync):
+    # 10 per second per key, burst 10: three connections of one stakeholder send 30
+    # writes; every one is acked, the 20 past the burst paced over about 2 s.
+    sync = await own_sync(requests_per_second=10)
     p = sync.peers
-    codes = []
-    async with await sync.client(p.stakeholder) as rpc:
-        for _ in range(30):
-            try:
-                await rpc.call("get_sigs", {"id": h("rate")})
-                codes.append(0)
-            except RpcError as e:
-                codes.append(e.code)
-    assert codes[:5] == [0] * 5  # the burst
-    assert REFUSED in codes
-    # Another connection has its own budget.
-    assert await sync.call(p.stakeholder, "get_sigs", {"id": h("rate")}) == {"signatures": {}}
+    started_at = time.monotonic()
+
+    async def writer(c: int) -> list[dict]:
+        async with await sync.client(p.stakeholder) as rpc:
+            return [await rpc.call("sig", {"id": h(f"paced-{c}-{i}"), "pubkey": pubkey(1),
+                                           "signature": der(1, f"paced-{c}-{i}")})
+                    for i in range(10)]
+
+    answers = await asyncio.gather(*(writer(c) for c in range(3)))
+    assert answers == [[{"ack": True}] * 10] * 3
+    assert time.monotonic() - started_at >= 1.8
+    # Another key has its own budget: its burst is not slowed.
+    started_at = time.monotonic()
+    async with await sync.client(p.stakeman) as rpc:
+        for _ in range(5):
+            await rpc.call("get_sigs", {"id": h("paced-0-0")})
+    assert time.monotonic() - started_at < 1.0
+    assert "rate limit" not in sync.daemon.stderr()
     assert await sync.daemon.stop() == 0
 
 

@@ -83,6 +83,11 @@ async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
+async def round_trip(conn, message: bytes) -> None:
+    await conn.send(message)
+    assert await conn.recv(timeout=BOUND) == message
+
+
 async def read_frame(reader, codec: FrameCodec, size: int) -> bytes:
     data = await asyncio.wait_for(reader.readexactly(18 + size + 16), BOUND)
     [message] = codec.feed(data)
@@ -400,6 +405,8 @@ async def test_backpressure_pauses_and_resumes_without_loss():
             p._conn is not None and p._conn._reading_paused for p in server._protocols))
         queued = max(p._conn._queued for p in server._protocols if p._conn is not None)
         assert queued <= t._READ_HIGH + 300 * 1024
+        # Reads are at most _READ_CHUNK long: one read past the mark is all it can hold.
+        assert queued <= t._READ_HIGH + t._READ_CHUNK + 2 * t._MESSAGE_OVERHEAD
         release.set()
         await asyncio.wait_for(sender, BOUND)
         assert await conn.recv(timeout=BOUND) == str(60 * len(chunk)).encode()
@@ -588,6 +595,94 @@ async def test_handshake_timeout_closes_silent_and_partial_connections():
         await conn.close()
 
 
+async def test_replayed_act_one_is_closed_at_the_handshake_deadline():
+    limits = ServerLimits(handshake_timeout=0.3)
+    async with running(limits=limits) as server:
+        act_one = InitiatorHandshake(ALICE, SERVER_PUB).act_one()
+        replay = await asyncio.open_connection(HOST, server.port)
+        replay[1].write(act_one)
+        # The server cannot tell a replay from the real thing at act one...
+        assert len(await asyncio.wait_for(replay[0].readexactly(ACT_TWO_LEN), BOUND)) == 48
+        # ...but no frame of it ever decrypts: closed at the handshake deadline, long
+        # before the idle timeout.
+        assert await read_to_eof(replay[0]) == b""
+        replay[1].close()
+        # A peer whose first frame decrypted is past its handshake for good.
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        await round_trip(conn, b"first")
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.recv(timeout=0.5)     # outlive the deadline
+        await round_trip(conn, b"still open")
+        await conn.close()
+
+
+async def test_one_key_cannot_hold_more_than_its_share():
+    limits = ServerLimits(max_connections_per_peer=2)
+    async with running(limits=limits) as server:
+        conns = [await connect(HOST, server.port, ALICE, SERVER_PUB) for _ in range(2)]
+        for conn in conns:
+            await round_trip(conn, b"in")
+        with pytest.raises(ConnectionClosed):
+            await connect(HOST, server.port, ALICE, SERVER_PUB, timeout=BOUND)
+        other = await connect(HOST, server.port, BOB, SERVER_PUB)
+        await round_trip(other, b"bob")
+        for conn in [*conns, other]:
+            await conn.close()
+
+
+async def test_peer_that_does_not_read_is_closed_after_write_timeout():
+    outcome = []
+
+    async def talker(conn):
+        try:
+            while True:
+                await conn.send(bytes(60_000))
+        except ConnectionClosed as e:
+            outcome.append(str(e))
+            raise
+
+    async with running(talker, ServerLimits(write_timeout=0.3)) as server:
+        reader, writer, codec = await raw_session(server.port)
+        writer.write(codec.encrypt(b"go"))          # authenticated, then never reads
+        await wait_until(lambda: outcome)
+        assert outcome == ["peer does not read"]
+        await wait_until(lambda: server.connection_count == 0)
+        writer.close()
+
+
+async def test_send_on_a_failed_socket_raises_at_once():
+    # asyncio drops writes to a socket that failed (reset by the peer) without a word:
+    # a sender with a backlog must learn at its next send.
+    class FailedSocket:
+        written: list = []
+
+        def is_closing(self) -> bool:
+            return True
+
+        def write(self, data) -> None:
+            self.written.append(data)
+
+    loop = asyncio.get_running_loop()
+    client_codec, _ = codec_pair()
+    conn = t.NoiseConnection(FailedSocket(), client_codec, PEERS[0], None, loop,
+                             loop.create_future())
+    with pytest.raises(ConnectionClosed):
+        await conn.send(b"into the void")
+    assert FailedSocket.written == []
+
+
+async def test_half_closed_peer_gets_every_answer_then_close():
+    async with running() as server:
+        reader, writer, codec = await raw_session(server.port)
+        for i in range(3):
+            writer.write(codec.encrypt(b"request %d" % i))
+        writer.write_eof()
+        data = await read_to_eof(reader)
+        writer.close()
+        assert codec.feed(data) == [b"request 0", b"request 1", b"request 2"]
+        await wait_until(lambda: server.connection_count == 0)
+
+
 async def test_idle_timeout_closes_connection():
     reasons = []
 
@@ -611,7 +706,8 @@ async def test_idle_timeout_closes_connection():
 
 
 async def test_max_connections_counts_handshakes_and_refuses_at_once():
-    async with running(limits=ServerLimits(max_connections=2)) as server:
+    limits = ServerLimits(max_connections=2, max_handshakes=2, max_handshakes_per_address=2)
+    async with running(limits=limits) as server:
         mid_handshake = await asyncio.open_connection(HOST, server.port)
         first = await connect(HOST, server.port, ALICE, SERVER_PUB)
         assert server.connection_count == 2

@@ -72,6 +72,8 @@ class DaemonProcess:
     config_path: Path
     workdir: Path
     module: str = ""  # default: revault.<name>
+    root: Path = REPO_ROOT  # the source tree the daemon runs from (a bench compares two)
+    preexec_fn: object = None  # e.g. to lower RLIMIT_NOFILE in the child only
     proc: subprocess.Popen | None = None
     port: int = 0
     stderr_path: Path = field(init=False)
@@ -88,14 +90,15 @@ class DaemonProcess:
         sock.bind(str(notify_path))
         sock.setblocking(False)
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(self.root),
                                                             os.environ.get("PYTHONPATH")])))
         module = self.module or f"revault.{self.name.replace('-', '_')}"
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module,
              "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            cwd=self.root, preexec_fn=self.preexec_fn)
         stderr.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

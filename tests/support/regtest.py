@@ -122,6 +122,15 @@ class RegtestNode:
                     break
         raise RegtestError(f"bitcoind did not start: {last_error}")
 
+    def start_again(self, wallets: list[str]) -> None:
+        """Start a stopped node on the same ports (its clients keep their configuration)
+        and load `wallets` (what `listwallets` said before the stop)."""
+        self._write_conf()
+        self._spawn()
+        self._wait_ready()
+        for wallet in wallets:
+            self.cli("loadwallet", wallet)
+
     def _write_conf(self) -> None:
         conf = self.datadir / "bitcoin.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
