@@ -59,7 +59,7 @@ from revault.wallet_config import (
     participant_key,
 )
 from revault.wallet_flows import (
-    ActivateFlow, CosignerSign, ErrSig, FetchOpinions, FetchSigs, FlowError, PostSig,
+    ActivateFlow, CosignerMisbehaved, CosignerSign, ErrSig, FetchOpinions, FetchSigs, FlowError, PostSig,
     RequestSpend, SecuredVault, SecureFlow, SendToWatchtower, SignatureRound, SpendFlow,
     backoff,
 )
@@ -75,6 +75,7 @@ VAULT_STATES = ("funded", "secured", "active", "unvaulting", "spent", "cancelled
 DEFAULT_RETRY_TIMEOUT = 60.0   # seconds a daemon may stay unreachable or refusing
 DEFAULT_FLOW_TIMEOUT = 600.0   # seconds a verb waits for the other participants
 RPC_WALLET_ALREADY_LOADED = -35
+WALLET_LAG_POLLS = 6  # looks (0.05 s to 1.6 s apart) before a transaction counts as gone
 
 T = TypeVar("T")
 
@@ -413,18 +414,27 @@ class Wallet:
     async def _confirmations(self, txid: str) -> int | None:
         """Confirmations of a transaction of the watch-only wallet (0: in the mempool),
         None when the wallet does not have it or it lost to a conflict."""
-        try:
-            tx = await self._chain.call("gettransaction", txid)
-        except BitcoindError as e:
-            if e.code == -5:  # RPC_INVALID_ADDRESS_OR_KEY: not a wallet transaction
+        for attempt in range(WALLET_LAG_POLLS):
+            try:
+                tx = await self._chain.call("gettransaction", txid)
+            except BitcoindError as e:
+                if e.code != -5:  # RPC_INVALID_ADDRESS_OR_KEY: not a wallet transaction
+                    raise
+                tx = None
+            if tx is not None and tx.get("confirmations", 0) < 0:
                 return None
-            raise
-        confirmations = tx.get("confirmations", 0)
-        if confirmations < 0:
-            return None
-        if confirmations == 0 and txid not in await self._node.call("getrawmempool"):
-            return None  # neither mined nor in the mempool (evicted, never relayed)
-        return confirmations
+            if tx is not None and tx.get("confirmations", 0) > 0:
+                return tx["confirmations"]
+            try:
+                await self._node.call("getmempoolentry", txid)
+                return 0
+            except BitcoindError:
+                pass
+            # Neither in a block the wallet saw nor in the mempool: the wallet may not
+            # have processed the newest block or transaction yet (Core notifies wallets
+            # asynchronously); a few short looks before concluding it is gone.
+            await asyncio.sleep(backoff(attempt + 1))
+        return None
 
     def _transactions(self, stored: StoredVault) -> VaultTransactions:
         txid, vout = stored.outpoint.split(":")
@@ -619,9 +629,16 @@ class Wallet:
             case FetchOpinions(vault_id):
                 outcome = (await peers.call(sync, SyncServerClient,
                                             lambda c: c.get_spend_opinions(vault_id))).opinions
-            case CosignerSign(cosigner, psbt, index):
-                result = await peers.call(self.config.cosigners[cosigner], CosignerClient,
-                                          lambda c: c.sign(psbt, index))
+            case CosignerSign(cosigner, psbt, index, txid):
+                endpoint = self.config.cosigners[cosigner]
+                try:
+                    result = await peers.call(endpoint, CosignerClient,
+                                              lambda c: c.sign(psbt, index))
+                except PeerUnavailable as e:
+                    if isinstance(e.error, Refused):  # e.g. the outpoint signed for another spend
+                        raise CosignerMisbehaved(endpoint.name, index, txid,
+                                                 e.error.message) from None
+                    raise
                 outcome = bytes.fromhex(result.signature)
             case _:
                 raise TypeError(f"unknown action {action!r}")
@@ -820,11 +837,13 @@ class Wallet:
         csv = self.deployment.unvault_csv
         attempt = 0
         while True:
-            depths = [await self._confirmations(t) for t in unvault_txids]
-            if any(depth is None for depth in depths):
-                gone = [t for t, depth in zip(unvault_txids, depths) if depth is None]
-                raise FlowError(f"unvault(s) {', '.join(gone)} left the mempool or were "
-                                "replaced: was the vault cancelled?")
+            # The unvault output as the node's chainstate (and mempool) has it: no wallet lag.
+            outputs = [await self._node.call("gettxout", t, 0, True) for t in unvault_txids]
+            if any(out is None for out in outputs):
+                gone = [t for t, out in zip(unvault_txids, outputs) if out is None]
+                raise FlowError(f"the unvault output of {', '.join(gone)} is spent or gone: "
+                                "was the vault cancelled?")
+            depths = [out["confirmations"] for out in outputs]
             if min(depths) >= csv:
                 return
             attempt += 1

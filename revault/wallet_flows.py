@@ -89,9 +89,9 @@ class SpendRefused(FlowError):
 class CosignerMisbehaved(FlowError):
     def __init__(self, cosigner: str, index: int, txid: str, reason: str):
         super().__init__(
-            f"cosigner {cosigner} gave no valid signature for input {index} of spend {txid} "
-            f"({reason}); it signs an outpoint once: if another spend of this vault was "
-            "cosigned before, only that spend can be completed")
+            f"{cosigner} gave no valid signature for input {index} of spend {txid} "
+            f"({reason}); a cosigner signs an outpoint once: if another spend of this vault "
+            "was cosigned before, only that spend can be completed")
         self.cosigner = cosigner
         self.index = index
 
@@ -150,6 +150,7 @@ class CosignerSign:
     cosigner: int  # position in the deployment's cosigners (and the config's [[cosigners]])
     psbt: str
     index: int
+    txid: str  # of the spend the PSBT carries
     after: float = 0.0
 
 
@@ -420,7 +421,7 @@ class SpendFlow:
         return ""
 
     def _cosign(self) -> list:
-        return [CosignerSign(c, self.psbt, i)
+        return [CosignerSign(c, self.psbt, i, self.txid)
                 for c, keys in enumerate(self.cosigners)
                 for i in range(len(self.spend.tx.inputs))
                 if keys[i] not in self.spend.signatures[i]]
