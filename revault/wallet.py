@@ -65,7 +65,7 @@ from revault.wallet_flows import (
 )
 from revault.wallet_store import SPEND_STAGES, StoredVault, WalletStore
 
-__all__ = ["Wallet", "Vault", "VAULT_STATES", "WalletError", "FlowError", "FlowTimeout",
+__all__ = ["Wallet", "Vault", "WalletStats", "VAULT_STATES", "WalletError", "FlowError", "FlowTimeout",
            "PeerUnavailable"]
 
 log = logging.getLogger("revault.wallet")
@@ -102,6 +102,18 @@ class _TowerUnavailable(Exception):
     def __init__(self, error: PeerUnavailable):
         super().__init__(str(error))
         self.error = error
+
+
+@dataclass(slots=True)
+class WalletStats:
+    """What this wallet spent its time on since it was opened (for benchmarks, logs)."""
+
+    poll_wait_seconds: float = 0.0  # sleeping between polls: waiting for the others
+    daemon_calls: int = 0           # calls to the sync server, watchtowers, cosigners
+
+    async def sleep(self, seconds: float) -> None:
+        self.poll_wait_seconds += seconds
+        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +215,7 @@ class Wallet:
         self._chain_lock = asyncio.Lock()
         self._towers = [t.noise_key.hex() for t in config.watchtowers]
         self._decoded: dict[str, _WalletTx] = {}
+        self.stats = WalletStats()
 
     @classmethod
     def open(cls, path: str | Path, **options: Any) -> Wallet:
@@ -433,7 +446,7 @@ class Wallet:
             # Neither in a block the wallet saw nor in the mempool: the wallet may not
             # have processed the newest block or transaction yet (Core notifies wallets
             # asynchronously); a few short looks before concluding it is gone.
-            await asyncio.sleep(backoff(attempt + 1))
+            await self.stats.sleep(backoff(attempt + 1))
         return None
 
     def _transactions(self, stored: StoredVault) -> VaultTransactions:
@@ -603,7 +616,8 @@ class Wallet:
 
     async def _perform(self, action) -> tuple[Any, Any]:
         if action.after:
-            await asyncio.sleep(action.after)
+            await self.stats.sleep(action.after)
+        self.stats.daemon_calls += 1
         peers, sync = self._peers, self.config.sync_server
         match action:
             case PostSig(uid, pubkey, signature):
@@ -851,7 +865,7 @@ class Wallet:
             if loop.time() + pause > deadline:
                 raise FlowTimeout(f"unvaults have {min(depths)} of the {csv} confirmations the "
                                   "spend needs; call spend() again to resume")
-            await asyncio.sleep(pause)
+            await self.stats.sleep(pause)
 
     # --- emergency ----------------------------------------------------------------------
 
