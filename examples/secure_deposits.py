@@ -1,5 +1,9 @@
 """A stakeholder's loop: secure every new confirmed deposit, then activate it.
 
+Secured and active vaults are passed to secure() again at each pass: that costs nothing
+when every watchtower of the config has them, and hands them to a watchtower added to
+the config since (or replacing a lost one).
+
     python examples/secure_deposits.py wallet.toml            # forever, every 30 s
     python examples/secure_deposits.py wallet.toml --once     # one pass, then exit
 
@@ -16,11 +20,11 @@ from revault.wallet import Wallet
 
 async def one_pass(w: Wallet, activate: bool) -> None:
     for vault in await w.vaults():
-        if vault.state not in ("funded", "secured") or vault.confirmations < 1:
+        if vault.state not in ("funded", "secured", "active") or vault.confirmations < 1:
             continue
         await w.secure(vault.outpoint)
         print(f"secured {vault.outpoint} ({vault.value} sat)", flush=True)
-        if activate:
+        if activate and vault.state != "active":
             await w.activate(vault.outpoint)
             print(f"activated {vault.outpoint}", flush=True)
 

@@ -257,6 +257,8 @@ class SecureFlow:
             for t in range(len(self.towers)))
 
     def start(self) -> list:
+        if self.done:
+            return []  # complete and acked by every tower: nothing to ask anyone
         actions = []
         for r in self.rounds.values():
             actions += r.start()

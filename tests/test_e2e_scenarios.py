@@ -475,3 +475,31 @@ async def test_activation_refused_until_secured(make_system, bitcoind):
     finally:
         await close_all(stakeholders)
 
+
+
+async def test_a_watchtower_added_later_gets_the_active_vaults_and_guards_them(
+        make_system, bitcoind):
+    from tests.support.deployment_system import add_watchtower
+    system = await make_system()
+    [outpoint] = await deposited_vaults(system, bitcoind)
+    stakeholders = await open_wallets(system.stakeholders)
+    try:
+        await secure_and_activate(stakeholders, [outpoint])
+    finally:
+        await close_all(stakeholders)
+    original = list(system.watchtowers)
+    await add_watchtower(system, system.stakeholders[0], ACCEPT_ALL)
+    async with system.stakeholders[0].wallet() as w:
+        assert len(w.config.watchtowers) == 2
+        assert await state_of(w, outpoint) == "active"
+        await w.secure(outpoint, timeout=TIMEOUT)  # the next run: the new tower catches up
+        txs = chain_of(system, outpoint)
+        acks = await w.store.acks(r.txid for r in txs.revocations())
+        assert {k for _, k in acks} == {t.noise_key.hex() for t in w.config.watchtowers}
+    # Only the new watchtower is left: it alone cancels an unrequested unvault.
+    for tower in original:
+        assert await tower.stop() == 0
+    async with system.stakeholders[1].wallet() as w:
+        await w._restore([txs.unvault])
+    await bitcoind.rpc("sendrawtransaction", txs.unvault.finalize().to_hex())
+    await cancelled_by_a_watchtower(system, bitcoind, txs)

@@ -302,3 +302,13 @@ def test_a_batch_needs_each_watchtower_once_whichever_vault_it_answered():
     flow2.start()
     with pytest.raises(SpendRefused):
         flow2.on_opinions(ids[1], [opinion(TOWER_KEYS[0], ids[1], False, "no", flow.txid)])
+
+
+def test_a_vault_secured_with_every_tower_asks_nothing_more():
+    txs = vault_txs()
+    for rtx, reference in zip(txs.revocations(), vault_txs().revocations()):
+        for sk in STK:
+            rtx.signatures[0][pub(sk)] = reference.sign(0, sk)
+    acked = {(r.txid, t) for r in txs.revocations() for t in range(2)}
+    flow = SecureFlow(txs, DEPOSIT.outpoint.txid, STK[0], TOWERS, acked)
+    assert flow.done and flow.start() == []

@@ -43,6 +43,7 @@ class Participant:
     manager_secret: bytes | None = None
     cpfp_secret: bytes | None = None
     config_path: Path | None = None
+    wallet_table: dict = field(default_factory=dict)
 
     def wallet(self, **options) -> Wallet:
         return Wallet.open(self.config_path, **options)
@@ -156,24 +157,9 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         await system.sync.start()
         for cosigner in cosigners:
             await cosigner.start()
-        for i, (d, noise, _) in enumerate(towers):
-            reserve = f"reserve-{secrets.token_hex(4)}-{i}"  # one node, many systems
-            node.new_wallet(reserve, fund=Decimal(1))
-            config = write_config(d / "watchtower.toml", {
-                "listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
-                "opinion_key_file": "opinion.key",
-                "wallet_noise_key": stakeholders[i].noise.public.hex(),
-                "poll_interval": 0.1,
-                "sync_server": {"host": HOST, "port": system.sync.port,
-                                "noise_key": sync_noise.public.hex()},
-                "bitcoind": dict(_bitcoind_table(node), wallet=reserve),
-                "fees": {"max_feerate": 50},
-                "policy": policies[i],
-                "deployment": deployment,
-            })
-            tower = DaemonProcess("watchtower", config, d)
-            system.watchtowers.append(tower)
-            await tower.start()
+        for i, (d, _, _) in enumerate(towers):
+            system.watchtowers.append(await _start_watchtower(system, d, stakeholders[i],
+                                                              policies[i]))
         nowhere = [NoiseIdentity.create(p.directory / "absent-watchtower.key")
                    for p in stakeholders] if not towers else []
         for p in {id(p): p for p in stakeholders + managers}.values():
@@ -204,11 +190,55 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
                 table["cosigners"] = [{"host": HOST, "port": c.port,
                                        "noise_key": n.public.hex()}
                                       for c, n in zip(cosigners, cosigner_noise)]
+            p.wallet_table = table
             p.config_path = write_wallet_config(p.directory / "wallet.toml", table)
     except BaseException:
         system.stop_all()
         raise
     return system
+
+
+async def _start_watchtower(system: System, d: Path, stakeholder: Participant,
+                            policy: dict) -> DaemonProcess:
+    """`revault-watchtower` in `d` (holding noise.key and opinion.key), paired with
+    `stakeholder`'s wallet, with a fee reserve of its own funded with 1 BTC."""
+    reserve = f"reserve-{secrets.token_hex(4)}"  # one node, many systems
+    system.node.new_wallet(reserve, fund=Decimal(1))
+    config = write_config(d / "watchtower.toml", {
+        "listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
+        "opinion_key_file": "opinion.key",
+        "wallet_noise_key": stakeholder.noise.public.hex(),
+        "poll_interval": 0.1,
+        "sync_server": {"host": HOST, "port": system.sync.port,
+                        "noise_key": system.sync_noise.public.hex()},
+        "bitcoind": dict(_bitcoind_table(system.node), wallet=reserve),
+        "fees": {"max_feerate": 50},
+        "policy": policy,
+        "deployment": system.deployment,
+    })
+    tower = DaemonProcess("watchtower", config, d)
+    try:
+        await tower.start()
+    except BaseException:
+        tower.ensure_dead()
+        raise
+    return tower
+
+
+async def add_watchtower(system: System, stakeholder: Participant,
+                         policy: dict) -> DaemonProcess:
+    """A further watchtower for `stakeholder`, added to its wallet config's
+    [[watchtowers]] (a wallet opened afterwards talks to it too)."""
+    d = system.root / f"wt{len(system.watchtowers)}"  # short: an AF_UNIX path lives here
+    d.mkdir()
+    noise = NoiseIdentity.create(d / "noise.key")
+    bitcoin_key(d / "opinion.key")
+    tower = await _start_watchtower(system, d, stakeholder, policy)
+    system.watchtowers.append(tower)
+    stakeholder.wallet_table["watchtowers"].append(
+        {"host": HOST, "port": tower.port, "noise_key": noise.public.hex()})
+    write_wallet_config(stakeholder.config_path, stakeholder.wallet_table)
+    return tower
 
 
 def write_wallet_config_text(table: dict) -> str:
