@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shutil
 import sys
 import tempfile
@@ -141,7 +142,11 @@ async def bench(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 and 10 vaults only")
-    return asyncio.run(bench(parser.parse_args()))
+    parser.add_argument("--log", action="store_true", help="the wallets' log on stderr")
+    args = parser.parse_args()
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return asyncio.run(bench(args))
 
 
 if __name__ == "__main__":

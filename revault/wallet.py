@@ -75,6 +75,7 @@ VAULT_STATES = ("funded", "secured", "active", "unvaulting", "spent", "cancelled
 DEFAULT_RETRY_TIMEOUT = 60.0   # seconds a daemon may stay unreachable or refusing
 DEFAULT_FLOW_TIMEOUT = 600.0   # seconds a verb waits for the other participants
 RPC_WALLET_ALREADY_LOADED = -35
+LOOKAHEAD = 20  # xpub deployments: indexes watched beyond the last one handed out or seen
 WALLET_LAG_POLLS = 6  # looks (0.05 s to 1.6 s apart) before a transaction counts as gone
 
 T = TypeVar("T")
@@ -271,18 +272,25 @@ class Wallet:
         return self._chain.wallet
 
     async def _ensure_chain(self) -> BitcoindClient:
-        """Load (or create) the watch-only descriptor wallet and import every descriptor
-        of the indexes handed out, once per run."""
+        """Load (or create) the watch-only descriptor wallet and import the descriptors
+        of every index it must watch, once per run."""
         async with self._chain_lock:
             if not self._chain_ready:
                 await self._load_watchonly()
-                indexes = await self.store.deposit_indexes()
-                if not self.deployment.uses_xpubs and 0 not in indexes:
+                if not self.deployment.uses_xpubs:
                     await self.store.add_deposit_index(0, self.deployment.deposit_address(0))
-                    indexes = await self.store.deposit_indexes()
-                await self._import(indexes)
+                await self._import(await self._window())
                 self._chain_ready = True
         return self._chain
+
+    async def _window(self) -> range:
+        """The indexes watched: every one handed out or seen, and LOOKAHEAD more (the
+        other participants' wallets hand out indexes too; a deposit to one of theirs is
+        found as long as it is within the window, which then moves on)."""
+        if not self.deployment.uses_xpubs:
+            return range(1)
+        handed = await self.store.deposit_indexes()
+        return range(max(handed, default=-1) + 1 + LOOKAHEAD)
 
     async def _load_watchonly(self) -> None:
         name = self.bitcoind_wallet
@@ -311,9 +319,9 @@ class Wallet:
         for idx in indexes:
             for desc in (self.deployment.deposit_descriptor(idx),
                          self.deployment.unvault_descriptor(idx)):
-                info = await self._node.call("getdescriptorinfo", desc)
-                if info["descriptor"].split("#")[0] not in have:
-                    wanted.append({"desc": info["descriptor"], "timestamp": birth,
+                # Core lists a descriptor as given (hex keys, no origin), checksum apart.
+                if desc.split("#")[0] not in have:
+                    wanted.append({"desc": desc, "timestamp": birth,
                                    "label": f"revault vault {idx}"})
         if not wanted:
             return
@@ -333,8 +341,8 @@ class Wallet:
         indexes = await self.store.deposit_indexes()
         idx = max(indexes, default=-1) + 1
         address = d.deposit_address(idx)
-        await self._import([idx])
         await self.store.add_deposit_index(idx, address)
+        await self._import(await self._window())  # watched before it is handed out
         return address
 
     @property
@@ -346,7 +354,8 @@ class Wallet:
         return what the wallet knows: its unspent outputs, and which of its
         transactions spends each output it saw spent."""
         chain = await self._ensure_chain()
-        by_address = {a: i for i, a in (await self.store.deposit_indexes()).items()}
+        window = await self._window()
+        by_address = {self.deployment.deposit_address(i): i for i in window}
         unspent = {f"{u['txid']}:{u['vout']}"
                    for u in await chain.call("listunspent", 0, 9_999_999)}
         since = await chain.call("listsinceblock", "", 1, True, False)
@@ -362,6 +371,11 @@ class Wallet:
                 found.append(StoredVault(f"{entry['txid']}:{entry['vout']}", value,
                                          by_address[entry["address"]]))
         await self.store.add_vaults(found)
+        seen = {v.index for v in found} - set(await self.store.deposit_indexes())
+        for idx in sorted(seen):
+            await self.store.add_deposit_index(idx, self.deployment.deposit_address(idx))
+        if seen and max(seen) + LOOKAHEAD >= window.stop:
+            await self._import(await self._window())  # the window moves on
         spenders = {}
         for txid in live:
             tx = self._decoded.get(txid)

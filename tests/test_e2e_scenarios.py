@@ -503,3 +503,37 @@ async def test_a_watchtower_added_later_gets_the_active_vaults_and_guards_them(
         await w._restore([txs.unvault])
     await bitcoind.rpc("sendrawtransaction", txs.unvault.finalize().to_hex())
     await cancelled_by_a_watchtower(system, bitcoind, txs)
+
+
+async def test_xpub_deployment_fresh_index_per_deposit_address(make_system, bitcoind):
+    system = await make_system(xpubs=True)
+    d = Deployment.from_dict(system.deployment)
+    assert d.uses_xpubs
+    stakeholders = await open_wallets(system.stakeholders)
+    [manager] = await open_wallets(system.managers[:1])
+    try:
+        addresses = [await stakeholders[0].deposit_address() for _ in range(2)]
+        assert addresses == [d.deposit_address(0), d.deposit_address(1)]
+        outpoints = [await deposit(bitcoind, a) for a in addresses]
+        bitcoind.mine(1)
+        # The other wallets never handed these indexes out: they find them within their
+        # lookahead, and hand out the next index after them.
+        vaults = {v.outpoint: v for v in await stakeholders[1].vaults()}
+        assert [vaults[o].index for o in outpoints] == [0, 1]
+        assert await stakeholders[1].deposit_address() == d.deposit_address(2)
+        for o, index in zip(outpoints, (0, 1)):
+            await asyncio.gather(*(w.secure(o, timeout=TIMEOUT) for w in stakeholders))
+            await asyncio.gather(*(w.activate(o, timeout=TIMEOUT) for w in stakeholders))
+        to = await payee(bitcoind)
+        task = asyncio.ensure_future(manager.spend(outpoints, {to: 1_000_000}, timeout=TIMEOUT))
+        txid = await mine_until(bitcoind, task)
+        bitcoind.mine(1)
+        tx = await bitcoind.rpc("getrawtransaction", txid, True)
+        assert tx["confirmations"] >= 1
+        # The change went to the deposit script of the highest index spent (1).
+        change = [o for o in tx["vout"] if o["scriptPubKey"].get("address") == addresses[1]]
+        assert len(change) == 1
+        states = {v.outpoint: v.state for v in await stakeholders[0].vaults()}
+        assert [states[o] for o in outpoints] == ["spent", "spent"]
+    finally:
+        await close_all(stakeholders + [manager])

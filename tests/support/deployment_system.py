@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import coincurve
+from embit.bip32 import HDKey
 
 from revault.keys import create_key_file, generate_bitcoin_key
 from revault.deployment import p2wpkh, script_pubkey_to_address
@@ -22,6 +23,7 @@ from tests.support.daemons import DaemonProcess, NoiseIdentity, to_toml, write_c
 from tests.support.regtest import RegtestNode, free_port
 
 HOST = "127.0.0.1"
+TPRV = bytes.fromhex("04358394")  # BIP 32 private version of test networks (regtest)
 
 
 def pub(secret: bytes) -> bytes:
@@ -78,12 +80,20 @@ def _bitcoind_table(node: RegtestNode) -> dict:
 
 async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3,
                        n_managers: int = 2, unvault_csv: int = 3, both_roles: int = 0,
-                       policies: list[dict] | None = None) -> System:
+                       policies: list[dict] | None = None, xpubs: bool = False) -> System:
     """Keys, configs and daemons for a deployment; `both_roles` of the stakeholders
     are also managers (one wallet with both keys). `policies[i]` is the `[policy]` of
     stakeholder i's watchtower (`revault-watchtower`, with a funded fee reserve). With
     no policies, no watchtower runs: each stakeholder's [[watchtowers]] entry is a
-    port where nothing listens, so a flow that needs a watchtower's ack cannot complete."""
+    port where nothing listens, so a flow that needs a watchtower's ack cannot complete.
+    With `xpubs`, the stakeholders', managers' and CPFP key files are BIP 32 seeds and
+    the deployment lists their master tpubs (the cosigners keep plain keys)."""
+
+    def key_text(secret: bytes) -> str:
+        if xpubs:
+            return HDKey.from_seed(secret, version=TPRV).to_public().to_string()
+        return pub(secret).hex()
+
     root.mkdir(parents=True, exist_ok=True)
     sync_noise = NoiseIdentity.create(root / "sync.noise.key")
     stakeholders = []
@@ -131,12 +141,12 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
         b"emergency " + root.name.encode()).digest())), "regtest")
     deployment = {
         "network": "regtest",
-        "stakeholders": [pub(p.stakeholder_secret).hex() for p in stakeholders],
-        "managers": [pub(p.manager_secret).hex() for p in managers],
+        "stakeholders": [key_text(p.stakeholder_secret) for p in stakeholders],
+        "managers": [key_text(p.manager_secret) for p in managers],
         "managers_threshold": 1,
         "cosigners": cosigner_pubs,
         "unvault_csv": unvault_csv,
-        "cpfp_keys": [pub(p.cpfp_secret).hex() for p in managers],
+        "cpfp_keys": [key_text(p.cpfp_secret) for p in managers],
         "emergency_address": emergency,
         "watchtowers": [pub(opinion).hex() for _, _, opinion in towers],
     }
