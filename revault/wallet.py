@@ -438,10 +438,11 @@ class Wallet:
             return "cancelled"
         return "spent"
 
-    async def _confirmations(self, txid: str) -> int | None:
+    async def _confirmations(self, txid: str, *, settle: bool = True) -> int | None:
         """Confirmations of a transaction of the watch-only wallet (0: in the mempool),
-        None when the wallet does not have it or it lost to a conflict."""
-        for attempt in range(WALLET_LAG_POLLS):
+        None when the wallet does not have it or it lost to a conflict. `settle=False`:
+        one look, for a caller that only wants to know whether it is there already."""
+        for attempt in range(WALLET_LAG_POLLS if settle else 1):
             try:
                 tx = await self._chain.call("gettransaction", txid)
             except BitcoindError as e:
@@ -460,7 +461,8 @@ class Wallet:
             # Neither in a block the wallet saw nor in the mempool: the wallet may not
             # have processed the newest block or transaction yet (Core notifies wallets
             # asynchronously); a few short looks before concluding it is gone.
-            await self.stats.sleep(backoff(attempt + 1))
+            if settle:
+                await self.stats.sleep(backoff(attempt + 1))
         return None
 
     def _transactions(self, stored: StoredVault) -> VaultTransactions:
@@ -830,7 +832,7 @@ class Wallet:
         if target is None or 1000 * rtx.fee >= target * tx.weight:
             await self._broadcast(tx, rtx.kind.value)
             return
-        if await self._confirmations(tx.txid) is not None:
+        if await self._confirmations(tx.txid, settle=False) is not None:
             return  # already in (a resumed spend): its child went with it
         key = self._role(self.cpfp, "manager", "CPFP")
         try:
