@@ -192,13 +192,15 @@ async def bench_rate(tree: Path, workdir: Path) -> dict:
 NONREADING_SECONDS = 30.0   # the figure; --nonreading sets it
 
 
-async def bench_nonreading(tree: Path, workdir: Path,
-                           seconds: float = NONREADING_SECONDS) -> dict:
-    # Unpaced, and answers of 57 KB (three big pending spend requests), so that what a
-    # non-reading peer is not taking piles up at once.
+async def bench_nonreading(tree: Path, workdir: Path, seconds: float = NONREADING_SECONDS,
+                           rate: float = 10_000) -> dict:
+    # Answers of 57 KB (three big pending spend requests) and, by default, no pacing to
+    # speak of, so that what a non-reading peer is not taking piles up at once. With
+    # rate 0 the daemon's own default pace applies.
     extra = {"write_timeout": 5} if supports_new_keys(tree) else {}
-    deployment, daemon = await started(tree, workdir / "nonreading", attackers=8,
-                                       requests_per_second=10_000, **extra)
+    if rate:
+        extra["requests_per_second"] = rate
+    deployment, daemon = await started(tree, workdir / "nonreading", attackers=8, **extra)
     out = {}
     try:
         async with await RpcClient.connect(hz.HOST, daemon.port,
@@ -405,6 +407,8 @@ async def main() -> None:
     parser.add_argument("--soak", type=float, default=30.0, help="soak seconds")
     parser.add_argument("--nonreading", type=float, default=NONREADING_SECONDS,
                         help="seconds of the non-reading attack")
+    parser.add_argument("--nonreading-rate", type=float, default=10_000,
+                        help="requests_per_second during it (0: the daemon's default)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -417,7 +421,8 @@ async def main() -> None:
             if name == "soak":
                 result = await soak(tree, workdir, args.soak)
             elif name == "nonreading":
-                result = await bench_nonreading(tree, workdir, args.nonreading)
+                result = await bench_nonreading(tree, workdir, args.nonreading,
+                                                args.nonreading_rate)
             else:
                 result = await globals()[f"bench_{name}"](tree, workdir)
             print(f"[{name}]")

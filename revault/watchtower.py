@@ -259,13 +259,15 @@ class Watchtower:
         self.policy = Policy(config.policy, self.deployment, load_plugins(config.policy.plugins))
         self.pending: dict[GuardedVault, PendingBump] = {}
         self.failed: dict[GuardedVault, float] = {}
-        self.posted: set[str] = set()  # spend txids whose opinion was posted by this run
+        # (vault_id, spend txid) of the opinions posted by this run
+        self.posted: set[tuple[str, str]] = set()
         self.wake_event = asyncio.Event()
         self.react_lock = asyncio.Lock()
         self.bitcoind_down_since: float | None = None
         self.last_sync_poll: float | None = None
         self._deposit_scripts: dict[bytes, int] = {}
         self._lookahead_to = -1
+        self._highest_index = -1  # of the vaults guarded: where the xpub lookahead starts
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -273,8 +275,9 @@ class Watchtower:
 
     async def load(self) -> None:
         accepted = await self.store.accepted_spends()
-        for stored in await self.store.vaults():
+        for stored in self.store.iter_vaults():
             self.guard.add(guarded_vault(stored, accepted.get(stored.deposit, frozenset())))
+            self._highest_index = max(self._highest_index, stored.index)
         log.info("%d guarded vaults loaded, opinion key %s, policy: %s", len(self.guard),
                  self.opinion_pubkey,
                  "default (refuse every spend)" if not self.config.policy.has_rules
@@ -338,8 +341,7 @@ class Watchtower:
             if not self._deposit_scripts:
                 self._deposit_scripts[d.deposit_script_pubkey(0)] = 0
             return self._deposit_scripts.get(script_pubkey)
-        highest = max((v.index for v in self.guard.vaults.values()), default=-1)
-        while self._lookahead_to < highest + XPUB_LOOKAHEAD:
+        while self._lookahead_to < self._highest_index + XPUB_LOOKAHEAD:
             self._lookahead_to += 1
             self._deposit_scripts[d.deposit_script_pubkey(self._lookahead_to)] = \
                 self._lookahead_to
@@ -350,6 +352,8 @@ class Watchtower:
             reason = await self._check_and_store(p)
         except BitcoindUnreachable as e:
             reason = f"cannot check the deposit: bitcoind unreachable ({e})"
+        except BitcoindError as e:  # e.g. still loading its block index after a restart
+            reason = f"cannot check the deposit: {e}"
         if reason is None:
             return WatchtowerSigResult(ack=True, txid=p.txid)
         log.info("sig for revocation %s of vault tx %s refused: %s", p.txid, p.vault_txid,
@@ -421,6 +425,7 @@ class Watchtower:
             return f"the fee reserve wallet is not usable: {e}"
         deposit = OutPoint(p.vault_txid, vout)
         new = await self.store.put_revocation(deposit, value, index, txs.unvault.txid, stored)
+        self._highest_index = max(self._highest_index, index)
         vault = self.guard.add(guarded_vault(StoredVault(
             deposit, value, index, txs.unvault.txid, "guarded",
             {stored.kind: (stored.output_value, stored.output_script)})))
@@ -537,6 +542,7 @@ class Watchtower:
 
     async def cancel(self, action: Cancel, tip: int) -> None:
         vault = action.vault
+        await self._free_evicted(vault)
         revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
         try:
@@ -552,6 +558,21 @@ class Watchtower:
                       target / SAT_PER_VB_TO_KWU, e)
             bump = await self.reserve.bump(revocation, 1)
         await self._broadcast(vault, action.kind, bump, tip, action.reason)
+
+    async def _free_evicted(self, vault: GuardedVault) -> None:
+        """A bump of ours that left the mempool unmined (evicted by a fee spike, or
+        replaced by someone else's) still holds its reserve coins in the wallet's eyes:
+        abandon it so that they can bump the next one."""
+        previous = self.pending.pop(vault, None)
+        if previous is None or not previous.bump.coins:
+            return
+        try:
+            await self.reserve.client.call("abandontransaction", previous.bump.tx.txid)
+        except BitcoindError:
+            return  # back in the mempool or mined: its coins are spent indeed
+        log.info("vault %s: %s left the mempool unmined; its reserve coins %s are free again",
+                 short(vault), previous.bump.tx.txid,
+                 ", ".join(str(c.outpoint) for c in previous.bump.coins))
 
     async def rebump(self, action: ConsiderRebump, tip: int) -> None:
         vault, kind = action.vault, action.kind
@@ -621,9 +642,10 @@ class Watchtower:
                     result = await client.get_spend_requests(cursor)
                     for request in result.requests:
                         opinion = await self.judge(request)
-                        if opinion is not None and opinion.txid not in self.posted:
+                        if opinion is not None \
+                                and (opinion.vault_id, opinion.txid) not in self.posted:
                             await client.spend_opinion(opinion)
-                            self.posted.add(opinion.txid)
+                            self.posted.add((opinion.vault_id, opinion.txid))
                     if result.cursor is not None and result.cursor != cursor:
                         cursor = result.cursor
                         await self.store.set_sync_cursor(cursor)
@@ -664,6 +686,12 @@ class Watchtower:
                 vaults.append(vault)
         if not vaults:
             return None
+        if request.vault_id not in {v.vault_id for v in vaults}:
+            # A manager's mistake, or an attempt to have our verdict on this spend shown
+            # under another vault: refused, and not remembered as the spend's verdict.
+            reason = "vault_id is not the id of a vault this transaction spends"
+            log.info("spend %s refused: %s (%s)", spend.txid, reason, request.vault_id)
+            return sign_opinion(self.opinion_key, request.vault_id, False, reason, spend.txid)
         verdict = await self.store.verdict(spend.txid)
         if verdict is None:
             payees = payees_of(spend, self.internal_scripts(vaults), self.deployment.network)

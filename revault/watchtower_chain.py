@@ -30,6 +30,7 @@ from revault.watchtower_guard import ChainTx, Guard, GuardedVault, chain_tx_from
 log = logging.getLogger("revault.watchtower.chain")
 
 RPC_INVALID_ADDRESS_OR_KEY = -5  # e.g. a mempool transaction gone in between
+MEMPOOL_FETCH_BATCH = 8  # getrawtransaction calls in flight at once
 
 
 class ChainFollower:
@@ -98,17 +99,27 @@ class ChainFollower:
     async def sync_mempool(self) -> list[GuardedVault]:
         txids = set(await self.node.call("getrawmempool"))
         touched = self.guard.mempool_is(txids)
-        for txid in txids - self.mempool:
-            try:
-                raw = await self.node.call("getrawtransaction", txid)
-            except BitcoindError as e:
-                if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+        new = list(txids - self.mempool)
+        # A few calls at once (bitcoind serves RPCs on several threads): at start, a
+        # full mainnet mempool is tens of thousands of transactions to read.
+        for start in range(0, len(new), MEMPOOL_FETCH_BATCH):
+            batch = new[start:start + MEMPOOL_FETCH_BATCH]
+            raws = await asyncio.gather(*(self._mempool_tx(txid) for txid in batch))
+            for txid, raw in zip(batch, raws):
+                if raw is None:
                     txids.discard(txid)  # left the mempool since it was listed
-                    continue
-                raise
-            touched += self.see_raw(bytes.fromhex(raw))
+                else:
+                    touched += self.see_raw(bytes.fromhex(raw))
         self.mempool = txids
         return touched
+
+    async def _mempool_tx(self, txid: str) -> str | None:
+        try:
+            return await self.node.call("getrawtransaction", txid)
+        except BitcoindError as e:
+            if e.code == RPC_INVALID_ADDRESS_OR_KEY:
+                return None
+            raise
 
     def see_raw(self, raw: bytes, height: int | None = None) -> list[GuardedVault]:
         tx = chain_tx_from_bitcoinlib(CTransaction.deserialize(raw))

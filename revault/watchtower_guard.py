@@ -164,7 +164,7 @@ class Guard:
 
     # --- what the chain shows ------------------------------------------------------------
 
-    def see(self, tx: ChainTx, height: int | None) -> list[GuardedVault]:
+    def see(self, tx: ChainTx | ParsedTx, height: int | None) -> list[GuardedVault]:
         """A transaction entered the mempool (height None) or a block; returns the vaults
         it touched. Cost: one dict lookup per input."""
         touched = []
@@ -191,7 +191,8 @@ class Guard:
             touched.append(vault)
         return touched
 
-    def _classify(self, vault: GuardedVault, prevout: OutPointKey, tx: ChainTx) -> SpenderKind:
+    def _classify(self, vault: GuardedVault, prevout: OutPointKey,
+                  tx: ChainTx | ParsedTx) -> SpenderKind:
         def shaped_as(kind: str) -> bool:
             return vault.revocations.get(kind) == tx.outputs
 
@@ -288,14 +289,34 @@ class Guard:
         return [a for v in list(self.busy) if (a := self.decide(v, tip)) is not None]
 
 
-def chain_tx_from_bitcoinlib(ctx) -> ChainTx:
-    """A python-bitcoinlib CTransaction as the guard sees it."""
-    from bitcoin.core import b2lx
-    return ChainTx(
-        txid=b2lx(ctx.GetTxid()),
-        prevouts=tuple((b2lx(i.prevout.hash), i.prevout.n) for i in ctx.vin),
-        outputs=tuple((o.nValue, bytes(o.scriptPubKey)) for o in ctx.vout),
-    )
+class ParsedTx:
+    """A python-bitcoinlib CTransaction as the guard sees it (a ChainTx). Its txid (a
+    serialization and two hashes) and outputs are computed only when read, which the
+    guard does only for a transaction that touches a vault: most of a block never is."""
+
+    __slots__ = ("_ctx", "prevouts", "_txid", "_outputs")
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.prevouts = tuple((i.prevout.hash[::-1].hex(), i.prevout.n) for i in ctx.vin)
+        self._txid: str | None = None
+        self._outputs: tuple[tuple[int, bytes], ...] | None = None
+
+    @property
+    def txid(self) -> str:
+        if self._txid is None:
+            self._txid = self._ctx.GetTxid()[::-1].hex()
+        return self._txid
+
+    @property
+    def outputs(self) -> tuple[tuple[int, bytes], ...]:
+        if self._outputs is None:
+            self._outputs = tuple((o.nValue, bytes(o.scriptPubKey)) for o in self._ctx.vout)
+        return self._outputs
+
+
+def chain_tx_from_bitcoinlib(ctx) -> ParsedTx:
+    return ParsedTx(ctx)
 
 
 def outputs_of(outputs: Sequence) -> tuple[tuple[int, bytes], ...]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,19 +184,30 @@ class WatchtowerStore:
             "AND deposit_vout = ?", (note, deposit.txid, deposit.vout)))
 
     async def vaults(self, *, include_retired: bool = False) -> list[StoredVault]:
-        """Every vault with the outputs of its revocations, in two statements (not one
-        per vault)."""
-        outputs: dict[tuple[str, int], dict[str, tuple[int, bytes]]] = {}
-        for txid, vout, kind, value, script in self._reader.execute(
-                "SELECT deposit_txid, deposit_vout, kind, output_value, output_script "
-                "FROM revocations"):
-            outputs.setdefault((txid, vout), {})[kind] = (value, bytes(script))
-        where = "" if include_retired else "WHERE state = 'guarded'"
-        return [StoredVault(OutPoint(txid, vout), value, index, unvault_txid, state,
-                            outputs.pop((txid, vout), {}))
-                for txid, vout, value, index, unvault_txid, state in self._reader.execute(
-                    "SELECT deposit_txid, deposit_vout, value, derivation_index, "
-                    f"unvault_txid, state FROM vaults {where}")]
+        return list(self.iter_vaults(include_retired=include_retired))
+
+    def iter_vaults(self, *, include_retired: bool = False) -> Iterator[StoredVault]:
+        """Every vault with the outputs of its revocations, one statement streamed in
+        primary-key order (both tables are clustered on the deposit outpoint): a daemon
+        loading 100k vaults never holds them all twice."""
+        where = "" if include_retired else "WHERE v.state = 'guarded'"
+        rows = self._reader.execute(
+            "SELECT v.deposit_txid, v.deposit_vout, v.value, v.derivation_index, "
+            "v.unvault_txid, v.state, r.kind, r.output_value, r.output_script "
+            "FROM vaults v LEFT JOIN revocations r "
+            "ON r.deposit_txid = v.deposit_txid AND r.deposit_vout = v.deposit_vout "
+            f"{where} ORDER BY v.deposit_txid, v.deposit_vout")
+        current: StoredVault | None = None
+        for txid, vout, value, index, unvault_txid, state, kind, out_value, script in rows:
+            if current is None or current.deposit.txid != txid or current.deposit.vout != vout:
+                if current is not None:
+                    yield current
+                current = StoredVault(OutPoint(txid, vout), value, index, unvault_txid,
+                                      state, {})
+            if kind is not None:
+                current.revocation_outputs[kind] = (out_value, bytes(script))
+        if current is not None:
+            yield current
 
     # --- verdicts ---------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from revault.cosigner import read_config
 from revault.cosigner_store import DATABASE_NAME
 from revault.daemon import load_app_config
 from revault.keys import bitcoin_public_key, create_key_file, generate_bitcoin_key
-from revault.rpc import INVALID_PARAMS, RpcClient, RpcError
+from revault.rpc import INVALID_PARAMS, REFUSED, RpcClient, RpcError
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, make_spend, p2wsh, pubkey,
                                          random_key)
 from tests.support.daemons import REPO_ROOT, DaemonProcess, NoiseIdentity, write_config

@@ -26,7 +26,8 @@ def test_sample_config_is_valid_and_documents_every_key():
     text = SAMPLE.read_text()
     for key in ("listen", "data_dir", "noise_key_file", "opinion_key_file",
                 "wallet_noise_key", "poll_interval", "requests_per_second", "idle_timeout",
-                "max_connections", "log_level", "host", "port", "noise_key", "rpc_url",
+                "max_connections", "max_handshakes", "max_handshakes_per_address",
+                "max_connections_per_peer", "write_timeout", "log_level", "host", "port", "noise_key", "rpc_url",
                 "cookie_file", "rpc_user", "rpc_password", "wallet", "zmq_rawtx",
                 "zmq_rawblock", "zmq_sequence", "max_feerate", "accept_all", "max_value",
                 "max_value_per_day", "allowed_addresses", "plugins", "stakeholders",

@@ -174,3 +174,19 @@ def test_matching_is_by_outpoint_and_vaults_are_found_by_id_and_unvault_output()
     # Adding a vault again merges revocations instead of duplicating it.
     again = vault(1, kinds=("cancel",))
     assert g.add(again) is vaults[1]
+
+
+def test_parsed_transactions_read_like_the_chain_writes_them():
+    from bitcoin.core import CTransaction
+
+    from revault.primitives import OutPoint
+    from revault.transactions import Tx, TxIn, TxOut
+    from revault.watchtower_guard import chain_tx_from_bitcoinlib
+
+    tx = Tx(2, (TxIn(OutPoint(txid("a"), 3), 0xFFFFFFFD, (b"\x01" * 72, b"\x02" * 33)),
+                TxIn(OutPoint(txid("b"), 0), 0xFFFFFFFD, (b"\x03" * 71, b"\x02" * 33))),
+            (TxOut(5000, DEPOSIT_SPK), TxOut(7000, EMERGENCY_SPK)), 0)
+    parsed = chain_tx_from_bitcoinlib(CTransaction.deserialize(tx.serialize()))
+    assert parsed.prevouts == ((txid("a"), 3), (txid("b"), 0))
+    assert parsed.txid == tx.txid  # display order, witness excluded
+    assert parsed.outputs == ((5000, DEPOSIT_SPK), (7000, EMERGENCY_SPK))

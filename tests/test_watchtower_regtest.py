@@ -7,6 +7,7 @@ watchtower processes; the test plays the stakeholders, the managers and the wall
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from tests.support.watchtower import (
     Deployed, Network, fill_mempool, pub, secret, wait_for, zmq_conf,
 )
 
-MODES = ("zmq", "poll")
+MODES = ("zmq", "zmq-sequence", "poll")
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -28,6 +29,8 @@ def chain(request, tmp_path_factory):
     """(node, ZMQ keys for the watchtower or None): one node per mode, own chain."""
     if request.param == "zmq":
         conf, keys = zmq_conf()
+    elif request.param == "zmq-sequence":
+        conf, keys = zmq_conf(("sequence",))
     else:
         conf, keys = (), None
     node = start_node(tmp_path_factory.mktemp(f"bitcoind-watchtower-{request.param}"), conf)
@@ -75,9 +78,11 @@ async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_
         # The cancel's output is a deposit of the vault's own index again.
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == \
             net.d.deposit_script_pubkey(0).hex()
-        log = net.log()
-        assert f"cancel {cancel['txid']} broadcast at" in log
-        assert f"unvault {unvault_txid} with no accepted spend" in log
+        await wait_for(lambda: f"cancel {cancel['txid']} broadcast at" in net.log(),
+                       "the watchtower's log line")
+        assert f"unvault {unvault_txid} with no accepted spend" in net.log()
+        if zmq:
+            assert f"ZMQ: subscribed to {', '.join(t[4:] for t in zmq)}" in net.log()
     finally:
         net.stop()
 
@@ -89,6 +94,11 @@ async def test_accepted_spend_left_alone_and_confirms_after_the_csv(tmp_path, ch
         vault = await net.deposit()
         await net.secure(vault)
         spend = net.deployed.spend(vault, payee("payee"))
+        # Asked under another vault's id first: refused there, and not remembered.
+        other_id = "ab" * 32
+        await net.request_spend(vault, spend, vault_id=other_id)
+        [wrong] = await wait_for(lambda: net.opinions(vault, other_id), "an opinion there")
+        assert wrong["accepted"] is False and "not the id of a vault" in wrong["reason"]
         await net.request_spend(vault, spend)
         [opinion] = await wait_for(lambda: net.opinions(vault), "the watchtower's opinion")
         assert opinion["accepted"] is True and opinion["txid"] == spend.txid
@@ -137,7 +147,9 @@ async def test_accepted_spend_replaced_by_another_spend_is_cancelled(tmp_path, p
         thief = net.deployed.spend(vault, payee("thief"), feerate_sat_per_kwu=3000)
         assert await node.rpc("sendrawtransaction", thief.to_hex()) == thief.txid
         cancel = await net.wait_cancel_in_mempool(vault)
-        assert f"unvault output spent by unapproved transaction {thief.txid}" in net.log()
+        # (bitcoind has it before the watchtower's log line is written)
+        await wait_for(lambda: f"unvault output spent by unapproved transaction {thief.txid}"
+                       in net.log(), "the watchtower's log line")
         node.mine(1)
         assert await confirmations(net, cancel["txid"]) == 1
     finally:
@@ -387,7 +399,11 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
             return None
 
         second = await wait_for(higher, "a cancel outbidding the spike")
-        assert net.log().count(" broadcast at ") >= 2
+        await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
+        # The evicted first cancel's reserve coin is usable again (abandoned in the wallet).
+        [freed] = [line for line in net.log().splitlines()
+                   if f"{first['txid']} left the mempool unmined" in line]
+        assert all(f"{i['txid']}:{i['vout']}" in freed for i in first["vin"][1:])
         # A cancel confirms (blocks take the spike's transactions first, so a few blocks).
         for _ in range(8):
             node.mine(1, node.cli("getnewaddress", wallet=node.MINER_WALLET))
@@ -444,5 +460,54 @@ async def test_xpub_deployment_vaults_found_at_their_derivation_index(tmp_path, 
         cancel = await net.wait_cancel_in_mempool(far)
         assert cancel["vout"][0]["scriptPubKey"]["hex"] == net.d.deposit_script_pubkey(260).hex()
         assert f"vault {far.deposit.outpoint} (index 260," in net.log()
+    finally:
+        net.stop()
+
+
+@pytest.fixture
+def fresh_chain(tmp_path_factory):
+    """A node whose fee estimator has seen nothing yet, mining nothing under 5 sat/vB."""
+    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-estimates"),
+                      ("blockmintxfee=0.00005",))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(tmp_path, fresh_chain):
+    node = fresh_chain
+    net = await network(tmp_path, node, max_feerate=100, reserve_coins=(10_000,) * 30)
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        await net.unvault(vault)
+        # No estimate yet: the cancel goes out at its own pre-signed feerate.
+        first = await net.wait_cancel_in_mempool(vault)
+        assert len(first["vin"]) == 1
+        # Miners take nothing under 5 sat/vB here, so it stays unconfirmed (with its
+        # unvault) while blocks of 50 sat/vB transactions teach the node's estimator a
+        # higher feerate: at one of the next blocks the watchtower re-bumps it.
+        payee_address = await node.rpc("getnewaddress", wallet=node.MINER_WALLET)
+        for _ in range(12):
+            for _ in range(4):
+                await node.rpc("sendtoaddress", payee_address, 0.01, "", "", False, True,
+                               None, "unset", None, 50, wallet=node.MINER_WALLET)
+            [block] = node.mine(1)
+            await wait_for(lambda: f" {block}: " in net.log(), "the watchtower reading the block")
+            if "because re-bump: 1.0 sat/vB is below the" in net.log():
+                break
+        else:
+            raise AssertionError("no re-bump after 12 blocks")
+        line = next(line for line in net.log().splitlines() if "because re-bump:" in line)
+        bumped_txid = re.search(r"cancel ([0-9a-f]{64}) broadcast", line).group(1)
+        assert bumped_txid != first["txid"]
+        bumped = await node.rpc("getrawtransaction", bumped_txid, True)
+        assert len(bumped["vin"]) > 1  # reserve coins
+        # Minable now (it may already be in the block that ended the loop).
+        if not await confirmations(net, bumped_txid):
+            node.mine(1)
+        assert await confirmations(net, bumped_txid) >= 1
+        assert float(re.search(r"broadcast at ([0-9.]+) sat/vB", line).group(1)) >= 5
     finally:
         net.stop()

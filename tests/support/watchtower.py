@@ -42,12 +42,12 @@ def pub(sk: bytes) -> bytes:
     return coincurve.PrivateKey(sk).public_key.format(compressed=True)
 
 
-def zmq_conf() -> tuple[tuple[str, ...], dict[str, str]]:
-    """bitcoin.conf lines publishing rawtx and rawblock, and the watchtower's keys."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    return ((f"zmqpubrawtx={endpoint}", f"zmqpubrawblock={endpoint}"),
-            {"zmq_rawtx": endpoint, "zmq_rawblock": endpoint})
+def zmq_conf(topics: tuple[str, ...] = ("rawtx", "rawblock")
+             ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """bitcoin.conf lines publishing `topics` on one endpoint, and the watchtower's keys."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    return (tuple(f"zmqpub{topic}={endpoint}" for topic in topics),
+            {f"zmq_{topic}": endpoint for topic in topics})
 
 
 async def wait_for(predicate, what: str, timeout: float = WAIT):
@@ -62,6 +62,10 @@ async def wait_for(predicate, what: str, timeout: float = WAIT):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
+
+
+def vault_uid(vault) -> str:
+    return hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()
 
 
 @dataclass
@@ -276,22 +280,22 @@ class Network:
 
     # --- as a manager ------------------------------------------------------------------------
 
-    async def request_spend(self, vault: Vault, spend) -> None:
+    async def request_spend(self, vault: Vault, spend, vault_id: str | None = None) -> None:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
             result = await client.call("request_spend", {
                 "transaction": spend.to_base64(), "timestamp": int(time.time()),
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest(),
+                "vault_id": vault_id or vault_uid(vault),
             })
             assert result == {"ack": True}
 
-    async def opinions(self, vault: Vault) -> list[dict]:
+    async def opinions(self, vault: Vault, vault_id: str | None = None) -> list[dict]:
         async with await RpcClient.connect("127.0.0.1", self.sync.port,
                                            self.manager_noise.private,
                                            self.sync_noise.public) as client:
-            result = await client.call("get_spend_opinions", {
-                "vault_id": hashlib.sha256(bytes.fromhex(vault.deposit.outpoint.txid)).hexdigest()})
+            result = await client.call("get_spend_opinions",
+                                       {"vault_id": vault_id or vault_uid(vault)})
         return result["opinions"]
 
     # --- watching ------------------------------------------------------------------------------
