@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -103,8 +104,10 @@ async def walk(system, node) -> None:
         txid = spend.result()
         node.mine(1)
         tx = await node.rpc("getrawtransaction", txid, True)
-        say(f"spend {txid} confirmed at height {await node.rpc('getblockcount')} "
-            f"({len(tx['vout'])} outputs: payee, change back to a deposit)")
+        labels = {d.cpfp_address(0): "CPFP", payee: "payee", d.deposit_address(0): "change"}
+        outputs = ", ".join(f"{labels.get(o['scriptPubKey'].get('address'), '?')} "
+                            f"{round(o['value'] * 100_000_000)} sat" for o in tx["vout"])
+        say(f"spend {txid} confirmed at height {await node.rpc('getblockcount')}: {outputs}")
 
         txs = _chain(d, outpoints[1])
         await manager._restore([txs.unvault])
@@ -185,7 +188,10 @@ async def main() -> int:
         await walk(system, node)
         if args.keep_running:
             _instructions(system, node, root)
-            await asyncio.Event().wait()  # until Ctrl-C
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            await stop.wait()  # Ctrl-C or SIGTERM, then everything is stopped below
         return 0
     finally:
         if system is not None:
@@ -199,7 +205,7 @@ async def main() -> int:
 
 def _instructions(system, node, root: Path) -> None:
     print(f"""
-The system is up (Ctrl-C stops it). Each participant has a wallet config:
+The system is up (Ctrl-C or SIGTERM stops it; its files stay). Each participant has a wallet config:
 """ + "\n".join(f"  {p.name}: {p.config_path}" for p in system.stakeholders + system.managers[
         len([m for m in system.managers if m in system.stakeholders]):]) + f"""
 
