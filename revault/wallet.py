@@ -317,8 +317,12 @@ class Wallet:
         birth = int(await self.store.meta("birth"))
         wanted = []
         for idx in indexes:
-            for desc in (self.deployment.deposit_descriptor(idx),
-                         self.deployment.unvault_descriptor(idx)):
+            descriptors = [self.deployment.deposit_descriptor(idx),
+                           self.deployment.unvault_descriptor(idx)]
+            if self.manager is not None:
+                # The managers' CPFP wallet: coins at the CPFP script pay for children.
+                descriptors.append(self.deployment.cpfp_descriptor(idx))
+            for desc in descriptors:
                 # Core lists a descriptor as given (hex keys, no origin), checksum apart.
                 if desc.split("#")[0] not in have:
                     wanted.append({"desc": desc, "timestamp": birth,
@@ -835,15 +839,19 @@ class Wallet:
         if await self._confirmations(tx.txid, settle=False) is not None:
             return  # already in (a resumed spend): its child went with it
         key = self._role(self.cpfp, "manager", "CPFP")
+        parent = CpfpParent.of(rtx)
+        coins = [c for c in await self._cpfp_wallet_coins()
+                 if c.outpoint != parent.cpfp_output.outpoint]
         try:
-            package = build_cpfp(self.deployment, [CpfpParent.of(rtx)], [], target,
+            package = build_cpfp(self.deployment, [parent], coins, target,
                                  change_index=rtx.vault_index)
         except (FeeBumpError, TransactionError) as e:
             raise FlowError(f"{rtx.kind.value} {tx.txid}: cannot CPFP it to {target} "
                             f"sat/kWU: {e}") from None
         child = package.child
-        for i, spent in enumerate(child.spent):
-            child.sign(i, key.secret_at(rtx.vault_index))
+        indexes = [rtx.vault_index] + [c.index for c in package.wallet_coins]
+        for i, index in enumerate(indexes):
+            child.sign(i, key.secret_at(index))
         try:
             await submit_package(self._node, [tx.to_hex(), child.finalize().to_hex()])
         except PackageRejected as e:
@@ -851,6 +859,19 @@ class Wallet:
                             f"child: {e}") from None
         log.info("%s %s broadcast with CPFP child %s (package at %d sat/kWU)",
                  rtx.kind.value, tx.txid, child.txid, package.feerate_sat_per_kwu)
+
+    async def _cpfp_wallet_coins(self) -> list[Coin]:
+        """Confirmed coins of the managers' CPFP wallet (CPFP-script outputs the
+        watch-only wallet sees: funded by the operator, or confirmed unvaults' and
+        children's change), each with the vault index of its script."""
+        window = await self._window()
+        by_address = {self.deployment.cpfp_address(i): i for i in window}
+        coins = []
+        for u in await self._chain.call("listunspent", 1, 9_999_999):
+            index = by_address.get(u.get("address"))
+            if index is not None:
+                coins.append(Coin(OutPoint(u["txid"], u["vout"]), _sats(u["amount"]), index))
+        return coins
 
     async def _broadcast(self, tx: Tx, what: str) -> None:
         try:

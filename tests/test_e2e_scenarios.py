@@ -537,3 +537,48 @@ async def test_xpub_deployment_fresh_index_per_deposit_address(make_system, bitc
         assert [states[o] for o in outpoints] == ["spent", "spent"]
     finally:
         await close_all(stakeholders + [manager])
+
+
+async def test_cpfp_children_draw_on_the_managers_cpfp_wallet(make_system, bitcoind):
+    system = await make_system()
+    d = Deployment.from_dict(system.deployment)
+    [outpoint] = await deposited_vaults(system, bitcoind)
+    # The operator funds the managers' CPFP wallet (the CPFP script: any manager's hot key).
+    for _ in range(2):
+        await deposit(bitcoind, d.cpfp_address(0), 100_000)
+    bitcoind.mine(1)
+    stakeholders = await open_wallets(system.stakeholders)
+    [manager] = await open_wallets(system.managers[1:])
+    try:
+        await secure_and_activate(stakeholders, [outpoint])
+        to = await payee(bitcoind)
+        # 100 sat/vB: more than the unvault's 30,000 sat CPFP output (or the spend's)
+        # can pay for its package alone.
+        task = asyncio.ensure_future(manager.spend([outpoint], {to: 1_000_000}, timeout=TIMEOUT,
+                                                   cpfp_feerate_sat_per_kwu=25_000))
+        txid = await mine_until(bitcoind, task)
+        bitcoind.mine(1)
+        unvault = chain_of(system, outpoint).unvault.txid
+        for parent, cpfp_vout in ((unvault, 1), (txid, 0)):
+            child_txid = await spender(bitcoind, f"{parent}:{cpfp_vout}", depth=20)
+            child = await bitcoind.rpc("getrawtransaction", child_txid, True)
+            assert child["confirmations"] >= 1
+            assert len(child["vin"]) >= 2, "the CPFP wallet's coin was not used"
+            fee_rate = await _package_rate(bitcoind, [parent, child_txid])
+            assert fee_rate >= 25_000 * 4 / 1000 * 0.99, fee_rate  # sat/vB, Core's count
+    finally:
+        await close_all(stakeholders + [manager])
+
+
+async def _package_rate(node: RegtestNode, txids: list[str]) -> float:
+    """(fees) / (vsizes) of confirmed transactions, in sat/vB."""
+    fee = vsize = 0
+    for txid in txids:
+        tx = await node.rpc("getrawtransaction", txid, 2, await _blockhash(node, txid))
+        fee += sats(tx["fee"])
+        vsize += tx["vsize"]
+    return fee / vsize
+
+
+async def _blockhash(node: RegtestNode, txid: str) -> str:
+    return (await node.rpc("getrawtransaction", txid, True))["blockhash"]
