@@ -582,3 +582,38 @@ async def _package_rate(node: RegtestNode, txids: list[str]) -> float:
 
 async def _blockhash(node: RegtestNode, txid: str) -> str:
     return (await node.rpc("getrawtransaction", txid, True))["blockhash"]
+
+
+async def test_spend_script_killed_after_the_unvaults_resumes_the_same_spend(
+        make_system, bitcoind):
+    system = await make_system()
+    [outpoint] = await deposited_vaults(system, bitcoind)
+    stakeholders = await open_wallets(system.stakeholders)
+    try:
+        await secure_and_activate(stakeholders, [outpoint])
+    finally:
+        await close_all(stakeholders)
+    to = await payee(bitcoind)
+    config = str(system.managers[0].config_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = [sys.executable, str(REPO / "examples" / "spend.py"), config, to, "900000", outpoint]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    unvault = chain_of(system, outpoint).unvault.txid
+    try:
+        # Approved, cosigned, unvault out: now it waits for the csv. Kill it there.
+        await poll(lambda: in_mempool(bitcoind, unvault), what="unvault broadcast")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    bitcoind.mine(1)
+    second = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await mine_until(bitcoind, asyncio.ensure_future(second.communicate()))
+    assert second.returncode == 0, err.decode()
+    txid = out.decode().strip()
+    bitcoind.mine(1)
+    tx = await bitcoind.rpc("getrawtransaction", txid, True)
+    assert tx["confirmations"] >= 1 and tx["vin"][0]["txid"] == unvault
+    async with system.managers[0].wallet() as w:
+        [spend] = await w.store.spends()
+        assert (spend.txid, spend.stage) == (txid, "broadcast")  # one spend, resumed
