@@ -511,3 +511,30 @@ async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(tmp_path,
         assert float(re.search(r"broadcast at ([0-9.]+) sat/vB", line).group(1)) >= 5
     finally:
         net.stop()
+
+
+async def test_batch_spend_of_two_vaults_accepted_once_for_both(tmp_path, poll_chain):
+    node = poll_chain
+    net = await network(tmp_path, node, policy={"max_value": 1_950_000})
+    try:
+        vaults = [await net.deposit() for _ in range(2)]
+        for vault in vaults:
+            await net.secure(vault)
+        spend = net.deployed.spend(vaults, payee("payee"))
+        await net.request_spend(vaults[0], spend)  # one request, under one of its vaults
+        [opinion] = await wait_for(lambda: net.opinions(vaults[0]), "the opinion")
+        assert opinion["accepted"] is True, opinion
+        for vault in vaults:
+            await net.unvault(vault)
+        node.mine(net.d.unvault_csv)
+        for vault in vaults:
+            assert await net.mempool_spender(vault.unvault_coin.outpoint) is None
+        assert await node.rpc("sendrawtransaction", spend.to_hex()) == spend.txid
+        node.mine(1)
+        assert await confirmations(net, spend.txid) == 1
+        assert " broadcast at " not in net.log()
+        # One verdict, for both vaults (inputs in the order build_spend was given them).
+        assert (f"of vault(s) {vaults[0].deposit.outpoint}, {vaults[1].deposit.outpoint} "
+                "ACCEPTED") in net.log()
+    finally:
+        net.stop()

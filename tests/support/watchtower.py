@@ -136,17 +136,20 @@ class Deployed:
             unvault.sign(0, self.secret_at(s, vault.deposit.index))
         return unvault.finalize()
 
-    def spend(self, vault: Vault, payee: bytes, feerate_sat_per_kwu: int = 1000):
-        """The managers' and cosigner's fully signed spend of the vault's unvault output,
-        paying all of it to `payee` but the fee."""
-        coin = vault.unvault_coin
-        draft = build_spend(self.deployment, [coin], [TxOut(coin.value // 2, payee)],
+    def spend(self, vault: Vault | list[Vault], payee: bytes,
+              feerate_sat_per_kwu: int = 1000):
+        """The managers' and cosigner's fully signed spend of the unvault output of one
+        vault (or a batch of them), paying all of it to `payee` but the fee."""
+        coins = [v.unvault_coin for v in (vault if isinstance(vault, list) else [vault])]
+        total = sum(c.value for c in coins)
+        draft = build_spend(self.deployment, coins, [TxOut(total // 2, payee)],
                             max_feerate_sat_per_kwu=None)  # only sizes the real one
         cpfp = draft.tx.outputs[0].value
         fee = fee_for_weight(draft.max_weight(), feerate_sat_per_kwu)
-        spend = build_spend(self.deployment, [coin], [TxOut(coin.value - cpfp - fee, payee)])
-        for sk in self.managers + self.cosigners:
-            spend.sign(0, self.secret_at(sk, coin.index))
+        spend = build_spend(self.deployment, coins, [TxOut(total - cpfp - fee, payee)])
+        for n, coin in enumerate(coins):
+            for sk in self.managers + self.cosigners:
+                spend.sign(n, self.secret_at(sk, coin.index))
         return spend.finalize()
 
 
