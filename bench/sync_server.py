@@ -11,9 +11,14 @@ request at a time; so the ceiling is what the transport, the JSON-RPC layer and 
 client can do, and the ratio shows what the sync server's handlers and storage cost.
 
 Measured: requests per second and p50/p99 latency of a mixed workload (sig with an id,
-so every one waits for a durable commit; get_sigs; request_spend; get_spend_requests;
-spend_opinion; get_spend_opinions), and each daemon's resident memory (VmRSS) holding
-1000 idle connections. Every phase has a deadline; the run stops by itself.
+so every one waits for a durable commit; get_sigs; request_spend; get_spend_requests,
+each watchtower polling with the cursor of its previous poll; spend_opinion;
+get_spend_opinions), and each daemon's resident memory (VmRSS) holding 1000 idle
+connections. Then the same workload with watchtowers polling without cursors (every
+poll lists every pending request), and on PostgreSQL (a throwaway server from
+tests/support/postgres.py) with one and with two sync-server processes sharing the
+database, the clients spread over both. Every phase has a deadline; the run stops by
+itself.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import os
 import resource
 import sys
 import tempfile
@@ -39,6 +45,7 @@ from bitcoin.core import (  # noqa: E402
 from revault.messages import sign_opinion  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
 
 HOST = "127.0.0.1"
 IDLE_CONNECTIONS = 1000
@@ -60,12 +67,19 @@ def spend_tx(seed: str) -> tuple[str, str]:
 
 class Workload:
     """The six sync-server calls, cycled per client; rows are replaced, not piled up,
-    so the run measures steady state rather than quota refusals."""
+    so the run measures steady state rather than quota refusals. A client's
+    request_spend re-sends its pending request (as a resuming wallet does), and every
+    NEW_ATTEMPT_EVERY-th one is a new attempt (a new timestamp): what a watchtower's
+    cursor brings back."""
+
+    NEW_ATTEMPT_EVERY = 8
 
     METHODS = ("sig", "get_sigs", "request_spend", "get_spend_requests", "spend_opinion",
                "get_spend_opinions")
 
-    def __init__(self, client: int):
+    def __init__(self, client: int, cursors: bool = True):
+        self.cursors = cursors
+        self.cursor: str | None = None  # of this watchtower's last poll
         key = coincurve.PrivateKey(hashlib.sha256(f"bench-{client}".encode()).digest())
         self.pubkey = key.public_key.format().hex()
         self.vault = h(f"vault-{client}")
@@ -82,13 +96,19 @@ class Workload:
         params = {
             "sig": lambda: {"pubkey": self.pubkey, "signature": self.sigs[n % 8], "id": tx_id},
             "get_sigs": lambda: {"id": tx_id},
-            "request_spend": lambda: {"transaction": self.tx, "timestamp": n,
-                                      "vault_id": self.vault},
-            "get_spend_requests": lambda: {},
+            "request_spend": lambda: {
+                "transaction": self.tx, "vault_id": self.vault,
+                "timestamp": n // (len(self.METHODS) * self.NEW_ATTEMPT_EVERY)},
+            "get_spend_requests": lambda: (
+                {"since": self.cursor} if self.cursors and self.cursor else {}),
             "spend_opinion": lambda: self.opinion,
             "get_spend_opinions": lambda: {"vault_id": self.vault},
         }[method]()
         return method, params
+
+    def answered(self, method: str, result: dict) -> None:
+        if method == "get_spend_requests":
+            self.cursor = result.get("cursor")
 
 
 def echo_request(workload: Workload, n: int) -> tuple[str, dict]:
@@ -97,14 +117,26 @@ def echo_request(workload: Workload, n: int) -> tuple[str, dict]:
     return "echo", params
 
 
-async def connect_many(port: int, identities: list[NoiseIdentity], server: NoiseIdentity,
-                       count: int) -> list[RpcClient]:
+async def connect_many(port: int | list[int], identities: list[NoiseIdentity],
+                       server: NoiseIdentity, count: int,
+                       first_call: tuple[str, dict] | None = None) -> list[RpcClient]:
+    """`count` connections, spread over the ports of several processes if given.
+
+    With `first_call`, each connection makes that call before the next one opens: a
+    server counts a connection as in its handshake until its first frame decrypts, and
+    keeps few of those per address, so silent connections opened by the hundred would
+    be refused."""
+    ports = port if isinstance(port, list) else [port]
     slots = asyncio.Semaphore(64)  # stay within the listen backlog
 
     async def one(i: int) -> RpcClient:
         async with slots:
-            return await RpcClient.connect(HOST, port, identities[i % len(identities)].private,
-                                           server.public, timeout=30)
+            rpc = await RpcClient.connect(HOST, ports[i % len(ports)],
+                                          identities[i % len(identities)].private,
+                                          server.public, timeout=30)
+            if first_call is not None:
+                await rpc.call(*first_call, timeout=60)
+            return rpc
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -113,18 +145,33 @@ async def close_all(clients: list[RpcClient]) -> None:
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
-async def load(port: int, identities, server, clients: int, seconds: float,
-               make_request) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used (their /proc stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+async def load(port: int | list[int], identities, server, clients: int, seconds: float,
+               make_request, cursors: bool = True, pids: list[int] = ()) -> dict:
     conns = await connect_many(port, identities, server, clients)
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     warmup = min(1.0, seconds / 4)
     start = asyncio.Event()
     loop = asyncio.get_running_loop()
-    measure_from = measure_until = 0.0
+    # The window opens once every client has gone through the six calls once (a
+    # watchtower's first poll, which lists everything, belongs to its start-up, not to
+    # the steady state), and no sooner than `warmup`.
+    measure_from = measure_until = float("inf")
+    warm = asyncio.Event()
+    cold = set(range(clients))
 
     async def run(i: int, rpc: RpcClient) -> None:
-        workload = Workload(i)
+        workload = Workload(i, cursors)
         n = i  # clients start at different points of the mix
         await start.wait()
         while True:
@@ -133,7 +180,7 @@ async def load(port: int, identities, server, clients: int, seconds: float,
             if t0 >= measure_until:
                 return
             try:
-                await rpc.call(method, params, timeout=30)
+                workload.answered(method, await rpc.call(method, params, timeout=30))
                 ok = True
             except Exception as e:  # counted and reported: the bench must finish
                 errors[f"{method}: {type(e).__name__} {e}"[:120]] += 1
@@ -142,15 +189,26 @@ async def load(port: int, identities, server, clients: int, seconds: float,
             if ok and t0 >= measure_from and t1 <= measure_until:
                 latencies[method].append(t1 - t0)
             n += 1
+            if i in cold and n - i >= len(Workload.METHODS):
+                cold.discard(i)
+                if not cold:
+                    warm.set()
 
     tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(conns)]
-    measure_from = loop.time() + warmup
-    measure_until = measure_from + seconds
     start.set()
+    await asyncio.sleep(warmup)
+    await asyncio.wait_for(warm.wait(), PHASE_DEADLINE)
+    # The servers' own CPU over the window: on a busy machine wall rates move with the
+    # other load, CPU per request much less.
+    cpu = [cpu_seconds(pids)]
+    measure_from = loop.time()
+    measure_until = measure_from + seconds
+    loop.call_at(measure_until, lambda: cpu.append(cpu_seconds(pids)))
     await asyncio.gather(*tasks)
     await close_all(conns)
     every = sorted(x for xs in latencies.values() for x in xs)
     return {
+        "cpu_us": (cpu[1] - cpu[0]) / max(1, len(every)) * 1e6 if len(cpu) == 2 else 0.0,
         "rps": len(every) / seconds,
         "p50": percentile(every, 50),
         "p99": percentile(every, 99),
@@ -178,12 +236,12 @@ def rss_kib(pid: int) -> int:
 async def idle_rss(daemon: DaemonProcess, identities, server, count: int) -> tuple[int, int]:
     """(RSS before, RSS while holding `count` idle connections) of the daemon, in KiB."""
     before = rss_kib(daemon.proc.pid)
-    conns = await connect_many(daemon.port, identities, server, count)
+    # One round trip on each: every connection has gone through the handler once, as a
+    # real idle peer between two polls has.
+    method = "get_sigs" if daemon.name == "sync-server" else "echo"
+    conns = await connect_many(daemon.port, identities, server, count,
+                               first_call=(method, {"id": h("idle")}))
     try:
-        # One round trip on each: every connection has gone through the handler once,
-        # as a real idle peer between two polls has.
-        await asyncio.gather(*(c.call("get_sigs" if daemon.name == "sync-server" else "echo",
-                                      {"id": h("idle")}, timeout=60) for c in conns))
         return before, rss_kib(daemon.proc.pid)
     finally:
         await close_all(conns)
@@ -198,26 +256,65 @@ def raise_fd_limit(needed: int) -> None:
             sys.exit(f"file-descriptor hard limit {hard} is below {needed}")
 
 
+COMMON = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning",
+          # 8 keys hold up to 1,200 connections: lift the per-key share of slots, and
+          # the slots themselves (peers share max_connections - max_handshakes).
+          "max_connections_per_peer": 1024, "max_connections": 2048}
+
+
+def sync_daemon(tmp: Path, name: str, keys: list[str], storage: dict) -> DaemonProcess:
+    workdir = tmp / name  # its own notify socket, logs and data_dir
+    workdir.mkdir()
+    return DaemonProcess("sync-server", write_config(workdir / "sync.toml", {
+        **COMMON, "noise_key_file": str(tmp / "server.key"), "data_dir": "data",
+        # The per-key request rate is a policy, not a cost: off the measurement.
+        "requests_per_second": 1_000_000,
+        "peers": {"stakeholders": keys, "managers": keys, "watchtowers": keys},
+        **storage,
+    }), workdir)
+
+
 async def start_daemons(tmp: Path) -> tuple[DaemonProcess, DaemonProcess, NoiseIdentity,
                                             list[NoiseIdentity]]:
     server = NoiseIdentity.create(tmp / "server.key")
     identities = [NoiseIdentity.create(tmp / f"client{i}.key") for i in range(IDENTITIES)]
     keys = [i.public.hex() for i in identities]
-    common = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning",
-              # 8 keys hold up to 1,200 connections: lift the per-key share of slots.
-              "max_connections_per_peer": 1024}
-    sync = DaemonProcess("sync-server", write_config(tmp / "sync.toml", {
-        **common, "data_dir": "sync-data",
-        # The per-key request rate is a policy, not a cost: off the measurement.
-        "requests_per_second": 1_000_000,
-        "peers": {"stakeholders": keys, "managers": keys, "watchtowers": keys},
-    }), tmp)
+    sync = sync_daemon(tmp, "sqlite", keys, {})
     echo = DaemonProcess("echo", write_config(tmp / "echo.toml", {
-        **common, "data_dir": "echo-data", "clients": keys,
+        **COMMON, "data_dir": "echo-data", "clients": keys,
     }), tmp, module="tests.support.echo_daemon")
     await sync.start()
     await echo.start()
     return sync, echo, server, identities
+
+
+async def postgres_phases(tmp: Path, ids, server, args) -> dict[str, dict]:
+    """The mixed workload on PostgreSQL: one process, then two sharing the database."""
+    keys = [i.public.hex() for i in ids]
+    results = {}
+    postgres = PostgresServer.start()
+    daemons: list[DaemonProcess] = []
+    try:
+        for processes in (1, 2):
+            storage = {"storage": {"backend": "postgresql", "dsn": postgres.new_database()}}
+            group = [sync_daemon(tmp, f"pg{processes}-{i}", keys, storage)
+                     for i in range(processes)]
+            daemons += group
+            for daemon in group:
+                await daemon.start()
+            results[f"postgresql, {processes} process{'es' if processes > 1 else ''}"] = (
+                await load([d.port for d in group], ids, server, args.clients, args.seconds,
+                           lambda w, n: w.request(n), pids=[d.proc.pid for d in group]))
+            for daemon in group:
+                status = await daemon.stop()
+                if status != 0:
+                    raise RuntimeError(f"sync server on PostgreSQL exited with {status}:\n"
+                                       f"{daemon.stderr()}")
+    finally:
+        for daemon in daemons:
+            daemon.ensure_dead()
+        postgres.stop()
+    return results
 
 
 def ms(seconds: float) -> str:
@@ -225,7 +322,7 @@ def ms(seconds: float) -> str:
 
 
 async def main_async(args) -> int:
-    raise_fd_limit(IDLE_CONNECTIONS + args.clients + 512)
+    raise_fd_limit(2048 + IDLE_CONNECTIONS + args.clients + 512)  # daemons check theirs
     with tempfile.TemporaryDirectory(prefix="revault-bench-") as tmp_name:
         tmp = Path(tmp_name)
         sync = echo = None
@@ -236,13 +333,18 @@ async def main_async(args) -> int:
                       f"per connection, {args.seconds:g} s measured after warm-up; both "
                       f"servers are daemon subprocesses; the client is one asyncio process")
                 ceiling = await load(echo.port, ids, server, args.clients, args.seconds,
-                                     echo_request)
+                                     echo_request, pids=[echo.proc.pid])
                 mixed = await load(sync.port, ids, server, args.clients, args.seconds,
-                                   lambda w, n: w.request(n))
+                                   lambda w, n: w.request(n), pids=[sync.proc.pid])
+                others = {"sqlite, watchtowers polling without cursors": await load(
+                    sync.port, ids, server, args.clients, args.seconds,
+                    lambda w, n: w.request(n), cursors=False, pids=[sync.proc.pid])}
                 echo_rss = await idle_rss(echo, ids, server, args.idle)
                 sync_rss = await idle_rss(sync, ids, server, args.idle)
-            report(args, ceiling, mixed, echo_rss, sync_rss)
-            failed = bool(mixed["errors"] or ceiling["errors"])
+                if not args.no_postgresql:
+                    others.update(await postgres_phases(tmp, ids, server, args))
+            report(args, ceiling, mixed, echo_rss, sync_rss, others)
+            failed = any(r["errors"] for r in (ceiling, mixed, *others.values()))
             for name, daemon in (("sync server", sync), ("echo", echo)):
                 status = await daemon.stop()
                 if status != 0:
@@ -255,17 +357,24 @@ async def main_async(args) -> int:
                     daemon.ensure_dead()
 
 
-def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss) -> None:
+def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss, others: dict) -> None:
     print()
     print(f"echo ceiling:        {ceiling['rps']:8.0f} req/s   p50 {ms(ceiling['p50'])}   "
-          f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)")
-    print(f"sync server, mixed:  {mixed['rps']:8.0f} req/s   p50 {ms(mixed['p50'])}   "
-          f"p99 {ms(mixed['p99'])}   ({mixed['count']} requests)")
-    print(f"  ratio to ceiling:  throughput {mixed['rps'] / ceiling['rps']:.2f}x   "
-          f"p50 {mixed['p50'] / ceiling['p50']:.2f}x   p99 {mixed['p99'] / ceiling['p99']:.2f}x")
-    print("  per method:          req/s        p50          p99")
-    for method, (rps, p50, p99) in mixed["by_method"].items():
-        print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")
+          f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)   "
+          f"server CPU {ceiling['cpu_us']:.0f} us/request")
+    for name, result in {"sync server, mixed (sqlite, watchtowers with cursors)": mixed,
+                         **{f"sync server, mixed ({k})": v for k, v in others.items()}}.items():
+        print(f"{name}:")
+        print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
+              f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
+              f"server CPU {result['cpu_us']:.0f} us/request")
+        print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
+              f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
+              f"p99 {result['p99'] / ceiling['p99']:.2f}x   "
+              f"CPU per request (ceiling's / ours) {ceiling['cpu_us'] / result['cpu_us']:.2f}x")
+        print("  per method:          req/s        p50          p99")
+        for method, (rps, p50, p99) in result["by_method"].items():
+            print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")
     mib = 1024
     print(f"RSS with {args.idle} idle connections:")
     print(f"  echo ceiling:      {echo_rss[1] / mib:7.1f} MiB (at rest {echo_rss[0] / mib:.1f} MiB,"
@@ -273,7 +382,7 @@ def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss) -> None:
     print(f"  sync server:       {sync_rss[1] / mib:7.1f} MiB (at rest {sync_rss[0] / mib:.1f} MiB,"
           f" {(sync_rss[1] - sync_rss[0]) / args.idle:.1f} KiB per connection)")
     print(f"  ratio to ceiling:  {sync_rss[1] / echo_rss[1]:.2f}x")
-    for name, result in (("echo", ceiling), ("sync server", mixed)):
+    for name, result in (("echo", ceiling), ("sync server", mixed), *others.items()):
         for error, count in result["errors"].items():
             print(f"ERROR {name}: {count} x {error}")
 
@@ -284,6 +393,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--idle", type=int, default=None)
+    parser.add_argument("--no-postgresql", action="store_true",
+                        help="skip the PostgreSQL phases")
     args = parser.parse_args()
     args.clients = args.clients or (20 if args.quick else 200)
     args.seconds = args.seconds or (1.5 if args.quick else 10.0)

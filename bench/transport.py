@@ -19,6 +19,11 @@ Ceilings:
       client feed) for each payload;
   (d) a plain asyncio TCP echo with the same u16 length-prefixed framing, no crypto,
       same connection counts and payloads, same client process layout.
+Peer baseline (what a user would pick instead of Noise):
+  (e) JSON-RPC's usual secure channel: mutually authenticated TLS 1.3 (Python's ssl,
+      P-256 certificates from a CA generated in this run, both ends verified), an
+      asyncio echo with the same u16 framing; full handshakes (connect, handshake,
+      close) and round trips, same client layout. Ours should be at least its equal.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import datetime
 import json
 import os
+import ssl
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,6 +159,62 @@ class PlainEchoServer(asyncio.Protocol):
             self.transport.write(frame)
 
 
+def make_mtls_files(directory: Path) -> dict[str, str]:
+    """A CA, a server and a client certificate (P-256 ECDSA), as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool, usage=None):
+        builder = (x509.CertificateBuilder().subject_name(name(subject))
+                   .issuer_name(name(issuer)).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = (builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                       .add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]),
+                                      critical=False))
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(path: Path, data: bytes) -> str:
+        path.write_bytes(data)
+        return str(path)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("revault-bench-ca", ca_key, "revault-bench-ca", ca_key, ca=True)
+    files = {"ca": write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
+    for role, usage in (("server", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH),
+                        ("client", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(f"revault-bench-{role}", key, "revault-bench-ca", ca_key,
+                           ca=False, usage=usage)
+        files[f"{role}_cert"] = write(directory / f"{role}.pem",
+                                      cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{role}_key"] = write(directory / f"{role}.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+    return files
+
+
+def mtls_context(files: dict[str, str], side: str) -> ssl.SSLContext:
+    """TLS 1.3 only, each side presenting its certificate and verifying the other's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if side == "server"
+                             else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(files[f"{side}_cert"], files[f"{side}_key"])
+    context.load_verify_locations(files["ca"])
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 # ------------------------------------------------------------------------------ client side
 
 class PlainConnection(asyncio.Protocol):
@@ -199,6 +263,11 @@ async def client_round_trips(p: dict) -> dict:
         if p["kind"] == "noise":
             conns.append(await t.connect(HOST, p["port"], bytes.fromhex(p["client_key"]),
                                          bytes.fromhex(p["server_public"])))
+        elif p["kind"] == "mtls":
+            _, proto = await loop.create_connection(
+                PlainConnection, HOST, p["port"], ssl=mtls_context(p["tls"], "client"),
+                server_hostname="revault-bench-server")
+            conns.append(proto)
         else:
             _, proto = await loop.create_connection(PlainConnection, HOST, p["port"])
             conns.append(proto)
@@ -254,7 +323,18 @@ async def client_handshakes(p: dict) -> dict:
         conn = await t.connect(HOST, p["port"], client_key, server_public)
         await conn.close()
 
-    probe = full_probe if full else raw_probe
+    tls = mtls_context(p["tls"], "client") if p["kind"] == "mtls_full" else None
+
+    async def mtls_probe():
+        # A full TLS 1.3 handshake each time (no session resumption), both certificates
+        # verified; the first application byte shows the server finished its side.
+        reader, writer = await asyncio.open_connection(
+            HOST, p["port"], ssl=tls, server_hostname="revault-bench-server")
+        writer.write(b"\x00\x01x")
+        await reader.readexactly(3)
+        writer.close()
+
+    probe = mtls_probe if tls is not None else full_probe if full else raw_probe
 
     async def worker():
         while not state["stop"]:
@@ -270,7 +350,7 @@ async def client_handshakes(p: dict) -> dict:
 
 def client_main() -> None:
     params = json.loads(sys.stdin.read())
-    if params["kind"] in ("raw", "full"):
+    if params["kind"] in ("raw", "full", "mtls_full"):
         result = asyncio.run(client_handshakes(params))
     else:
         result = asyncio.run(client_round_trips(params))
@@ -350,25 +430,36 @@ async def main(quick: bool) -> None:
     loop = asyncio.get_running_loop()
     plain = await loop.create_server(PlainEchoServer, HOST, 0)
     plain_port = plain.sockets[0].getsockname()[1]
+    tls_dir = tempfile.TemporaryDirectory(prefix="revault-bench-tls-")
+    tls_files = make_mtls_files(Path(tls_dir.name))
+    mtls = await loop.create_server(PlainEchoServer, HOST, 0,
+                                    ssl=mtls_context(tls_files, "server"), backlog=1024)
+    mtls_port = mtls.sockets[0].getsockname()[1]
     common = {"server_public": server_public.hex(), "client_key": client_key.hex(),
-              "duration": duration, "warmup": warmup}
+              "duration": duration, "warmup": warmup, "tls": tls_files}
     try:
         raw_hs = await run_client({**common, "kind": "raw", "port": noise.port,
                                    "clients": HANDSHAKE_CLIENTS})
         full_hs = await run_client({**common, "kind": "full", "port": noise.port,
                                     "clients": HANDSHAKE_CLIENTS})
-        noise_rtt, plain_rtt = {}, {}
+        mtls_hs = await run_client({**common, "kind": "mtls_full", "port": mtls_port,
+                                    "clients": HANDSHAKE_CLIENTS})
+        noise_rtt, plain_rtt, mtls_rtt = {}, {}, {}
         for conns in CONNECTIONS:
             for _, size in SIZES:
                 for kind, port, into in (("noise", noise.port, noise_rtt),
-                                         ("plain", plain_port, plain_rtt)):
+                                         ("plain", plain_port, plain_rtt),
+                                         ("mtls", mtls_port, mtls_rtt)):
                     into[conns, size] = await run_client(
                         {**common, "kind": kind, "port": port, "connections": conns,
                          "size": size})
     finally:
         await noise.close()
         plain.close()
+        mtls.close()
         await plain.wait_closed()
+        await mtls.wait_closed()
+        tls_dir.cleanup()
 
     print()
     print("ceilings (in-process ones per CPU-second of one core)")
@@ -385,6 +476,14 @@ async def main(quick: bool) -> None:
             fig = plain_rtt[conns, size]
             print(f"  {f'(d) plain TCP echo {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
                   f"  server {fig.cpu_us:6.1f} us CPU per rt")
+    print("peer baseline: mutually authenticated TLS 1.3, P-256 (Python ssl)")
+    print(f"  {f'(e) mTLS connect+handshake+close':<38}{fmt_rate(mtls_hs.rate)} /s  "
+          f"  server {mtls_hs.cpu_us:6.1f} us CPU each")
+    for conns in CONNECTIONS:
+        for label, size in SIZES:
+            fig = mtls_rtt[conns, size]
+            print(f"  {f'(e) mTLS echo {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
+                  f"  server {fig.cpu_us:6.1f} us CPU per rt")
 
     print()
     print(f"  {'':<34}{'wall rate':>12} {'':<5} {'wall rate / ceiling':<24}|"
@@ -393,14 +492,16 @@ async def main(quick: bool) -> None:
     hs_ceilings = [("/a", x["handshakes"], 1e6 / x["handshakes"]),
                    ("/b", sans_io, 1e6 / sans_io)]
     print(row(f"act one/act two, {HANDSHAKE_CLIENTS} clients", raw_hs, "/s", hs_ceilings))
-    print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s", hs_ceilings))
-    print("request round trips, echo handler (ceilings c, d)")
+    print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s",
+              hs_ceilings + [("/e", mtls_hs.rate, mtls_hs.cpu_us)]))
+    print("request round trips, echo handler (ceilings c, d; peer baseline e)")
     for conns in CONNECTIONS:
         for label, size in SIZES:
-            plain_fig = plain_rtt[conns, size]
+            plain_fig, mtls_fig = plain_rtt[conns, size], mtls_rtt[conns, size]
             print(row(f"{conns} conn, {label}", noise_rtt[conns, size], "rt/s",
                       [("/c", codec[size], 1e6 / codec[size]),
-                       ("/d", plain_fig.rate, plain_fig.cpu_us)]))
+                       ("/d", plain_fig.rate, plain_fig.cpu_us),
+                       ("/e", mtls_fig.rate, mtls_fig.cpu_us)]))
     print()
     print("Clients run in a separate process; on a machine with other load the wall rates")
     print("move a lot, the server CPU per operation much less. A server round trip does half")

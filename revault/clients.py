@@ -115,8 +115,12 @@ class SyncServerClient(_DaemonClient):
         return await self._call("request_spend", RequestSpendParams(
             transaction=transaction, timestamp=timestamp, vault_id=vault_id))
 
-    async def get_spend_opinions(self, vault_id: str) -> GetSpendOpinionsResult:
-        return await self._call("get_spend_opinions", GetSpendOpinionsParams(vault_id=vault_id))
+    async def get_spend_opinions(self, vault_id: str,
+                                 since: str | None = None) -> GetSpendOpinionsResult:
+        """Opinions on `vault_id` after cursor `since` (from the oldest without it); pass
+        the result's `cursor` back until a page comes back empty to have them all."""
+        return await self._call("get_spend_opinions",
+                                GetSpendOpinionsParams(vault_id=vault_id, since=since))
 
     # watchtowers
     async def get_spend_requests(self, since: str | None = None) -> GetSpendRequestsResult:

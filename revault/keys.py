@@ -23,13 +23,21 @@ class KeyFileError(Exception):
 
 
 def read_key_file(path: Path) -> bytes:
+    data = read_secret_file(path, KEY_LEN + 1, "key file")
+    if len(data) != KEY_LEN:
+        raise KeyFileError(f"{path}: a key file holds exactly {KEY_LEN} bytes")
+    return data
+
+
+def read_secret_file(path: Path, max_bytes: int, kind: str = "secret file") -> bytes:
+    """At most `max_bytes` of a regular file that only its owner may read or write."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file") from None
+        raise KeyFileError(f"{path}: no such {kind}") from None
     except OSError as e:
-        raise KeyFileError(f"{path}: cannot open key file ({e.strerror})") from None
+        raise KeyFileError(f"{path}: cannot open {kind} ({e.strerror})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -38,12 +46,9 @@ def read_key_file(path: Path) -> bytes:
             raise KeyFileError(
                 f"{path}: readable or writable by group or others "
                 f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 600 on it")
-        data = os.read(fd, KEY_LEN + 1)
+        return os.read(fd, max_bytes)
     finally:
         os.close(fd)
-    if len(data) != KEY_LEN:
-        raise KeyFileError(f"{path}: a key file holds exactly {KEY_LEN} bytes")
-    return data
 
 
 def create_key_file(path: Path, secret: bytes) -> None:

@@ -22,10 +22,16 @@ import coincurve
 from bitcoin.core import CTransaction
 
 from revault.errors import InvalidParams
+from revault.paging import MAX_CURSOR_CHARS
 from revault.primitives import (MAX_DER_SIGNATURE, PSBT_MAGIC, der_signature_problem, is_lower_hex,
                                 pubkey_problem)
+from revault.transport import MAX_PLAINTEXT
 
 MAX_REASON_CHARS = 1024
+# A reason as the relay encodes it (compact JSON, UTF-8): any 1024 characters of any
+# script fit, but padding with escapes ("\u0001" is 6 bytes) does not, so a few
+# watchtowers cannot fill a get_spend_opinions page with a handful of opinions.
+MAX_REASON_JSON_BYTES = 4 * MAX_REASON_CHARS + 2
 MAX_TIMESTAMP = 2**63        # exclusive; what a signed 64-bit integer holds elsewhere
 MAX_INDEX = 2**32            # exclusive; input indexes are u32 in Bitcoin
 # Standard transactions weigh at most 400 000 WU, so no standard serialization is
@@ -38,10 +44,18 @@ MAX_SIGNATURES = 100         # far above any real deployment's stakeholder count
 MAX_RESULT_SIGNATURES = 1_000
 MAX_REQUESTS = 10_000
 MAX_OPINIONS = 1_000
-# A get_spend_requests cursor is opaque to clients; the server's own are far shorter.
-MAX_CURSOR_CHARS = 256
 # A bad map key is echoed in the field name; never echo more than a pubkey's length.
 _MAX_KEY_ECHO = 66
+
+# What a response's `result` may take: the rest of a frame carries the JSON-RPC envelope
+# and the caller's echoed `id` (a longer string id gets "response too large").
+RESULT_BUDGET = MAX_PLAINTEXT - 4096
+# What the list of one get_spend_requests / get_spend_opinions page may take, next to
+# the other members of its result and the longest cursor (revault/paging.py).
+SPEND_REQUESTS_PAGE_BUDGET = (RESULT_BUDGET - len('{"requests":,"cursor":""}')
+                              - MAX_CURSOR_CHARS)
+SPEND_OPINIONS_PAGE_BUDGET = (RESULT_BUDGET - len('{"vault_id":"","opinions":,"cursor":""}')
+                              - 64 - MAX_CURSOR_CHARS)
 
 # The name this module gave errors.InvalidParams before errors.py existed; the same class.
 ParamsError = InvalidParams
@@ -148,7 +162,9 @@ def _check_base64(field: str, value: Any, max_bytes: int) -> bytes:
     return raw
 
 
-def _check_transaction(field: str, value: Any) -> str:
+def _check_transaction(field: str, value: Any, max_chars: int | None = None) -> str:
+    if max_chars is not None and isinstance(value, str) and len(value) > max_chars:
+        raise InvalidParams(field, f"longer than {max_chars} characters")
     raw = _check_base64(field, value, MAX_TX_BYTES)
     try:
         tx = CTransaction.deserialize(raw)
@@ -274,7 +290,8 @@ class RequestSpendParams:
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
         return cls(
-            transaction=_check_transaction("transaction", _require(obj, "transaction")),
+            transaction=_check_transaction("transaction", _require(obj, "transaction"),
+                                           MAX_SPEND_REQUEST_TX_CHARS),
             timestamp=_check_int("timestamp", _require(obj, "timestamp"), MAX_TIMESTAMP),
             vault_id=_id("vault_id", _require(obj, "vault_id")),
         )
@@ -285,7 +302,7 @@ class RequestSpendParams:
 
 
 def _optional_cursor(obj: dict, name: str) -> str | None:
-    """An opaque get_spend_requests cursor, or None when the member is absent."""
+    """An opaque cursor (get_spend_requests, get_spend_opinions), or None when absent."""
     if name not in obj:
         return None
     return _check_str(name, obj[name], MAX_CURSOR_CHARS)
@@ -305,6 +322,10 @@ class GetSpendRequestsParams:
 
 
 _SPEND_REQUEST_JSON_OVERHEAD = len('{"transaction":"","timestamp":,"vault_id":""}')
+# A spend request must fit alone in one get_spend_requests page, or no poller could
+# ever be given it (and it would sit in every page's way).
+MAX_SPEND_REQUEST_TX_CHARS = (SPEND_REQUESTS_PAGE_BUDGET - len("[]") - _SPEND_REQUEST_JSON_OVERHEAD
+                              - 64 - len(str(MAX_TIMESTAMP - 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +349,13 @@ class SpendRequest:
         Exact because every member is ASCII that JSON never escapes (base64, hex,
         digits): a relay sizing hundreds of requests per poll need not encode them twice.
         """
-        return (_SPEND_REQUEST_JSON_OVERHEAD + len(self.transaction)
-                + len(str(self.timestamp)) + len(self.vault_id))
+        return spend_request_json_size(self.transaction, self.timestamp, self.vault_id)
+
+
+def spend_request_json_size(transaction: str, timestamp: int, vault_id: str) -> int:
+    """`SpendRequest(...).json_size()` without building the object (a relay sizes every
+    candidate of a page and builds only those it lists)."""
+    return _SPEND_REQUEST_JSON_OVERHEAD + len(transaction) + len(str(timestamp)) + len(vault_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,10 +379,18 @@ class GetSpendRequestsResult:
         return out
 
 
+def reason_json_bytes(reason: str) -> int:
+    """Bytes of `reason` in the relay's encoding (compact JSON string, UTF-8)."""
+    return len(json.dumps(reason, ensure_ascii=False).encode("utf-8"))
+
+
 def _check_opinion_reason(accept: bool, reason: Any) -> str:
     reason = _check_str("reason", reason, MAX_REASON_CHARS)
     if not accept and not reason:
         raise InvalidParams("reason", "must be non-empty when the spend is refused")
+    if reason_json_bytes(reason) > MAX_REASON_JSON_BYTES:
+        raise InvalidParams("reason", f"longer than {MAX_REASON_JSON_BYTES} bytes once "
+                                      "encoded as JSON")
     return reason
 
 
@@ -423,24 +457,40 @@ class RelayedOpinion:
         return {"accepted": self.accepted, "reason": self.reason, "sig": self.sig,
                 "pubkey": self.pubkey, "txid": self.txid}
 
+    def json_size(self) -> int:
+        """Bytes of `to_json()` in the compact encoding; only `reason` may be escaped."""
+        return (_RELAYED_OPINION_JSON_OVERHEAD + (4 if self.accepted else 5)
+                + reason_json_bytes(self.reason) + len(self.sig) + len(self.pubkey)
+                + len(self.txid))
+
+
+_RELAYED_OPINION_JSON_OVERHEAD = len('{"accepted":,"reason":,"sig":"","pubkey":"","txid":""}')
+
 
 @dataclass(frozen=True, slots=True)
 class GetSpendOpinionsParams:
     vault_id: str
+    since: str | None = None   # a previous result's `cursor` for this vault
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
         obj = _require_object(obj)
-        return cls(vault_id=_id("vault_id", _require(obj, "vault_id")))
+        return cls(vault_id=_id("vault_id", _require(obj, "vault_id")),
+                   since=_optional_cursor(obj, "since"))
 
     def to_json(self) -> dict:
-        return {"vault_id": self.vault_id}
+        params = {"vault_id": self.vault_id}
+        if self.since is not None:
+            params["since"] = self.since
+        return params
 
 
 @dataclass(frozen=True, slots=True)
 class GetSpendOpinionsResult:
     vault_id: str
     opinions: list[RelayedOpinion] = field(default_factory=list)
+    # Marks the last opinion listed; None when the server sent none (a seed server).
+    cursor: str | None = None
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
@@ -449,10 +499,15 @@ class GetSpendOpinionsResult:
         items = _check_list("opinions", _require(obj, "opinions"), MAX_OPINIONS)
         return cls(vault_id=vault_id,
                    opinions=[_nested(f"opinions[{i}]", RelayedOpinion.parse, item)
-                             for i, item in enumerate(items)])
+                             for i, item in enumerate(items)],
+                   cursor=_optional_cursor(obj, "cursor"))
 
     def to_json(self) -> dict:
-        return {"vault_id": self.vault_id, "opinions": [o.to_json() for o in self.opinions]}
+        out: dict[str, Any] = {"vault_id": self.vault_id,
+                               "opinions": [o.to_json() for o in self.opinions]}
+        if self.cursor is not None:
+            out["cursor"] = self.cursor
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,6 +267,9 @@ class GroupCommitWriter:
             self._closing = True
             self._queue.put_nowait(_CLOSE)
         await self._task
+        await self._close_database()
+
+    async def _close_database(self) -> None:
         await self.db.close()
 
     async def _write_loop(self) -> None:
@@ -284,10 +287,20 @@ class GroupCommitWriter:
                 batch.append(item)
             await self._commit_batch(batch)
 
+    async def _transaction(self, jobs: list[Callable]) -> list[tuple[Exception | None, object]]:
+        """Run `jobs` as one committed transaction; each job's (error, result).
+
+        The one part that knows the database: another backend's writer (the sync
+        server's PostgreSQL store) overrides it and `_close_database`, and keeps the
+        batching, the acknowledgements and the closing above.
+        """
+        outcomes = self._run_jobs(sqlite_connection(self.db), jobs)
+        await run_in_database_thread(self.db, self._finish_transaction)
+        return outcomes
+
     async def _commit_batch(self, batch: list[tuple[Callable, asyncio.Future]]) -> None:
         try:
-            outcomes = self._run_jobs(sqlite_connection(self.db), [job for job, _ in batch])
-            await run_in_database_thread(self.db, self._finish_transaction)
+            outcomes = await self._transaction([job for job, _ in batch])
         except Exception as e:
             # Nothing of this batch is durable: every job in it fails, none is acknowledged.
             log.error("%s: transaction of %d jobs failed: %s", self._name, len(batch), e)

@@ -15,47 +15,62 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Iterable
+from typing import Awaitable
 
 from bitcoin.core import CTransaction, b2lx
 
 from revault.config import ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, run_daemon
 from revault.errors import InvalidParams
+from revault.keys import read_secret_file
 from revault.log_limit import LimitedLog
 from revault.messages import (
-    MANAGER, MAX_OPINIONS, STAKEHOLDER, SYNC_SERVER_METHODS, WATCHTOWER, AckResult,
-    ErrSigParams, GetSigsParams, GetSigsResult, GetSpendOpinionsParams,
-    GetSpendOpinionsResult, GetSpendRequestsParams, GetSpendRequestsResult, RelayedOpinion,
-    RequestSpendParams, SigParams, SpendOpinionParams, SpendRequest, verify_opinion,
+    MANAGER, MAX_OPINIONS, SPEND_OPINIONS_PAGE_BUDGET, SPEND_REQUESTS_PAGE_BUDGET, STAKEHOLDER,
+    SYNC_SERVER_METHODS, WATCHTOWER, AckResult, ErrSigParams, GetSigsParams, GetSigsResult,
+    GetSpendOpinionsParams, GetSpendOpinionsResult, GetSpendRequestsParams,
+    GetSpendRequestsResult, RelayedOpinion, RequestSpendParams, SigParams, SpendOpinionParams,
+    SpendRequest, spend_request_json_size, verify_opinion,
 )
+from revault.paging import Cursor, CursorError, Stream, fill_page, merge_streams
 from revault.rpc import Caller, Dispatcher
 from revault.sync_store import (
-    DATABASE_NAME, QuotaExceeded, Quotas, Retention, SqliteSyncStore, SyncStore,
+    DATABASE_NAME, QuotaExceeded, Quotas, Retention, Sharers, SqliteSyncStore,
+    StoredOpinion, StoredSpendRequest, SyncStore,
 )
-from revault.transport import MAX_PLAINTEXT
 
 log = logging.getLogger("revault.sync_server")
 
 DEFAULT_REQUESTS_PER_SECOND = 50.0
 DEFAULT_PURGE_INTERVAL = 600.0
 
-# The response envelope around a list, and the caller's echoed `id`, must fit in the
-# frame too. Ids are ours to bound only here: a client using a string id longer than
-# this gets "response too large" from the dispatcher instead of a truncated list.
-ENVELOPE_RESERVE = 4096
-RESPONSE_BUDGET = MAX_PLAINTEXT - ENVELOPE_RESERVE
 # No serialized spend request is smaller than this (a 1-in 1-out transaction in base64
-# plus the vault id), so fetching more rows than budget/this could never be relayed.
+# plus the vault id), so fetching more of one manager's rows than this could never be
+# relayed in one page.
 MIN_REQUEST_JSON = 200
+REQUESTS_FETCH_PER_MANAGER = SPEND_REQUESTS_PAGE_BUDGET // MIN_REQUEST_JSON
 
 # One response must carry every signature of an id (about 220 bytes each).
 MAX_SIGNATURES_PER_ID = 250
+
+
+BACKENDS = ("sqlite", "postgresql")
+# A password file holds one line; anything longer is not one.
+MAX_PASSWORD_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """[storage]: where the rows live. SQLite in data_dir (one process), or PostgreSQL
+    (any number of server processes on one database)."""
+
+    backend: str = "sqlite"
+    dsn: str | None = None              # postgresql: from `dsn`, or built from its parts
+    password_file: Path | None = None   # postgresql: the password, kept out of the config
+    pool_size: int = 8                  # postgresql: connections per server process
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,49 @@ class SyncServerConfig:
     purge_interval: float
     retention: Retention
     quotas: Quotas
+    storage: StorageConfig = StorageConfig()
+
+    def sharers(self) -> Sharers:
+        """Each peer's share of a group quota is the quota over its role's peers."""
+        return Sharers(stakeholders=len(self.stakeholders), managers=len(self.managers),
+                       watchtowers=len(self.watchtowers))
+
+
+def _read_storage(table: ConfigTable, base: Path) -> StorageConfig:
+    p = ProblemCollector()
+    backend = p.read(table.string, "backend", "sqlite")
+    if backend is not None and backend not in BACKENDS:
+        p.add(f"{table.key_name('backend')}: must be one of {', '.join(BACKENDS)}, "
+              f"got {backend!r}")
+    postgres_keys = ("dsn", "host", "port", "user", "database", "password_file", "pool_size")
+    if backend != "postgresql":
+        for key in postgres_keys:
+            if key in table:
+                table.raw(key)
+                p.add(f"{table.key_name(key)}: only with backend = \"postgresql\"")
+        p.finish()
+        return StorageConfig(backend=backend or "sqlite")
+    dsn = p.read(table.string, "dsn", None)
+    parts = {key: p.read(table.string, key, None) for key in ("host", "user", "database")}
+    port = p.read(table.integer, "port", minimum=1, maximum=65535, default=None)
+    password_file = p.read(table.path, "password_file", base, None)
+    pool_size = p.read(table.integer, "pool_size", minimum=1, maximum=100, default=8)
+    given = [key for key, value in parts.items() if value is not None] + (
+        ["port"] if port is not None else [])
+    if dsn is not None and given:
+        p.add(f"{table.key_name('dsn')}: give either dsn or {', '.join(given)}, not both")
+    elif dsn is not None and not dsn.startswith(("postgresql://", "postgres://")):
+        p.add(f"{table.key_name('dsn')}: expected a postgresql:// URL")
+    elif dsn is None:
+        missing = [key for key in ("host", "user", "database") if parts[key] is None]
+        if missing:
+            p.add(f"{table.key_name('dsn')}: missing (or give {', '.join(missing)})")
+        else:
+            dsn = (f"postgresql://{parts['user']}@{parts['host']}:{port or 5432}"
+                   f"/{parts['database']}")
+    p.finish()
+    return StorageConfig(backend=backend, dsn=dsn, password_file=password_file,
+                         pool_size=pool_size)
 
 
 def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
@@ -82,6 +140,9 @@ def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
         watchtowers = p.read(peers.noise_keys, "watchtowers")
     purge_interval = p.read(table.number, "purge_interval", minimum=1, maximum=86_400,
                             default=DEFAULT_PURGE_INTERVAL)
+    storage_table = p.read(table.table, "storage", {})
+    storage = (None if storage_table is None
+               else p.read(_read_storage, storage_table, base))
 
     retention = quotas = None
     expiry = p.read(table.table, "expiry", {})
@@ -106,24 +167,14 @@ def read_config(table: ConfigTable, base: Path) -> SyncServerConfig:
     return SyncServerConfig(
         common=common, stakeholders=stakeholders, managers=managers, watchtowers=watchtowers,
         purge_interval=purge_interval,
-        retention=retention, quotas=quotas)
+        retention=retention, quotas=quotas, storage=storage)
 
 
-def _json_size(obj: dict) -> int:
-    # The same serialization rpc uses for responses, so the budget is exact.
-    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-
-
-def fit_in_budget(sizes: Iterable[int], budget: int = RESPONSE_BUDGET) -> int:
-    """How many items, of these JSON sizes in order, fit in one JSON array of `budget` bytes."""
-    used = 2  # the brackets
-    count = 0
-    for size in sizes:
-        used += size + (1 if count else 0)
-        if used > budget:
-            break
-        count += 1
-    return count
+def _cursor(since: str | None, epoch: str) -> Cursor:
+    try:
+        return Cursor.parse(since, epoch)
+    except CursorError as e:
+        raise InvalidParams("since", str(e)) from None
 
 
 def spend_txid(transaction_b64: str) -> str:
@@ -163,7 +214,6 @@ class SyncServer:
     def __init__(self, config: SyncServerConfig, store: SyncStore):
         self.store = store
         self._purge_interval = config.purge_interval
-        self._opinion_fetch = config.quotas.opinions_per_vault
         roles: dict[bytes, set[str]] = {}
         for role, keys in ((STAKEHOLDER, config.stakeholders), (MANAGER, config.managers),
                            (WATCHTOWER, config.watchtowers)):
@@ -226,15 +276,17 @@ class SyncServer:
 
         async def get_spend_requests(caller: Caller,
                                      p: GetSpendRequestsParams) -> GetSpendRequestsResult:
-            rows = await store.get_spend_requests(RESPONSE_BUDGET // MIN_REQUEST_JSON)
-            requests = [SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
-                                     vault_id=r.vault_id) for r in rows]
-            kept = fit_in_budget(r.json_size() for r in requests)
-            if kept < len(requests):
-                # Newest first, so what is left out is the oldest, soonest to expire.
-                log.info("get_spend_requests for %s: %d of %d pending requests fit in one "
-                         "response", caller.describe(), kept, len(requests))
-            return GetSpendRequestsResult(requests=requests[:kept])
+            cursor = _cursor(p.since, store.epoch)
+            streams = merge_streams(
+                await store.spend_request_streams(cursor, REQUESTS_FETCH_PER_MANAGER))
+            page = fill_page(cursor, streams, _request_json_size, SPEND_REQUESTS_PAGE_BUDGET)
+            if page.left:
+                log.debug("get_spend_requests for %s: %d requests listed, more pending",
+                          caller.describe(), len(page.items))
+            return GetSpendRequestsResult(
+                requests=[SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
+                                       vault_id=r.vault_id) for r in page.items],
+                cursor=str(page.cursor))
 
         async def spend_opinion(caller: Caller, p: SpendOpinionParams) -> AckResult:
             if not verify_opinion(p):
@@ -245,17 +297,18 @@ class SyncServer:
 
         async def get_spend_opinions(caller: Caller,
                                      p: GetSpendOpinionsParams) -> GetSpendOpinionsResult:
-            rows = await store.get_opinions(p.vault_id, self._opinion_fetch)
-            opinions = [RelayedOpinion(accepted=o.accepted, reason=o.reason, sig=o.sig,
-                                       pubkey=o.pubkey, txid=o.txid) for o in rows]
-            # `reason` is free text that JSON may escape: these are measured by encoding.
-            kept = fit_in_budget((_json_size(o.to_json()) for o in opinions),
-                                 RESPONSE_BUDGET - len(p.vault_id) - 16)
-            if kept < len(opinions):
-                log.info("get_spend_opinions for %s: %d of %d opinions on vault %s fit in "
-                         "one response", caller.describe(), kept, len(opinions),
-                         p.vault_id)
-            return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=opinions[:kept])
+            cursor = _cursor(p.since, store.epoch)
+            streams = [
+                Stream(s.name, [(seq, _relayed(o)) for seq, o in s.items], s.more)
+                for s in merge_streams(await store.opinion_streams(p.vault_id, cursor))]
+            page = fill_page(cursor, streams, RelayedOpinion.json_size,
+                             SPEND_OPINIONS_PAGE_BUDGET)
+            if page.left:
+                log.debug("get_spend_opinions for %s on vault %s: %d opinions listed, more "
+                          "pending", caller.describe(), p.vault_id, len(page.items))
+            return GetSpendOpinionsResult(vault_id=p.vault_id, opinions=page.items,
+                                          cursor=str(page.cursor))
+
 
         self.dispatcher.serve_table(SYNC_SERVER_METHODS, {
             "sig": sig, "get_sigs": get_sigs, "err_sig": err_sig,
@@ -264,13 +317,40 @@ class SyncServer:
         })
 
 
+def _request_json_size(r: StoredSpendRequest) -> int:
+    return spend_request_json_size(r.transaction, r.timestamp, r.vault_id)
+
+
+def _relayed(o: StoredOpinion) -> RelayedOpinion:
+    return RelayedOpinion(accepted=o.accepted, reason=o.reason, sig=o.sig, pubkey=o.pubkey,
+                          txid=o.txid)
+
+
+async def open_store(config: SyncServerConfig) -> SyncStore:
+    """The configured backend's store, migrated and ready."""
+    storage = config.storage
+    if storage.backend == "postgresql":
+        # Imported here: a SQLite deployment never loads the PostgreSQL driver.
+        from revault.sync_store_postgresql import PostgresSyncStore
+        password = None
+        if storage.password_file is not None:
+            password = read_secret_file(storage.password_file, MAX_PASSWORD_BYTES,
+                                        "password file").decode("utf-8").strip("\r\n")
+        return await PostgresSyncStore.open(
+            storage.dsn, config.retention, config.quotas, sharers=config.sharers(),
+            password=password, pool_size=storage.pool_size)
+    return await SqliteSyncStore.open(config.common.data_dir / DATABASE_NAME,
+                                      config.retention, config.quotas,
+                                      sharers=config.sharers())
+
+
 async def make_service(config: SyncServerConfig, noise_private: bytes) -> SyncServer:
-    store = await SqliteSyncStore.open(config.common.data_dir / DATABASE_NAME,
-                                       config.retention, config.quotas)
+    store = await open_store(config)
     server = SyncServer(config, store)
     server.start()
-    log.info("peers: %d stakeholders, %d managers, %d watchtowers",
-             len(config.stakeholders), len(config.managers), len(config.watchtowers))
+    log.info("peers: %d stakeholders, %d managers, %d watchtowers; storage: %s",
+             len(config.stakeholders), len(config.managers), len(config.watchtowers),
+             config.storage.backend)
     return server
 
 

@@ -1,26 +1,28 @@
 """What the sync server keeps: signatures by tx uid, spend requests, watchtower opinions.
 
-Handlers see only the `SyncStore` protocol, so another backend can be added without
-touching them. `SqliteSyncStore` is the one shipped: a single database file in the
-daemon's data_dir, WAL with synchronous=FULL, and write methods that return only once
-their write is committed durably; the caller may acknowledge as soon as one returns.
+Handlers see only the `SyncStore` protocol. Two backends implement it with the same
+rules (revault/sync_rules.py): `SqliteSyncStore` here, a single database file in the
+daemon's data_dir, WAL with synchronous=FULL; and `PostgresSyncStore`
+(revault/sync_store_postgresql.py) for several server processes on one database. Write
+methods return only once their write is committed durably; the caller may acknowledge
+as soon as one returns.
 
 Each logical write is atomic: its checks and changes run inside one SAVEPOINT, and a
 write that is refused or fails rolls back alone. Writes that arrive while a commit is
-being flushed are committed together by the next transaction (group commit, see
-storage.GroupCommitWriter), so that concurrent writers share one fsync instead of
-queueing for one each; none is acknowledged before the COMMIT holding it has returned.
+being flushed are committed together by the next transaction (group commit), so that
+concurrent writers share one fsync instead of queueing for one each; none is
+acknowledged before the COMMIT holding it has returned.
 
 Everything here is transient: rows expire (`Retention`) and are filtered out on read
 before the periodic purge deletes them. Every table is bounded (`Quotas`) so that no
 peer, however many requests it sends, can grow the database without limit; a write over
-a bound raises `QuotaExceeded` and stores nothing.
+a bound raises `QuotaExceeded`, one on another peer's entry raises `Taken`, and either
+stores nothing.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -29,69 +31,21 @@ import sqlite3
 import aiosqlite
 
 from revault.errors import Refused
+from revault.paging import Cursor, Stream
 from revault.storage import GroupCommitWriter, open_database, open_read_only
+from revault.sync_rules import (
+    TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, Sharers,
+    StoredOpinion, StoredSpendRequest, Taken, purge_all,
+)
 
-DAY = 86_400
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long each kind of row is kept after it was last written, in seconds."""
-
-    # A vault's revocation signatures are gathered within hours of the deposit; a month
-    # covers stakeholders who are away for a while, and every wallet keeps its own copy.
-    signatures: int = 30 * DAY
-    # A spend request is about an unvault that happens within days; a week is generous.
-    spend_requests: int = 7 * DAY
-    spend_opinions: int = 7 * DAY
-
-
-@dataclass(frozen=True, slots=True)
-class Quotas:
-    """Upper bounds on stored rows; the names are the config keys under [quotas]."""
-
-    signatures_per_id: int = 100            # pubkeys with a signature for one tx uid
-    signatures_per_peer: int = 20_000       # signatures one stakeholder has stored
-    total_signatures: int = 1_000_000
-    spend_requests_per_vault: int = 16      # distinct spend transactions for one vault
-    spend_requests_per_manager: int = 1_000
-    total_spend_requests: int = 10_000
-    opinions_per_vault: int = 256           # (spend txid, opinion key) pairs for one vault
-    opinions_per_watchtower: int = 10_000
-    total_opinions: int = 100_000
-
-
-class QuotaExceeded(Refused):
-    """A write refused because it would take a table over one of its `Quotas` (-32002)."""
-
-    def __init__(self, quota: str, limit: int):
-        self.quota = quota
-        self.limit = limit
-        super().__init__(f"quota {quota} reached ({limit})")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSpendRequest:
-    vault_id: str
-    txid: str
-    transaction: str
-    timestamp: int
-    stored_at: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoredOpinion:
-    vault_id: str
-    txid: str
-    pubkey: str
-    accepted: bool
-    reason: str
-    sig: str
-    stored_at: int
+__all__ = ["SyncStore", "SqliteSyncStore", "QuotaExceeded", "Taken", "Quotas", "Retention",
+           "Sharers", "StoredSpendRequest", "StoredOpinion", "MIGRATIONS", "DATABASE_NAME"]
 
 
 class SyncStore(Protocol):
     """The sync server's storage. Every write method returns once the write is durable."""
+
+    epoch: str  # names this database in cursors (revault/paging.py)
 
     async def put_signature(self, tx_id: str, pubkey: str, signature: str,
                             submitter: bytes) -> None:
@@ -107,32 +61,27 @@ class SyncStore(Protocol):
                                 timestamp: int, submitter: bytes) -> None:
         """Store a spend request; one for the same (vault_id, txid) is replaced."""
 
-    async def get_spend_requests(self, limit: int) -> list[StoredSpendRequest]:
-        """Live spend requests, most recently written first, at most `limit`."""
+    async def spend_request_streams(self, cursor: Cursor,
+                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
+        """Each manager's live requests after `cursor`, oldest first, `fetch` at most."""
 
     async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
                           reason: str, sig: str, submitter: bytes) -> None:
         """Store an opinion; one for the same (vault_id, txid, pubkey) is replaced."""
 
-    async def get_opinions(self, vault_id: str, limit: int) -> list[StoredOpinion]:
-        """Live opinions about `vault_id`, most recently written first, at most `limit`."""
+    async def opinion_streams(self, vault_id: str,
+                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
+        """Each watchtower's live opinions on `vault_id` after `cursor`, oldest first."""
 
     async def purge_expired(self) -> int:
         """Delete expired rows; returns how many."""
 
+    async def row_counts(self) -> dict[str, int]:
+        """Rows per table, expired ones included until purged."""
+
     async def close(self) -> None: ...
 
 
-_TABLES = ("signatures", "spend_requests", "opinions")
-# Per table: the column that groups rows under one bound, and the names (Quotas fields
-# and config keys) of its total, per-group and per-peer quotas.
-_QUOTAS = {
-    "signatures": ("tx_id", "total_signatures", "signatures_per_id", "signatures_per_peer"),
-    "spend_requests": ("vault_id", "total_spend_requests", "spend_requests_per_vault",
-                       "spend_requests_per_manager"),
-    "opinions": ("vault_id", "total_opinions", "opinions_per_vault",
-                 "opinions_per_watchtower"),
-}
 
 
 def _row_count_triggers(table: str) -> str:
@@ -219,11 +168,57 @@ MIGRATIONS = [
         n INTEGER NOT NULL,
         PRIMARY KEY (tbl, submitter)
     ) WITHOUT ROWID;
-    """ + "".join(_row_count_triggers(table) for table in _TABLES),
+    """ + "".join(_row_count_triggers(table) for table in TABLES),
+    # Version 3: cursors and bindings (issues "Hostile peers" 4 and 6, "Sync server at
+    # scale" 1). Spend requests and opinions get a sequence number that grows in commit
+    # order (existing rows numbered in the order they were stored); the database gets
+    # a random epoch naming it in cursors; opinion keys remember their watchtower.
+    """
+    ALTER TABLE spend_requests ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE opinions ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE spend_requests SET seq = ordered.n FROM (
+        SELECT rowid AS id, ROW_NUMBER() OVER (ORDER BY stored_at, rowid) AS n
+        FROM spend_requests) AS ordered WHERE spend_requests.rowid = ordered.id;
+    UPDATE opinions SET seq = ordered.n FROM (
+        SELECT rowid AS id, ROW_NUMBER() OVER (ORDER BY stored_at, rowid) AS n
+        FROM opinions) AS ordered WHERE opinions.rowid = ordered.id;
+    CREATE INDEX spend_requests_by_seq ON spend_requests (submitter, seq);
+    CREATE INDEX spend_requests_in_order ON spend_requests (seq);
+    CREATE INDEX opinions_by_vault_seq ON opinions (vault_id, seq);
+
+    CREATE TABLE sequences (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO sequences (name, value)
+        SELECT 'spend_requests', COALESCE(MAX(seq), 0) FROM spend_requests;
+    INSERT INTO sequences (name, value) SELECT 'opinions', COALESCE(MAX(seq), 0) FROM opinions;
+
+    CREATE TABLE store_meta (epoch TEXT NOT NULL);
+    INSERT INTO store_meta (epoch) VALUES (lower(hex(randomblob(8))));
+
+    CREATE TABLE opinion_keys (
+        pubkey TEXT PRIMARY KEY,
+        submitter BLOB NOT NULL,
+        stored_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO opinion_keys (pubkey, submitter, stored_at)
+        SELECT pubkey, submitter, MAX(stored_at) FROM opinions GROUP BY pubkey;
+    CREATE INDEX opinion_keys_by_age ON opinion_keys (stored_at);
+    """,
 ]
 
 DATABASE_NAME = "sync-server.sqlite3"
-PURGE_BATCH = 5_000  # rows per purge write: bounds how long one write holds the writer
+
+
+def run_plan(db: sqlite3.Connection, plan: Plan):
+    """Drive a sync_rules plan on `db`, synchronously; returns what the plan returns."""
+    try:
+        step = next(plan)
+        while True:
+            cursor = db.execute(step.sql, step.args)
+            step = plan.send(cursor.rowcount if isinstance(step, Execute)
+                             else cursor.fetchall())
+    except StopIteration as stop:
+        return stop.value
+
 
 
 class SqliteSyncStore:
@@ -231,33 +226,29 @@ class SqliteSyncStore:
 
     Writes are jobs of the database's `GroupCommitWriter` (storage.py), which holds the
     write connection and never waits on the network; a peer that hangs up while its
-    write is queued or committing changes nothing for that write or the others. This
-    class adds only its SQL and its admission policy (`Quotas`). Reads use their own
-    read-only connection on the event loop thread (see storage.open_read_only), so in
-    WAL mode they never wait for a commit's fsync nor for the GIL.
+    write is queued or committing changes nothing for that write or the others. Each job
+    drives one sync_rules plan. Reads use their own read-only connection on the event
+    loop thread (see storage.open_read_only), so in WAL mode they never wait for a
+    commit's fsync nor for the GIL.
     """
 
-    def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection,
-                 retention: Retention, quotas: Quotas, clock: Callable[[], float],
-                 totals: dict[str, int]):
+    def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection, epoch: str,
+                 retention: Retention, quotas: Quotas, sharers: Sharers,
+                 clock: Callable[[], float]):
         self._reader = reader
+        self.epoch = epoch
         self._retention = retention
         self._quotas = quotas
+        self._sharers = sharers
         self._clock = clock
-        # Row counts per table, kept in memory so that the total quotas cost no COUNT(*)
-        # over a million rows per write. Only this object writes the file (one daemon
-        # per data_dir); counts change only after a successful COMMIT.
-        self._totals = totals
-        # Changes by the earlier writes of the batch being built (see _after_batch).
-        self._group_deltas: dict[str, int] = dict.fromkeys(_TABLES, 0)
         self._writer = GroupCommitWriter(
-            writer, name="sync-store", after_batch=self._after_batch,
+            writer, name="sync-store",
             closed_error=lambda: Refused("sync server is shutting down"))
 
     @classmethod
     async def open(cls, path: Path, retention: Retention = Retention(),
-                   quotas: Quotas = Quotas(),
-                   clock: Callable[[], float] = time.time) -> SqliteSyncStore:
+                   quotas: Quotas = Quotas(), clock: Callable[[], float] = time.time, *,
+                   sharers: Sharers = Sharers()) -> SqliteSyncStore:
         writer = await open_database(path, MIGRATIONS)
         try:
             reader = open_read_only(path)
@@ -265,221 +256,63 @@ class SqliteSyncStore:
             await writer.close()
             raise
         try:
-            totals = {}
-            for table in _TABLES:
-                rows = await writer.execute_fetchall(f"SELECT COUNT(*) FROM {table}")
-                totals[table] = rows[0][0]
+            epoch = run_plan(reader, Rules.epoch())
         except BaseException:
             reader.close()
             await writer.close()
             raise
-        return cls(writer, reader, retention, quotas, clock, totals)
+        return cls(writer, reader, epoch, retention, quotas, sharers, clock)
 
-    def _now(self) -> int:
-        return int(self._clock())
+    def _rules(self) -> Rules:
+        return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
+                     sharers=self._sharers)
 
-    def _cutoff(self, table: str) -> int:
-        """Rows of `table` with stored_at at or below this are expired."""
-        ttl = {"signatures": self._retention.signatures,
-               "spend_requests": self._retention.spend_requests,
-               "opinions": self._retention.spend_opinions}[table]
-        return self._now() - ttl
+    def _read(self, make_plan: Callable[[Rules], Plan]):
+        return run_plan(self._reader, make_plan(self._rules()))
 
-    async def _write(self, work) -> object:
-        """Run `work(db, deltas)` atomically and return once it is durably committed.
+    async def _write(self, make_plan: Callable[[Rules], Plan]) -> object:
+        """Run the plan atomically and return once it is durably committed."""
+        return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
 
-        `deltas` collects the write's row-count changes; they count for the later writes
-        of its batch, and for the totals once the batch committed.
-        """
-        def job(db: sqlite3.Connection):
-            deltas = dict.fromkeys(_TABLES, 0)
-            result = work(db, deltas)
-            # Reached only if `work` succeeded, so a refused write's changes never count.
-            for table, delta in deltas.items():
-                self._group_deltas[table] += delta
-            return result
-
-        return await self._writer.run(job)
-
-    def _after_batch(self, committed: bool) -> None:
-        if committed:
-            for table, delta in self._group_deltas.items():
-                self._totals[table] += delta
-        self._group_deltas = dict.fromkeys(_TABLES, 0)
-
-    @staticmethod
-    def _one(db: sqlite3.Connection, sql: str, args: tuple):
-        return db.execute(sql, args).fetchone()
-
-    def _check_total(self, db: sqlite3.Connection, table: str, quota: str,
-                     limit: int, deltas: dict[str, int]) -> None:
-        def total() -> int:
-            return self._totals[table] + self._group_deltas[table] + deltas[table]
-
-        if total() < limit:
-            return
-        # Expired rows may still be waiting for the periodic purge; they must not
-        # refuse a live write.
-        cursor = db.execute(f"DELETE FROM {table} WHERE stored_at <= ?",
-                                  (self._cutoff(table),))
-        deltas[table] -= cursor.rowcount
-        if total() >= limit:
-            raise QuotaExceeded(quota, limit)
-
-    def _check_peer(self, db: sqlite3.Connection, table: str, submitter: bytes, quota: str,
-                    limit: int, deltas: dict[str, int]) -> None:
-        """Refuse one more row of `submitter` in `table` past `limit`.
-
-        The count is the trigger-kept rows_by_submitter (expired rows included until
-        purged); only at the limit are this peer's expired rows purged and the count
-        read again, so a live write is never refused because of dead rows.
-        """
-        def used() -> int:
-            row = self._one(db, "SELECT n FROM rows_by_submitter "
-                                "WHERE tbl = ? AND submitter = ?", (table, submitter))
-            return row[0] if row is not None else 0
-
-        if used() < limit:
-            return
-        cursor = db.execute(f"DELETE FROM {table} WHERE submitter = ? AND stored_at <= ?",
-                            (submitter, self._cutoff(table)))
-        deltas[table] -= cursor.rowcount
-        if used() >= limit:
-            raise QuotaExceeded(quota, limit)
-
-    def _admit(self, db: sqlite3.Connection, deltas: dict[str, int], table: str,
-               key: dict[str, str], submitter: bytes) -> None:
-        """Every quota check before writing the row of `table` that `key` identifies.
-
-        A new row must fit the table's total and its group (the signatures of one tx uid,
-        the requests or opinions of one vault), and is counted in `deltas`; a new row or
-        one taken over from another peer must fit the submitter's own quota. Replacing
-        one's own row is always allowed.
-        """
-        group_column, total, per_group, per_peer = _QUOTAS[table]
-        where = " AND ".join(f"{column} = ?" for column in key)
-        existing = self._one(db, f"SELECT submitter FROM {table} WHERE {where}",
-                             tuple(key.values()))
-        if existing is None:
-            self._check_total(db, table, total, getattr(self._quotas, total), deltas)
-            (count,) = self._one(
-                db, f"SELECT COUNT(*) FROM {table} WHERE {group_column} = ? AND stored_at > ?",
-                (key[group_column], self._cutoff(table)))
-            limit = getattr(self._quotas, per_group)
-            if count >= limit:
-                raise QuotaExceeded(per_group, limit)
-            deltas[table] += 1
-        if existing is None or existing[0] != submitter:
-            self._check_peer(db, table, submitter, per_peer, getattr(self._quotas, per_peer),
-                             deltas)
-
-    # --- signatures -----------------------------------------------------------
+    # --- the SyncStore methods ---------------------------------------------------------
 
     async def put_signature(self, tx_id: str, pubkey: str, signature: str,
                             submitter: bytes) -> None:
-        def work(db, deltas):
-            self._admit(db, deltas, "signatures", {"tx_id": tx_id, "pubkey": pubkey}, submitter)
-            db.execute(
-                "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
-                "signature = excluded.signature, submitter = excluded.submitter, "
-                "stored_at = excluded.stored_at",
-                (tx_id, pubkey, signature, submitter, self._now()))
-
-        await self._write(work)
+        await self._write(lambda r: r.put_signature(tx_id, pubkey, signature, submitter))
 
     async def get_signatures(self, tx_id: str) -> dict[str, str]:
-        rows = self._reader.execute(
-            "SELECT pubkey, signature FROM signatures WHERE tx_id = ? AND stored_at > ? "
-            "ORDER BY pubkey", (tx_id, self._cutoff("signatures"))).fetchall()
-        return {row[0]: row[1] for row in rows}
+        return self._read(lambda r: r.get_signatures(tx_id))
 
     async def erase_signatures(self, tx_id: str) -> int:
-        def work(db, deltas):
-            (live,) = self._one(
-                db, "SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
-                (tx_id, self._cutoff("signatures")))
-            cursor = db.execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
-            deltas["signatures"] -= cursor.rowcount
-            return live
-
-        return await self._write(work)
-
-    # --- spend requests ---------------------------------------------------------
+        return await self._write(lambda r: r.erase_signatures(tx_id))
 
     async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
                                 timestamp: int, submitter: bytes) -> None:
-        def work(db, deltas):
-            self._admit(db, deltas, "spend_requests", {"vault_id": vault_id, "txid": txid},
-                        submitter)
-            db.execute(
-                "INSERT INTO spend_requests "
-                "(vault_id, txid, tx, request_timestamp, submitter, stored_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid) DO UPDATE SET "
-                "tx = excluded.tx, request_timestamp = excluded.request_timestamp, "
-                "submitter = excluded.submitter, stored_at = excluded.stored_at",
-                (vault_id, txid, transaction, timestamp, submitter, self._now()))
+        await self._write(lambda r: r.put_spend_request(vault_id, txid, transaction,
+                                                        timestamp, submitter))
 
-        await self._write(work)
-
-    async def get_spend_requests(self, limit: int) -> list[StoredSpendRequest]:
-        rows = self._reader.execute(
-            "SELECT vault_id, txid, tx, request_timestamp, stored_at FROM spend_requests "
-            "WHERE stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
-            (self._cutoff("spend_requests"), limit)).fetchall()
-        return [StoredSpendRequest(*row) for row in rows]
-
-    # --- opinions -----------------------------------------------------------------
+    async def spend_request_streams(self, cursor: Cursor,
+                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
+        return self._read(lambda r: r.spend_request_streams(cursor, fetch))
 
     async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
                           reason: str, sig: str, submitter: bytes) -> None:
-        def work(db, deltas):
-            self._admit(db, deltas, "opinions",
-                        {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}, submitter)
-            db.execute(
-                "INSERT INTO opinions "
-                "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid, pubkey) "
-                "DO UPDATE SET accepted = excluded.accepted, reason = excluded.reason, "
-                "sig = excluded.sig, submitter = excluded.submitter, "
-                "stored_at = excluded.stored_at",
-                (vault_id, txid, pubkey, int(accepted), reason, sig, submitter, self._now()))
+        await self._write(lambda r: r.put_opinion(vault_id, txid, pubkey, accepted, reason,
+                                                  sig, submitter))
 
-        await self._write(work)
-
-    async def get_opinions(self, vault_id: str, limit: int) -> list[StoredOpinion]:
-        rows = self._reader.execute(
-            "SELECT vault_id, txid, pubkey, accepted, reason, sig, stored_at FROM opinions "
-            "WHERE vault_id = ? AND stored_at > ? ORDER BY stored_at DESC, rowid DESC LIMIT ?",
-            (vault_id, self._cutoff("opinions"), limit)).fetchall()
-        return [StoredOpinion(vault_id=r[0], txid=r[1], pubkey=r[2], accepted=bool(r[3]),
-                              reason=r[4], sig=r[5], stored_at=r[6]) for r in rows]
-
-    # --- housekeeping ---------------------------------------------------------------
+    async def opinion_streams(self, vault_id: str,
+                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
+        return self._read(lambda r: r.opinion_streams(vault_id, cursor))
 
     async def purge_expired(self) -> int:
-        purged = 0
-        for table in _TABLES:
-            while True:
-                def work(db, deltas, table=table):
-                    cursor = db.execute(
-                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
-                        f"WHERE stored_at <= ? LIMIT ?)", (self._cutoff(table), PURGE_BATCH))
-                    deltas[table] -= cursor.rowcount
-                    return -deltas[table]
+        return await purge_all(self._write)
 
-                # One batch per write: writers queued behind the purge wait for one
-                # batch at most, not for the whole backlog.
-                deleted = await self._write(work)
-                purged += deleted
-                if deleted < PURGE_BATCH:
-                    break
-        return purged
-
-    def row_counts(self) -> dict[str, int]:
-        return dict(self._totals)
+    async def row_counts(self) -> dict[str, int]:
+        return self._read(lambda r: r.row_counts())
 
     async def close(self) -> None:
-        # Writes already queued are committed (and acknowledged) before closing.
-        await self._writer.close()
+        # The reader first: the writer's connection, closing last, checkpoints the WAL
+        # into the file and removes it. Writes already queued are committed (and
+        # acknowledged) before it closes.
         self._reader.close()
+        await self._writer.close()

@@ -9,6 +9,7 @@ import pytest
 # `tests.support` must import the same way however pytest was invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.regtest import RegtestNode, start_node  # noqa: E402
 
 
@@ -34,3 +35,14 @@ def bitcoind_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regtes
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (started on first use, always
+    stopped); each test takes its own database with `postgres.new_database()`."""
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()

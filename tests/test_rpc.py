@@ -680,3 +680,27 @@ async def test_loopback_over_noise(service):
             assert info.value.code == FORBIDDEN
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize("obj", [
+    {"jsonrpc": "2.0", "result": {"ack": True}, "id": 1},
+    {"a": "\x00\x1f\x7f\u2028\u2029/\"\\é€😀", "b": [1, -2, 0, 2**63 - 1, -(2**63)], "c": None},
+    {"big": 2**64, "neg": -(2**70)},                  # beyond orjson's 64 bits
+    {"id": "\ud800", "x": ["\udfff"]},                 # lone surrogates
+    {"f": 1.5, "g": [0.1, -2e-300, 1e300]},
+    {"nested": {"deep": [[{"k": "v"}]]}, "empty": {}, "list": []},
+    ["top", "level", "list"], "string", 5, True, None, {1: "an int key, as json writes it"},
+])
+def test_dumps_writes_what_json_writes(obj):
+    from revault.rpc import _dumps, _dumps_with_json
+    assert _dumps(obj) == _dumps_with_json(obj)
+
+
+@pytest.mark.parametrize("obj", [
+    {"x": float("nan")}, {"x": [float("inf")]}, {"id": None, "x": -float("inf")},
+    {"x": object()}, {"x": {1, 2}},
+])
+def test_dumps_refuses_what_json_refuses(obj):
+    from revault.rpc import _dumps
+    with pytest.raises((TypeError, ValueError)):
+        _dumps(obj)

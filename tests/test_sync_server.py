@@ -1,8 +1,12 @@
-"""revault-sync-server end to end: a real daemon subprocess over real Noise sockets."""
+"""revault-sync-server end to end: a real daemon subprocess over real Noise sockets.
+
+Every test runs twice: on the SQLite backend, and on PostgreSQL (a real server started
+for the session, a database of its own per daemon)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import resource
 import signal
@@ -20,7 +24,7 @@ from revault.primitives import SECP256K1_ORDER
 from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, RpcClient, RpcError
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 from tests.support.design import DESIGN_ROLES
-from tests.support.sync_data import der, h, pubkey, spend_tx
+from tests.support.sync_data import btc_key, der, h, pubkey, spend_tx
 
 HOST = "127.0.0.1"
 
@@ -103,21 +107,31 @@ class Sync:
             return await rpc.call(method, params, timeout=10)
 
 
-async def started(tmp: Path, **extra) -> Sync:
+async def started(tmp: Path, storage: dict, **extra) -> Sync:
     peers = make_peers(tmp)
-    sync = Sync(tmp, peers, sync_config(peers, **extra))
+    sync = Sync(tmp, peers, sync_config(peers, **storage, **extra))
     await sync.daemon.start()
     return sync
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request):
+    """The backend's name, and a maker of the config entries of a fresh store."""
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        return request.param, lambda: {
+            "storage": {"backend": "postgresql", "dsn": server.new_database()}}
+    return request.param, lambda: {}
+
+
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory):
-    return tmp_path_factory.mktemp("sync")
+def module_tmp(tmp_path_factory, backend):
+    return tmp_path_factory.mktemp(f"sync-{backend[0]}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sync(module_tmp):
-    sync = await started(module_tmp)
+async def sync(module_tmp, backend):
+    sync = await started(module_tmp, backend[1]())
     try:
         yield sync
         assert await sync.daemon.stop() == 0
@@ -129,12 +143,12 @@ async def sync(module_tmp):
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def own_sync(tmp_path):
+async def own_sync(tmp_path, backend):
     """A daemon of the test's own, for restarts and kills."""
     syncs = []
 
     async def make(**extra) -> Sync:
-        s = await started(tmp_path, **extra)
+        s = await started(tmp_path, backend[1](), **extra)
         syncs.append(s)
         return s
 
@@ -154,6 +168,12 @@ async def poll(check, timeout: float = 5.0):
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(0.02)
+
+
+def without_cursor(result: dict) -> dict:
+    """A paged result without its cursor (a string whose text is the server's own)."""
+    assert isinstance(result.pop("cursor"), str)
+    return result
 
 
 async def rpc_error(coro) -> RpcError:
@@ -258,8 +278,8 @@ async def test_spend_opinions_verified_latest_wins_relayed_as_signed(sync):
         assert verify_opinion(RelayedOpinion.parse(o).to_params(vault))
     # The stakeholder-manager gets them too; an empty vault gives an empty list.
     assert (await sync.call(p.stakeman, "get_spend_opinions", {"vault_id": vault})) == got
-    assert await sync.call(p.manager, "get_spend_opinions", {"vault_id": h("none")}) == {
-        "vault_id": h("none"), "opinions": []}
+    empty = await sync.call(p.manager, "get_spend_opinions", {"vault_id": h("none")})
+    assert without_cursor(empty) == {"vault_id": h("none"), "opinions": []}
 
 
 async def test_forged_or_altered_opinion_refused(sync):
@@ -278,7 +298,8 @@ async def test_forged_or_altered_opinion_refused(sync):
     for params in altered:
         e = await rpc_error(sync.call(p.watchtower, "spend_opinion", params))
         assert e.code == INVALID_PARAMS and e.message.startswith("sig:"), (params, e)
-    assert await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault}) == {
+    assert without_cursor(await sync.call(p.manager, "get_spend_opinions",
+                                          {"vault_id": vault})) == {
         "vault_id": vault, "opinions": []}
 
 
@@ -305,10 +326,12 @@ ROLES_OF = {"stakeholder": {"stakeholder"}, "manager": {"manager"},
             "watchtower": {"watchtower"}, "stakeman": {"stakeholder", "manager"}}
 
 
-def valid_params(method: str) -> dict:
+def valid_params(method: str, peer: str) -> dict:
     tx, txid = spend_tx("roles")
+    # Each peer signs for a pubkey of its own: another's is bound to whoever posted it.
+    n = 3 + sorted(ROLES_OF).index(peer)
     return {
-        "sig": {"pubkey": pubkey(3), "signature": der(3), "id": h("roles")},
+        "sig": {"pubkey": pubkey(n), "signature": der(n), "id": h("roles")},
         "get_sigs": {"id": h("roles")},
         "err_sig": {"id": h("roles-err")},
         "request_spend": {"transaction": tx, "timestamp": 1, "vault_id": h("roles")},
@@ -322,7 +345,7 @@ def valid_params(method: str) -> dict:
 @pytest.mark.parametrize("method", sorted(ALLOWED))
 async def test_role_table(sync, method, peer):
     who = getattr(sync.peers, peer)
-    call = sync.call(who, method, valid_params(method))
+    call = sync.call(who, method, valid_params(method, peer))
     if ROLES_OF[peer] & ALLOWED[method]:
         assert isinstance(await call, dict)
     else:
@@ -433,8 +456,9 @@ async def test_bad_input_table(sync):
     # Nothing bad was stored.
     assert await sync.call(sync.peers.stakeholder, "get_sigs", {"id": h("bad")}) == {
         "signatures": {}}
-    assert await sync.call(sync.peers.manager, "get_spend_opinions",
-                           {"vault_id": h("bad")}) == {"vault_id": h("bad"), "opinions": []}
+    assert without_cursor(await sync.call(sync.peers.manager, "get_spend_opinions",
+                                          {"vault_id": h("bad")})) == {
+        "vault_id": h("bad"), "opinions": []}
 
 
 async def test_garbage_frames_answered_and_connection_survives(sync):
@@ -462,13 +486,13 @@ async def test_quotas_refused_with_quota_named(own_sync):
                                   "opinions_per_vault": 1})
     p = sync.peers
     tx = h("quota")
-    for n in (1, 2):
-        await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(n), "signature": der(n), "id": tx})
+    for who, n in ((p.stakeholder, 1), (p.stakeman, 2)):
+        await sync.call(who, "sig", {"pubkey": pubkey(n), "signature": der(n), "id": tx})
     e = await rpc_error(sync.call(p.stakeholder, "sig",
                                   {"pubkey": pubkey(3), "signature": der(3), "id": tx}))
     assert e.code == REFUSED and "signatures_per_id" in e.message
     # Replacing is still allowed at the bound.
-    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(2), "signature": der(4), "id": tx})
+    await sync.call(p.stakeman, "sig", {"pubkey": pubkey(2), "signature": der(4), "id": tx})
 
     vault = h("quota-vault")
     tx_a, txid_a = spend_tx("quota-a")
@@ -516,7 +540,7 @@ async def test_rate_paces_each_key_across_its_connections(own_sync):
     assert await sync.daemon.stop() == 0
 
 
-async def test_spend_requests_response_fits_in_one_frame(own_sync):
+async def test_spend_requests_page_through_big_ones_with_the_cursor(own_sync):
     sync = await own_sync()
     p = sync.peers
     big = [spend_tx(f"big-{i}", outputs=600) for i in range(4)]
@@ -525,11 +549,198 @@ async def test_spend_requests_response_fits_in_one_frame(own_sync):
         for i, (tx, _) in enumerate(big):
             await rpc.call("request_spend",
                            {"transaction": tx, "timestamp": i, "vault_id": h(f"big-{i}")})
-    got = await sync.call(p.watchtower, "get_spend_requests", {})
-    # Newest first; what does not fit is left out rather than failing the whole answer.
-    assert [r["timestamp"] for r in got["requests"]] == [3]
-    assert "1 of 4 pending requests fit" in sync.daemon.stderr()
+    # Oldest first, as many as fit in one frame; the cursor gives the rest, then nothing.
+    pages, since = [], None
+    async with await sync.client(p.watchtower) as rpc:
+        for _ in range(6):
+            got = await rpc.call("get_spend_requests", {} if since is None else {"since": since})
+            pages.append([r["timestamp"] for r in got["requests"]])
+            since = got["cursor"]
+    assert pages == [[0], [1], [2], [3], [], []]
+    # A transaction too big to fit alone in a page is refused up front.
+    huge, _ = spend_tx("huge", outputs=1100)  # 63,140 characters: fits a request frame
+    e = await rpc_error(sync.call(p.manager, "request_spend",
+                                  {"transaction": huge, "timestamp": 1, "vault_id": h("huge")}))
+    assert e.code == INVALID_PARAMS and e.message.startswith("transaction: longer than")
     assert await sync.daemon.stop() == 0
+
+
+async def test_cursor_lists_only_what_is_new_and_seed_clients_still_work(own_sync):
+    sync = await own_sync()
+    p = sync.peers
+    txs = [spend_tx(f"cursor-{i}") for i in range(3)]
+    vault = h("cursor-vault")
+    for i, (tx, _) in enumerate(txs[:2]):
+        await sync.call(p.manager, "request_spend",
+                        {"transaction": tx, "timestamp": i, "vault_id": vault})
+    first = await sync.call(p.watchtower, "get_spend_requests", {})
+    assert [r["timestamp"] for r in first["requests"]] == [0, 1]
+    assert isinstance(first["cursor"], str)
+    same = await sync.call(p.watchtower, "get_spend_requests", {"since": first["cursor"]})
+    assert same == {"requests": [], "cursor": first["cursor"]}
+    # The same request sent again (a wallet resuming) is not new.
+    await sync.call(p.manager, "request_spend",
+                    {"transaction": txs[1][0], "timestamp": 1, "vault_id": vault})
+    same = await sync.call(p.watchtower, "get_spend_requests", {"since": first["cursor"]})
+    assert same == {"requests": [], "cursor": first["cursor"]}
+    # A new request, and a replaced one (stored anew), are what the cursor brings.
+    await sync.call(p.manager, "request_spend",
+                    {"transaction": txs[2][0], "timestamp": 2, "vault_id": vault})
+    await sync.call(p.stakeman, "request_spend",
+                    {"transaction": txs[0][0], "timestamp": 7, "vault_id": vault})
+    new = await sync.call(p.watchtower, "get_spend_requests", {"since": first["cursor"]})
+    assert [r["timestamp"] for r in new["requests"]] == [2, 7]
+    # The seed's {} still lists everything pending, in storage order.
+    seed = await sync.call(p.watchtower, "get_spend_requests", {})
+    assert [r["timestamp"] for r in seed["requests"]] == [1, 2, 7]
+    for bad in ("nope", 5, "x" * 2000):
+        e = await rpc_error(sync.call(p.watchtower, "get_spend_requests", {"since": bad}))
+        assert e.code == INVALID_PARAMS and e.message.startswith("since:"), e
+    assert await sync.daemon.stop() == 0
+
+
+async def test_a_flood_of_requests_hides_no_other_managers_request(own_sync):
+    """Issue "Hostile peers" 4: 400 small requests of one manager used to leave only the
+    newest 89 reachable; now a page is shared fairly and every request is reachable."""
+    sync = await own_sync(requests_per_second=100_000)
+    p = sync.peers
+    async with await sync.client(p.manager) as rpc:
+        await asyncio.gather(*(
+            rpc.call("request_spend", {"transaction": spend_tx(f"flood-{i}")[0],
+                                       "timestamp": i, "vault_id": h(f"flood-{i}")},
+                     timeout=60) for i in range(400)))
+    honest_tx, _ = spend_tx("honest")
+    await sync.call(p.stakeman, "request_spend",
+                    {"transaction": honest_tx, "timestamp": 1, "vault_id": h("honest")})
+    seen, since = [], None
+    async with await sync.client(p.watchtower) as rpc:
+        first = await rpc.call("get_spend_requests", {})
+        assert honest_tx in [r["transaction"] for r in first["requests"]]
+        seen += first["requests"]
+        since = first["cursor"]
+        for _ in range(20):
+            got = await rpc.call("get_spend_requests", {"since": since})
+            if not got["requests"]:
+                break
+            seen += got["requests"]
+            since = got["cursor"]
+    assert len(seen) == 401 and len({r["vault_id"] for r in seen}) == 401
+    assert await sync.daemon.stop() == 0
+
+
+async def test_opinions_page_fairly_and_padded_reasons_are_refused(own_sync):
+    """Issue "Hostile peers" 4: 12 opinions with reasons padded to 6 KB of escapes hid
+    another watchtower's opinion; now such reasons are refused, and a page is shared."""
+    sync = await own_sync(requests_per_second=100_000)
+    p = sync.peers
+    vault = h("padded-vault")
+    _, txid = spend_tx("padded")
+    # Signed as a hostile watchtower would, past our own sign_opinion's checks.
+    padded = {"vault_id": vault, "accept": False, "reason": "\x01" * 1024, "sig": "",
+              "pubkey": pubkey(0x11), "txid": txid}
+    padded["sig"] = btc_key(0x11).sign(hashlib.sha256(json.dumps(
+        padded, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).digest(),
+        hasher=None).hex()
+    e = await rpc_error(sync.call(p.watchtower, "spend_opinion", padded))
+    assert e.code == INVALID_PARAMS and e.message.startswith("reason: longer than 4098 bytes")
+    # One watchtower fills the vault with 4 KB reasons under many keys of its own ...
+    async with await sync.client(p.watchtower) as rpc:
+        for i in range(40):
+            o = sign_opinion((0x40 + i).to_bytes(1, "big") * 32, vault, False, "é" * 1024,
+                             txid)
+            await rpc.call("spend_opinion", o.to_json())
+    # ... the other's opinion is still in the first page, and every one is reachable.
+    other = sign_opinion((0x22).to_bytes(1, "big") * 32, vault, True, "", txid)
+    await sync.call(p.everything, "spend_opinion", other.to_json())
+    first = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault})
+    assert other.sig in [o["sig"] for o in first["opinions"]]
+    assert len(first["opinions"]) < 41
+    seen, since = list(first["opinions"]), first["cursor"]
+    while True:
+        got = await sync.call(p.manager, "get_spend_opinions",
+                              {"vault_id": vault, "since": since})
+        assert got["vault_id"] == vault
+        if not got["opinions"]:
+            break
+        seen += got["opinions"]
+        since = got["cursor"]
+    assert len({o["pubkey"] for o in seen}) == 41 and len(seen) == 41
+    for o in seen:
+        assert verify_opinion(RelayedOpinion.parse(o).to_params(vault))
+    assert await sync.daemon.stop() == 0
+
+
+async def test_each_peer_fills_only_its_share_of_a_vault_or_an_id(own_sync):
+    """Issue "Hostile peers" 5: one peer's rows used to lock the others out of a vault or
+    an id for the retention period; each has its own share now (quota // its role's peers)."""
+    sync = await own_sync(quotas={"opinions_per_vault": 4, "spend_requests_per_vault": 6,
+                                  "signatures_per_id": 6})
+    p = sync.peers
+    vault = h("share-vault")
+    txs = [spend_tx(f"share-{i}") for i in range(6)]
+    # Two watchtowers configured: two opinions each, whatever keys one throws away.
+    for i in range(2):
+        o = sign_opinion((0x50 + i).to_bytes(1, "big") * 32, vault, False, "no", txs[0][1])
+        await sync.call(p.watchtower, "spend_opinion", o.to_json())
+    throwaway = sign_opinion((0x59).to_bytes(1, "big") * 32, vault, False, "no", txs[0][1])
+    e = await rpc_error(sync.call(p.watchtower, "spend_opinion", throwaway.to_json()))
+    assert e.code == REFUSED and "opinions_per_vault" in e.message and "share" in e.message
+    other = sign_opinion((0x22).to_bytes(1, "big") * 32, vault, True, "", txs[0][1])
+    assert await sync.call(p.everything, "spend_opinion", other.to_json()) == {"ack": True}
+    # Three managers: two requests each on one vault.
+    for tx, _ in txs[:2]:
+        await sync.call(p.manager, "request_spend",
+                        {"transaction": tx, "timestamp": 1, "vault_id": vault})
+    e = await rpc_error(sync.call(p.manager, "request_spend",
+                                  {"transaction": txs[2][0], "timestamp": 1, "vault_id": vault}))
+    assert e.code == REFUSED and "spend_requests_per_vault" in e.message
+    assert await sync.call(p.stakeman, "request_spend", {
+        "transaction": txs[2][0], "timestamp": 1, "vault_id": vault}) == {"ack": True}
+    # Three stakeholders: two junk pubkeys each on one id.
+    tx_id = h("share-id")
+    for n in (1, 2):
+        await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(n), "signature": der(n),
+                                               "id": tx_id})
+    e = await rpc_error(sync.call(p.stakeholder, "sig", {"pubkey": pubkey(3),
+                                                         "signature": der(3), "id": tx_id}))
+    assert e.code == REFUSED and "signatures_per_id" in e.message
+    assert await sync.call(p.stakeman, "sig", {"pubkey": pubkey(4), "signature": der(4),
+                                               "id": tx_id}) == {"ack": True}
+    assert await sync.daemon.stop() == 0
+
+
+async def test_no_peer_overwrites_another_peers_signature_or_opinion(sync):
+    """Issue "Hostile peers" 6 (DESIGN, "Roles"): a pubkey's signature for an id belongs
+    to the Noise key that posted it until err_sig; an opinion key to its watchtower."""
+    p = sync.peers
+    tx_id = h("bound-sig")
+    await sync.call(p.stakeholder, "sig", {"pubkey": pubkey(61), "signature": der(61),
+                                           "id": tx_id})
+    e = await rpc_error(sync.call(p.stakeman, "sig", {"pubkey": pubkey(61),
+                                                      "signature": der(62), "id": tx_id}))
+    assert e.code == REFUSED and e.message.startswith("pubkey:")
+    # ACK-less, the same overwrite is dropped just as silently as it is refused.
+    async with await sync.client(p.stakeman) as rpc:
+        await rpc.notify("sig", {"pubkey": pubkey(61), "signature": der(62), "id": tx_id})
+    assert await sync.call(p.manager, "get_sigs", {"id": tx_id}) == {
+        "signatures": {pubkey(61): der(61)}}
+    await sync.call(p.stakeman, "err_sig", {"id": tx_id})
+    await sync.call(p.stakeman, "sig", {"pubkey": pubkey(61), "signature": der(62), "id": tx_id})
+    assert await sync.call(p.manager, "get_sigs", {"id": tx_id}) == {
+        "signatures": {pubkey(61): der(62)}}
+
+    vault = h("bound-opinion")
+    _, txid = spend_tx("bound-opinion")
+    key = (0x61).to_bytes(1, "big") * 32
+    refusal = sign_opinion(key, vault, False, "not yet", txid)
+    acceptance = sign_opinion(key, vault, True, "reviewed", txid)
+    await sync.call(p.watchtower, "spend_opinion", refusal.to_json())
+    await sync.call(p.watchtower, "spend_opinion", acceptance.to_json())
+    # Another watchtower replays the earlier signed refusal: refused.
+    e = await rpc_error(sync.call(p.everything, "spend_opinion", refusal.to_json()))
+    assert e.code == REFUSED and e.message.startswith("pubkey:")
+    got = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault})
+    assert [(o["accepted"], o["reason"]) for o in got["opinions"]] == [(True, "reviewed")]
 
 
 # --- durability ------------------------------------------------------------------------------
@@ -548,8 +759,11 @@ async def test_everything_persists_across_restart(own_sync):
     await sync.daemon.start()
     assert await sync.call(p.manager, "get_sigs", {"id": tx_id}) == {
         "signatures": {pubkey(1): der(1)}}
-    assert await sync.call(p.watchtower, "get_spend_requests", {}) == {
-        "requests": [{"transaction": tx, "timestamp": 9, "vault_id": vault}]}
+    got = await sync.call(p.watchtower, "get_spend_requests", {})
+    assert got["requests"] == [{"transaction": tx, "timestamp": 9, "vault_id": vault}]
+    # A cursor from before the restart is still good: nothing new since.
+    again = await sync.call(p.watchtower, "get_spend_requests", {"since": got["cursor"]})
+    assert again == {"requests": [], "cursor": got["cursor"]}
     got = await sync.call(p.manager, "get_spend_opinions", {"vault_id": vault})
     assert got["opinions"] == [RelayedOpinion.from_params(opinion).to_json()]
     assert await sync.daemon.stop() == 0

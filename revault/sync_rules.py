@@ -1,0 +1,448 @@
+"""The sync server's storage rules, once, for every backend.
+
+Each write and each paged read is a *plan*: a generator that yields SQL steps (`Query`
+for rows, `Execute` for a row count) and receives their results, and returns the
+outcome. Plans do no I/O; a backend drives them, SQLite synchronously on its own
+connection, PostgreSQL through asyncpg (`?` placeholders become `$n`). So the quotas,
+the shares, the bindings and the sequence numbers mean the same thing whichever
+database holds the rows, and are tested against both.
+
+The rules:
+
+- Quotas (`Quotas`): a new row must fit its table's total, its group (the signatures
+  of one tx uid, the requests or opinions of one vault) and its submitter's own bound.
+  Within a group each peer has its own share, `group quota // peers of that role`
+  (at least 1), so one peer can fill only its own part of a vault or a tx uid (issue
+  "Hostile peers", 5). Replacing one's own row is always allowed.
+- Bindings (DESIGN.md, "Roles"): a pubkey's signature for a tx uid belongs to the Noise
+  key that first posted it until `err_sig` erases it (or it expires); an opinion key
+  belongs to the first watchtower that used it while any of its opinions is kept.
+  Another peer's attempt to replace either raises `Taken`.
+- Sequence numbers: every stored or replaced spend request and opinion takes the next
+  number of its table's sequence, inside the write transaction. Writers are serialized
+  (SQLite has one writer; PostgreSQL takes one lock per transaction), so numbers grow in
+  commit order and a reader that sees number N sees everything below it: what cursors
+  (revault/paging.py) rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generator, NamedTuple
+
+from revault.errors import Refused
+from revault.paging import Cursor, Stream, stream_name
+
+DAY = 86_400
+
+TABLES = ("signatures", "spend_requests", "opinions")
+PURGE_BATCH = 5_000  # rows per purge write: bounds how long one write holds the writer
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each kind of row is kept after it was last written, in seconds."""
+
+    # A vault's revocation signatures are gathered within hours of the deposit; a month
+    # covers stakeholders who are away for a while, and every wallet keeps its own copy.
+    signatures: int = 30 * DAY
+    # A spend request is about an unvault that happens within days; a week is generous.
+    spend_requests: int = 7 * DAY
+    spend_opinions: int = 7 * DAY
+
+    def of(self, table: str) -> int:
+        return {"signatures": self.signatures, "spend_requests": self.spend_requests,
+                "opinions": self.spend_opinions}[table]
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Upper bounds on stored rows; the names are the config keys under [quotas]."""
+
+    signatures_per_id: int = 100            # pubkeys with a signature for one tx uid
+    signatures_per_peer: int = 20_000       # signatures one stakeholder has stored
+    total_signatures: int = 1_000_000
+    spend_requests_per_vault: int = 16      # distinct spend transactions for one vault
+    spend_requests_per_manager: int = 1_000
+    total_spend_requests: int = 10_000
+    opinions_per_vault: int = 256           # (spend txid, opinion key) pairs for one vault
+    opinions_per_watchtower: int = 10_000
+    total_opinions: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Sharers:
+    """How many peers share each group quota: the configured peers of the writing role."""
+
+    stakeholders: int = 1
+    managers: int = 1
+    watchtowers: int = 1
+
+    def of(self, table: str) -> int:
+        return max(1, {"signatures": self.stakeholders, "spend_requests": self.managers,
+                       "opinions": self.watchtowers}[table])
+
+
+# Per table: the column that groups rows under one bound, and the names (Quotas fields
+# and config keys) of its total, per-group and per-peer quotas.
+QUOTA_NAMES = {
+    "signatures": ("tx_id", "total_signatures", "signatures_per_id", "signatures_per_peer"),
+    "spend_requests": ("vault_id", "total_spend_requests", "spend_requests_per_vault",
+                       "spend_requests_per_manager"),
+    "opinions": ("vault_id", "total_opinions", "opinions_per_vault",
+                 "opinions_per_watchtower"),
+}
+
+
+class QuotaExceeded(Refused):
+    """A write refused because it would take a table over one of its `Quotas` (-32002)."""
+
+    def __init__(self, quota: str, limit: int, per_peer_share: bool = False):
+        self.quota = quota
+        self.limit = limit
+        share = " for this peer's share" if per_peer_share else ""
+        super().__init__(f"quota {quota} reached ({limit}{share})")
+
+
+class Taken(Refused):
+    """A write refused because the entry belongs to another peer (DESIGN.md, "Roles"),
+    -32002."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A statement whose rows the plan receives (a list of index-addressable rows)."""
+    sql: str
+    args: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """A statement whose affected row count the plan receives."""
+    sql: str
+    args: tuple = ()
+
+
+Plan = Generator[Query | Execute, Any, Any]
+
+
+# Named tuples, not frozen dataclasses: a poll builds hundreds of these, and a tuple is
+# built several times faster.
+class StoredSpendRequest(NamedTuple):
+    vault_id: str
+    txid: str
+    transaction: str
+    timestamp: int
+    stored_at: int
+
+
+class StoredOpinion(NamedTuple):
+    vault_id: str
+    txid: str
+    pubkey: str
+    accepted: bool
+    reason: str
+    sig: str
+    stored_at: int
+
+
+class _Row(NamedTuple):
+    """What a write needs of the row it would replace."""
+    submitter: bytes
+    live: bool                  # not expired
+    values: tuple               # the other columns asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The rules as configured, at one instant (`now`), in one backend's dialect."""
+
+    now: int
+    quotas: Quotas
+    retention: Retention
+    sharers: Sharers
+    rowid: str = "rowid"        # the physical row id the purge batches on ("ctid" in PostgreSQL)
+
+    def cutoff(self, table: str) -> int:
+        """Rows of `table` with stored_at at or below this are expired."""
+        return self.now - self.retention.of(table)
+
+    # --- admission ------------------------------------------------------------------
+
+    def _total(self, table: str) -> Plan:
+        rows = yield Query("SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM rows_by_submitter "
+                           "WHERE tbl = ?", (table,))
+        return rows[0][0]
+
+    def _used(self, table: str, submitter: bytes) -> Plan:
+        rows = yield Query("SELECT n FROM rows_by_submitter WHERE tbl = ? AND submitter = ?",
+                           (table, submitter))
+        return rows[0][0] if rows else 0
+
+    def _check_total(self, table: str, quota: str) -> Plan:
+        limit = getattr(self.quotas, quota)
+        if (yield from self._total(table)) < limit:
+            return
+        # Expired rows may still be waiting for the periodic purge; they must not
+        # refuse a live write.
+        yield Execute(f"DELETE FROM {table} WHERE stored_at <= ?", (self.cutoff(table),))
+        if (yield from self._total(table)) >= limit:
+            raise QuotaExceeded(quota, limit)
+
+    def _check_peer(self, table: str, submitter: bytes, quota: str) -> Plan:
+        """The trigger-kept count of the submitter's rows (expired ones included until
+        purged); only at the limit are its expired rows purged and the count read again,
+        so a live write is never refused because of dead rows."""
+        limit = getattr(self.quotas, quota)
+        if (yield from self._used(table, submitter)) < limit:
+            return
+        yield Execute(f"DELETE FROM {table} WHERE submitter = ? AND stored_at <= ?",
+                      (submitter, self.cutoff(table)))
+        if (yield from self._used(table, submitter)) >= limit:
+            raise QuotaExceeded(quota, limit)
+
+    def _existing(self, table: str, key: dict[str, Any], columns: tuple[str, ...] = ()) -> Plan:
+        """The row of `table` at `key`, live or expired, as a `_Row`, or None."""
+        where = " AND ".join(f"{column} = ?" for column in key)
+        rows = yield Query(f"SELECT submitter, stored_at{''.join(', ' + c for c in columns)} "
+                           f"FROM {table} WHERE {where}", tuple(key.values()))
+        if not rows:
+            return None
+        row = rows[0]
+        return _Row(bytes(row[0]), row[1] > self.cutoff(table), tuple(row[2:]))
+
+    def _admit(self, table: str, key: dict[str, str], submitter: bytes,
+               existing: _Row | None) -> Plan:
+        """Every quota check before writing the row of `table` that `key` identifies
+        (`existing`, as `_existing` read it)."""
+        group_column, total, per_group, per_peer = QUOTA_NAMES[table]
+        if existing is None:
+            yield from self._check_total(table, total)
+            group = yield Query(f"SELECT submitter FROM {table} WHERE {group_column} = ? "
+                                f"AND stored_at > ?", (key[group_column], self.cutoff(table)))
+            limit = getattr(self.quotas, per_group)
+            if len(group) >= limit:
+                raise QuotaExceeded(per_group, limit)
+            share = max(1, limit // self.sharers.of(table))
+            if sum(1 for row in group if bytes(row[0]) == submitter) >= share:
+                raise QuotaExceeded(per_group, share, per_peer_share=True)
+        if existing is None or existing.submitter != submitter:
+            yield from self._check_peer(table, submitter, per_peer)
+
+    def _next_seq(self, table: str) -> Plan:
+        rows = yield Query("UPDATE sequences SET value = value + 1 WHERE name = ? "
+                           "RETURNING value", (table,))
+        return rows[0][0]
+
+    # --- writes ---------------------------------------------------------------------
+
+    def put_signature(self, tx_id: str, pubkey: str, signature: str, submitter: bytes) -> Plan:
+        key = {"tx_id": tx_id, "pubkey": pubkey}
+        existing = yield from self._existing("signatures", key)
+        if existing is not None and existing.live and existing.submitter != submitter:
+            raise Taken("pubkey", "its signature for this id was posted by another "
+                                  "stakeholder (err_sig releases it)")
+        yield from self._admit("signatures", key, submitter, existing)
+        yield Execute(
+            "INSERT INTO signatures (tx_id, pubkey, signature, submitter, stored_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tx_id, pubkey) DO UPDATE SET "
+            "signature = excluded.signature, submitter = excluded.submitter, "
+            "stored_at = excluded.stored_at",
+            (tx_id, pubkey, signature, submitter, self.now))
+
+    def erase_signatures(self, tx_id: str) -> Plan:
+        live = yield Query("SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
+                           (tx_id, self.cutoff("signatures")))
+        yield Execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
+        return live[0][0]
+
+    def _refresh_if_same(self, table: str, key: dict[str, Any], values: dict[str, Any],
+                         submitter: bytes) -> Plan:
+        """(True, row) with the row's age refreshed when the live row at `key` already
+        holds `values` from `submitter`: sent again, it is not stored anew, so a poller's
+        cursor does not bring it back (a wallet resuming re-sends what it sent).
+        Otherwise (False, the row as `_existing` read it)."""
+        existing = yield from self._existing(table, key, tuple(values))
+        if (existing is None or not existing.live or existing.submitter != submitter
+                or existing.values != tuple(values.values())):
+            return False, existing
+        where = " AND ".join(f"{column} = ?" for column in key)
+        yield Execute(f"UPDATE {table} SET stored_at = ? WHERE {where}",
+                      (self.now, *key.values()))
+        return True, existing
+
+    def put_spend_request(self, vault_id: str, txid: str, transaction: str, timestamp: int,
+                          submitter: bytes) -> Plan:
+        key = {"vault_id": vault_id, "txid": txid}
+        same, existing = yield from self._refresh_if_same(
+            "spend_requests", key, {"tx": transaction, "request_timestamp": timestamp},
+            submitter)
+        if same:
+            return
+        yield from self._admit("spend_requests", key, submitter, existing)
+        seq = yield from self._next_seq("spend_requests")
+        yield Execute(
+            "INSERT INTO spend_requests "
+            "(vault_id, txid, tx, request_timestamp, submitter, stored_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid) DO UPDATE SET "
+            "tx = excluded.tx, request_timestamp = excluded.request_timestamp, "
+            "submitter = excluded.submitter, stored_at = excluded.stored_at, "
+            "seq = excluded.seq",
+            (vault_id, txid, transaction, timestamp, submitter, self.now, seq))
+
+    def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool, reason: str,
+                    sig: str, submitter: bytes) -> Plan:
+        owner = yield Query("SELECT submitter FROM opinion_keys WHERE pubkey = ? "
+                            "AND stored_at > ?", (pubkey, self.cutoff("opinions")))
+        if owner and bytes(owner[0][0]) != submitter:
+            raise Taken("pubkey", "this opinion key is used by another watchtower")
+        key = {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}
+        same, existing = yield from self._refresh_if_same(
+            "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
+                              "sig": sig}, submitter)
+        if same:
+            yield Execute("UPDATE opinion_keys SET stored_at = ? WHERE pubkey = ?",
+                          (self.now, pubkey))
+            return
+        yield from self._admit("opinions", key, submitter, existing)
+        seq = yield from self._next_seq("opinions")
+        yield Execute(
+            "INSERT INTO opinions "
+            "(vault_id, txid, pubkey, accepted, reason, sig, submitter, stored_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault_id, txid, pubkey) "
+            "DO UPDATE SET accepted = excluded.accepted, reason = excluded.reason, "
+            "sig = excluded.sig, submitter = excluded.submitter, "
+            "stored_at = excluded.stored_at, seq = excluded.seq",
+            # The reason goes in as UTF-8 bytes: the one free text, and PostgreSQL's
+            # TEXT cannot hold a NUL that JSON may carry ("\u0000").
+            (vault_id, txid, pubkey, accepted, reason.encode("utf-8"), sig, submitter,
+             self.now, seq))
+        yield Execute(
+            "INSERT INTO opinion_keys (pubkey, submitter, stored_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (pubkey) DO UPDATE SET submitter = excluded.submitter, "
+            "stored_at = excluded.stored_at", (pubkey, submitter, self.now))
+
+    def purge_batch(self, table: str, batch: int) -> Plan:
+        """Delete up to `batch` expired rows of `table` (or of opinion_keys); returns how many."""
+        column = "stored_at"
+        cutoff = self.cutoff("opinions" if table == "opinion_keys" else table)
+        if table == "opinion_keys":
+            # No physical row id needed: the key is the primary key.
+            deleted = yield Execute(
+                "DELETE FROM opinion_keys WHERE pubkey IN (SELECT pubkey FROM opinion_keys "
+                f"WHERE {column} <= ? LIMIT ?)", (cutoff, batch))
+            return deleted
+        deleted = yield Execute(
+            f"DELETE FROM {table} WHERE {self.rowid} IN (SELECT {self.rowid} FROM {table} "
+            f"WHERE {column} <= ? LIMIT ?)", (cutoff, batch))
+        return deleted
+
+    # --- reads ----------------------------------------------------------------------
+
+    def get_signatures(self, tx_id: str) -> Plan:
+        rows = yield Query("SELECT pubkey, signature FROM signatures WHERE tx_id = ? "
+                           "AND stored_at > ? ORDER BY pubkey",
+                           (tx_id, self.cutoff("signatures")))
+        return {row[0]: row[1] for row in rows}
+
+    def spend_request_streams(self, cursor: Cursor, fetch: int) -> Plan:
+        """Each manager's unseen requests after `cursor`, at most `fetch` each.
+
+        A poller keeping up has only a few unseen requests: one query in storage order
+        finds them all. Only when more than `fetch` are unseen (a first poll, a flood)
+        does each manager get a query of its own, so that one manager's flood cannot
+        take the others' turn in the page. Those several statements are bounded by the
+        sequence number read first, which gives them one consistent view without a read
+        transaction (a number visible means every lower one is committed).
+        """
+        columns = "seq, submitter, vault_id, txid, tx, request_timestamp, stored_at"
+        rows = yield Query(
+            f"SELECT {columns} FROM spend_requests WHERE seq > ? AND stored_at > ? "
+            f"ORDER BY seq LIMIT ?", (cursor.watermark, self.cutoff("spend_requests"),
+                                      fetch + 1))
+        if len(rows) <= fetch:
+            return _streams(cursor, rows, lambda r: StoredSpendRequest._make(r[2:]))
+        top = (yield Query("SELECT value FROM sequences WHERE name = ?",
+                           ("spend_requests",)))[0][0]
+        submitters = yield Query("SELECT submitter FROM rows_by_submitter WHERE tbl = ?",
+                                 ("spend_requests",))
+        streams = []
+        for (submitter,) in submitters:
+            submitter = bytes(submitter)
+            name = stream_name(submitter)
+            rows = yield Query(
+                f"SELECT {columns} FROM spend_requests WHERE submitter = ? AND seq > ? "
+                f"AND seq <= ? AND stored_at > ? ORDER BY seq LIMIT ?",
+                (submitter, cursor.start_of(name), top, self.cutoff("spend_requests"),
+                 fetch + 1))
+            if rows:
+                streams.append(Stream(name, [(r[0], StoredSpendRequest._make(r[2:]))
+                                             for r in rows[:fetch]], more=len(rows) > fetch))
+        return streams
+
+    def opinion_streams(self, vault_id: str, cursor: Cursor) -> Plan:
+        """Each watchtower's unseen opinions on `vault_id` (bounded by opinions_per_vault)."""
+        rows = yield Query(
+            "SELECT seq, submitter, vault_id, txid, pubkey, accepted, reason, sig, stored_at "
+            "FROM opinions WHERE vault_id = ? AND seq > ? AND stored_at > ? ORDER BY seq",
+            (vault_id, cursor.watermark, self.cutoff("opinions")))
+        return _streams(cursor, rows, _stored_opinion)
+
+    @staticmethod
+    def epoch() -> Plan:
+        rows = yield Query("SELECT epoch FROM store_meta")
+        return rows[0][0]
+
+    @staticmethod
+    def row_counts() -> Plan:
+        rows = yield Query("SELECT tbl, CAST(SUM(n) AS BIGINT) FROM rows_by_submitter "
+                           "GROUP BY tbl")
+        counts = dict.fromkeys(TABLES, 0)
+        counts.update({row[0]: row[1] for row in rows})
+        return counts
+
+
+def _streams(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Stream]:
+    """Rows of (seq, submitter, ...) in storage order as one stream per submitter,
+    leaving out what the cursor says that submitter's stream has listed already."""
+    positions = dict(cursor.positions)
+    names: dict[bytes, str] = {}
+    streams: dict[str, Stream] = {}
+    for r in rows:
+        name = names.get(r[1])
+        if name is None:
+            name = names[r[1]] = stream_name(bytes(r[1]))
+        if r[0] > positions.get(name, 0):  # rows are above the watermark already
+            stream = streams.get(name)
+            if stream is None:
+                stream = streams[name] = Stream(name, [])
+            stream.items.append((r[0], item(r)))
+    return list(streams.values())
+
+
+def _stored_opinion(r) -> StoredOpinion:
+    # Rows written before SQLite migration 3 hold the reason as TEXT.
+    reason = r[6] if isinstance(r[6], str) else bytes(r[6]).decode("utf-8")
+    return StoredOpinion(vault_id=r[2], txid=r[3], pubkey=r[4], accepted=bool(r[5]),
+                         reason=reason, sig=r[7], stored_at=r[8])
+
+
+async def purge_all(write: Callable[[Callable[[Rules], Plan]], Awaitable[Any]]) -> int:
+    """Delete every expired row through a store's `write`; returns how many (keys of
+    opinions aside). One batch per write: writers queued behind the purge wait for one
+    batch at most, not for the whole backlog."""
+    purged = 0
+    for table in TABLES + ("opinion_keys",):
+        while True:
+            batch = PURGE_BATCH
+            deleted = await write(lambda r, table=table, batch=batch: r.purge_batch(table, batch))
+            if table != "opinion_keys":
+                purged += deleted
+            if deleted < batch:
+                break
+    return purged
