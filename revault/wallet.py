@@ -860,6 +860,42 @@ class Wallet:
         log.info("%s %s broadcast with CPFP child %s (package at %d sat/kWU)",
                  rtx.kind.value, tx.txid, child.txid, package.feerate_sat_per_kwu)
 
+    async def _emergency_of(self, stored: StoredVault, state: str,
+                            candidates: list[RevaultTransaction],
+                            unvault_txid: str) -> tuple[bool, str]:
+        """(True, txid moving the vault to the emergency address) or (False, why not).
+        The first candidate is what the wallet's view calls for; when Core refuses it
+        because the deposit was unvaulted meanwhile (the view lags the node), the
+        unvault-emergency follows."""
+        for rtx in candidates:
+            if not rtx.is_complete():
+                return False, f"{stored.outpoint} ({state}: {rtx.kind.value} not fully signed)"
+            spent = str(rtx.tx.inputs[0].outpoint)
+            try:
+                await self._broadcast(rtx.finalize(), rtx.kind.value)
+                return True, rtx.txid
+            except FlowError as e:
+                error = e
+            # Already replaced by a watchtower's bumped copy (same outputs)?
+            spender = await self._spender(spent)
+            if spender is not None and self.deployment.emergency_script_pubkey in spender.outputs:
+                return True, spender.txid
+            if spender is None or spender.txid != unvault_txid:
+                break  # spent by something else: nothing pre-signed follows
+        return False, f"{stored.outpoint} ({error})"
+
+    async def _spender(self, outpoint: str) -> _WalletTx | None:
+        """The transaction spending `outpoint`: the node's mempool first (synchronous
+        with what was just refused as a conflict), else what the wallet saw mined."""
+        txid, vout = outpoint.split(":")
+        [entry] = await self._node.call("gettxspendingprevout",
+                                        [{"txid": txid, "vout": int(vout)}])
+        if "spendingtxid" in entry:
+            raw = await self._node.call("getrawtransaction", entry["spendingtxid"], True)
+            return _WalletTx(raw["txid"], tuple(f"{i['txid']}:{i['vout']}" for i in raw["vin"]),
+                             tuple(bytes.fromhex(o["scriptPubKey"]["hex"]) for o in raw["vout"]))
+        return (await self._discover()).spenders.get(outpoint)
+
     async def _cpfp_wallet_coins(self) -> list[Coin]:
         """Confirmed coins of the managers' CPFP wallet (CPFP-script outputs the
         watch-only wallet sees: funded by the operator, or confirmed unvaults' and
@@ -920,25 +956,13 @@ class Wallet:
             state = await self._state(stored, txs, view)
             await self._restore(txs)
             if state in ("funded", "secured", "active"):
-                rtx, spent = txs.emergency, stored.outpoint
+                candidates = [txs.emergency, txs.unvault_emergency]
             elif state == "unvaulting":
-                rtx, spent = txs.unvault_emergency, f"{txs.unvault.txid}:0"
+                candidates = [txs.unvault_emergency]
             else:
                 continue
-            if not rtx.is_complete():
-                stuck.append(f"{stored.outpoint} ({state}: {rtx.kind.value} not fully signed)")
-                continue
-            try:
-                await self._broadcast(rtx.finalize(), rtx.kind.value)
-                sent.append(rtx.txid)
-            except FlowError as e:
-                # Already replaced by a watchtower's bumped copy (same outputs)?
-                spender = (await self._discover()).spenders.get(spent)
-                if spender is None or \
-                        self.deployment.emergency_script_pubkey not in spender.outputs:
-                    stuck.append(f"{stored.outpoint} ({e})")
-                    continue
-                sent.append(spender.txid)
+            outcome = await self._emergency_of(stored, state, candidates, txs.unvault.txid)
+            (sent if outcome[0] else stuck).append(outcome[1])
         if stuck:
             raise FlowError(f"emergency: broadcast {len(sent)} transaction(s) but could not "
                             "move " + "; ".join(stuck))
