@@ -7,12 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
+# The demo starts its own Bitcoin Core and daemons (in its own process): select it with
+# the tests that need them.
+pytestmark = [pytest.mark.regtest, pytest.mark.daemon]
 
-def test_demo_walks_vaults_through_their_life_and_cleans_up(tmp_path):
+
+def test_demo_walks_vaults_through_their_life_and_cleans_up(daemon_dir):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"),
-                           "--dir", str(tmp_path / "demo")],
+                           "--dir", str(daemon_dir / "demo")],
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
@@ -29,14 +35,14 @@ def test_demo_walks_vaults_through_their_life_and_cleans_up(tmp_path):
         assert re.search(expected, out), f"{expected!r} not in:\n{out}"
     assert len(re.findall(r"ACCEPTED", out)) == 3
     # Nothing left running: every daemon wrote its last line and exited.
-    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True)
+    leftover = subprocess.run(["pgrep", "-f", str(daemon_dir / "demo")], capture_output=True)
     assert leftover.stdout == b""
 
 
-def test_demo_keep_running_stays_up_until_sigterm(tmp_path):
+def test_demo_keep_running_stays_up_until_sigterm(daemon_dir):
     import signal
     import time
-    root = tmp_path / "demo"
+    root = daemon_dir / "demo"
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"),
                              "--keep-running", "--dir", str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

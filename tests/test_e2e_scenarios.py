@@ -32,12 +32,12 @@ TIMEOUT = 120.0
 
 
 @pytest.fixture
-async def make_system(tmp_path, bitcoind: RegtestNode):
+async def make_system(daemon_dir, bitcoind: RegtestNode):
     systems: list[System] = []
 
     async def make(**options) -> System:
         options.setdefault("policies", [ACCEPT_ALL] * options.get("n_stakeholders", 3))
-        s = await start_system(tmp_path / f"system{len(systems)}", bitcoind, **options)
+        s = await start_system(daemon_dir / f"system{len(systems)}", bitcoind, **options)
         systems.append(s)
         return s
 

@@ -22,8 +22,8 @@ DEPOSIT = 2_000_000
 
 
 @pytest.fixture
-async def system(tmp_path, bitcoind: RegtestNode):
-    s = await start_system(tmp_path / "system", bitcoind)
+async def system(daemon_dir, bitcoind: RegtestNode):
+    s = await start_system(daemon_dir / "system", bitcoind)
     try:
         yield s
     finally:
