@@ -1,4 +1,4 @@
-"""The wallet's TOML config (DESIGN.md, "Keys and config files", wallet).
+"""The wallet's TOML config (docs/protocol.md, "Keys and config files", Wallet).
 
     data_dir = "wallet-data"                 # the wallet's SQLite state (created 0700)
     noise_key_file = "noise.key"             # this participant's Noise static key

@@ -182,7 +182,7 @@ async def start_system(root: Path, node: RegtestNode, *, n_stakeholders: int = 3
                 "deployment": deployment,
             }
             if p.stakeholder_secret is None:
-                # DESIGN: a manager who is not a stakeholder never learns it.
+                # docs/protocol.md: a manager who is not a stakeholder never learns it.
                 table["deployment"] = {k: v for k, v in deployment.items()
                                        if k != "emergency_address"}
             if p.stakeholder_secret is not None:
