@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bitcoin.core import (  # noqa: E402
-    COutPoint, CBlock, CBlockHeader, CMutableTransaction, CTxIn, CTxOut, b2lx, lx,
+    COutPoint, CBlock, CMutableTransaction, CTxIn, CTxOut, b2lx, lx,
 )
 from bitcoin.core.script import CScript  # noqa: E402
 

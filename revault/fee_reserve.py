@@ -45,6 +45,18 @@ def kwu_from_btc_per_kvb(rate: Decimal) -> int:
     return -(-sat(rate) // 4)
 
 
+def target_feerate(mempool_info: dict, estimate: dict, ceiling_kwu: int) -> int:
+    """sat/kWU a revocation is bumped to, from Core's `getmempoolinfo` and
+    `estimatesmartfee`: the estimate for the next blocks, or the mempool's minimum when
+    higher (or when there is no estimate yet), never above `ceiling_kwu` (max_feerate:
+    what the reserve was sized for, so a spike cannot drain it on one vault), and never
+    under the minimum relay feerate."""
+    wanted = kwu_from_btc_per_kvb(mempool_info["mempoolminfee"])
+    if "feerate" in estimate:
+        wanted = max(wanted, kwu_from_btc_per_kvb(estimate["feerate"]))
+    return max(kwu_from_btc_per_kvb(mempool_info["minrelaytxfee"]), min(wanted, ceiling_kwu))
+
+
 @dataclass(frozen=True, slots=True)
 class Revocation:
     """A fully signed revocation as stored, with what its input spends."""
@@ -82,6 +94,19 @@ def plan_bump(revocation: Revocation, coins: Sequence[FeeCoin], feerate_sat_per_
     return select_fee_inputs(revocation.tx.weight, revocation.fee, coins,
                              max(1, feerate_sat_per_kwu),
                              base_inputs=len(revocation.tx.inputs), replaces=replaces)
+
+
+def plan_best_bump(revocation: Revocation, coins: Sequence[FeeCoin], feerate_sat_per_kwu: int,
+                   replaces: Replaced | None = None) -> FeeSelection:
+    """`plan_bump` to the feerate, or, when the coins cannot reach it, to the highest
+    feerate they can (no coin at all: the revocation as signed). A cancel that must go
+    out goes out with what the reserve has left. A replacement still has to pay what
+    replacing asks: FeeBumpError when even that is out of reach."""
+    try:
+        return plan_bump(revocation, coins, feerate_sat_per_kwu, replaces)
+    except FeeBumpError:
+        rate = max_reachable_feerate(revocation, coins, feerate_sat_per_kwu)
+        return plan_bump(revocation, coins, rate, replaces)
 
 
 def max_reachable_feerate(revocation: Revocation, coins: Sequence[FeeCoin],
@@ -190,9 +215,10 @@ class FeeReserve:
 
     async def bump(self, revocation: Revocation, feerate_sat_per_kwu: int, *,
                    replaces: Replaced | None = None, exclude: Iterable[tuple[str, int]] = (),
-                   extra: Sequence[FeeCoin] = ()) -> Bump:
+                   extra: Sequence[FeeCoin] = (), best_effort: bool = False) -> Bump:
         """Select, sign, return. `extra`: coins usable although the wallet sees them spent
-        (those of the pending bump this one replaces)."""
+        (those of the pending bump this one replaces). `best_effort`: below the feerate
+        when the coins cannot reach it (`plan_best_bump`) instead of FeeBumpError."""
         coins = await self.coins(exclude) + list(extra)
-        selection = plan_bump(revocation, coins, feerate_sat_per_kwu, replaces)
-        return await self.sign(revocation, selection)
+        plan = plan_best_bump if best_effort else plan_bump
+        return await self.sign(revocation, plan(revocation, coins, feerate_sat_per_kwu, replaces))

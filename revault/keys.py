@@ -15,6 +15,11 @@ import coincurve
 # The Noise static key's public half is the transport's to derive: one X25519 code path.
 from revault.transport import public_key as noise_public_key
 
+__all__ = [
+    "KEY_LEN", "KeyFileError", "read_key_file", "create_key_file", "generate_noise_key",
+    "generate_bitcoin_key", "bitcoin_public_key", "noise_public_key",
+]
+
 KEY_LEN = 32
 
 

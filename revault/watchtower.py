@@ -35,8 +35,8 @@ from revault.config import ConfigError, ConfigTable, ProblemCollector, parse_hos
 from revault.daemon import CommonConfig, run_daemon
 from revault.deployment import Deployment, read_deployment
 from revault.fee_reserve import (
-    SAT_PER_VB_TO_KWU, Bump, FeeReserve, ReserveError, Revocation, kwu_from_btc_per_kvb,
-    max_reachable_feerate, plan_bump, sat,
+    SAT_PER_VB_TO_KWU, Bump, FeeReserve, ReserveError, Revocation, max_reachable_feerate,
+    plan_bump, sat, target_feerate,
 )
 from revault.fees import FeeBumpError, FeeCoin, Replaced
 from revault.keys import KeyFileError, read_key_file
@@ -49,13 +49,13 @@ from revault.messages import (
 from revault.primitives import OutPoint, tx_uid
 from revault.rpc import Caller, Dispatcher, ProtocolError
 from revault.transactions import (
-    Coin, SignatureError, TransactionError, Tx, build_vault_transactions,
+    Coin, SignatureError, TransactionError, Tx, build_unvault, build_vault_transactions,
 )
 from revault.transport import TransportError
 from revault.watchtower_chain import ChainFollower, ZmqListener
 from revault.watchtower_guard import (
     RETIRE_DEPTH, Alarm, Cancel, ChainTx, ConsiderRebump, Guard, GuardedVault, Retire,
-    chain_tx_from_bitcoinlib, outputs_of,
+    outputs_of,
 )
 from revault.watchtower_policy import (
     Policy, PolicyConfig, SpendFacts, load_plugins, payees_of, read_policy,
@@ -431,9 +431,25 @@ class Watchtower:
             {stored.kind: (stored.output_value, stored.output_script)})))
         log.info("vault %s (index %d, %d sat): %s %s verified and stored%s", deposit, index,
                  value, stored.kind, stored.txid, "" if new else " (already stored)")
+        if not vault.busy:
+            await self.see_deposit_spender(vault)
         if vault.busy:
             self.wake()
         return None
+
+    async def see_deposit_spender(self, vault: GuardedVault) -> None:
+        """Show the guard what spends the vault's deposit in the mempool. An unvault that
+        entered the mempool between the deposit check above and the vault's guarding was
+        shown to the guard when it matched nothing, and would otherwise only be seen
+        once mined."""
+        try:
+            [entry] = await self.node.call("gettxspendingprevout",
+                                           [{"txid": vault.deposit[0], "vout": vault.deposit[1]}])
+            if "spendingtxid" in entry:
+                raw = await self.node.call("getrawtransaction", entry["spendingtxid"])
+                self.chain.see_raw(bytes.fromhex(raw))
+        except BitcoindError as e:  # gone since: the chain loop sees it if it is mined
+            log.warning("vault %s: cannot read what spends its deposit: %s", short(vault), e)
 
     # --- the chain ---------------------------------------------------------------------------
 
@@ -507,16 +523,19 @@ class Watchtower:
                     self.failed[vault] = time.monotonic()
                     log.error("vault %s: %s failed: %s", short(vault),
                               type(action).__name__.lower(), e)
+                except Exception:
+                    # Whatever goes wrong with one vault (a bug, an answer we did not
+                    # expect) must not keep the next vaults' cancels from going out.
+                    self.failed[vault] = time.monotonic()
+                    log.exception("vault %s: %s failed", short(vault),
+                                  type(action).__name__.lower())
 
     async def target_feerate(self) -> int:
-        """sat/kWU: what estimatesmartfee gives for the next blocks, at most max_feerate,
-        at least what the node's mempool takes."""
-        info = await self.node.call("getmempoolinfo")
-        floor = max(kwu_from_btc_per_kvb(info["mempoolminfee"]),
-                    kwu_from_btc_per_kvb(info["minrelaytxfee"]))
-        estimate = await self.node.call("estimatesmartfee", 2)
-        rate = kwu_from_btc_per_kvb(estimate["feerate"]) if "feerate" in estimate else floor
-        return max(floor, min(rate, self.config.max_feerate_kwu))
+        """sat/kWU: what estimatesmartfee gives for the next blocks or what the node's
+        mempool takes, at most max_feerate, at least the minimum relay feerate."""
+        return target_feerate(await self.node.call("getmempoolinfo"),
+                              await self.node.call("estimatesmartfee", 2),
+                              self.config.max_feerate_kwu)
 
     def _pending_coins(self, but: GuardedVault | None = None) -> set[tuple[str, int]]:
         return {(c.outpoint.txid, c.outpoint.vout)
@@ -545,18 +564,15 @@ class Watchtower:
         await self._free_evicted(vault)
         revocation = await self.revocation(vault, action.kind)
         target = await self.target_feerate()
-        try:
-            bump = await self.reserve.bump(
-                revocation, target, replaces=await self._replaced(action.replaces),
-                exclude=self._pending_coins(vault))
-        except FeeBumpError as e:
-            if action.replaces:
-                raise
-            # Better the revocation at its own 253 sat/kWU than nothing at all.
-            log.error("vault %s: the fee reserve cannot bump the %s to %.1f sat/vB (%s); "
-                      "broadcasting it unbumped", short(vault), action.kind,
-                      target / SAT_PER_VB_TO_KWU, e)
-            bump = await self.reserve.bump(revocation, 1)
+        # Short of coins (many unvaults at once), better the revocation at what the
+        # reserve has left, down to its own 253 sat/kWU, than nothing at all.
+        bump = await self.reserve.bump(
+            revocation, target, replaces=await self._replaced(action.replaces),
+            exclude=self._pending_coins(vault), best_effort=True)
+        if 1000 * bump.fee < target * bump.selection.max_weight:
+            log.error("vault %s: the fee reserve cannot bump the %s to %.1f sat/vB; "
+                      "broadcasting it at what it can reach", short(vault), action.kind,
+                      target / SAT_PER_VB_TO_KWU)
         await self._broadcast(vault, action.kind, bump, tip, action.reason)
 
     async def _free_evicted(self, vault: GuardedVault) -> None:
@@ -641,7 +657,14 @@ class Watchtower:
                     # back; a seed server lists every pending request each time.
                     result = await client.get_spend_requests(cursor)
                     for request in result.requests:
-                        opinion = await self.judge(request)
+                        try:
+                            opinion = await self.judge(request)
+                        except Exception:
+                            # One request we cannot judge (it gets no opinion: a refusal
+                            # for the managers) must not stop us judging the others.
+                            log.exception("spend request for vault %s could not be judged",
+                                          request.vault_id)
+                            continue
                         if opinion is not None \
                                 and (opinion.vault_id, opinion.txid) not in self.posted:
                             await client.spend_opinion(opinion)
@@ -672,6 +695,15 @@ class Watchtower:
         return ({d.deposit_script_pubkey(v.index) for v in vaults}
                 | {d.cpfp_script_pubkey(v.index) for v in vaults})
 
+    def value_moved(self, spend: Tx, vaults: list[GuardedVault]) -> tuple[int, int]:
+        """(what the guarded unvault outputs a spend consumes are worth, what it pays
+        back to their deposit scripts): the value leaving the vaults is the difference."""
+        d = self.deployment
+        spent = sum(build_unvault(d, Coin(OutPoint(*v.deposit), v.value, v.index))
+                    .tx.outputs[0].value for v in vaults)
+        deposits = {d.deposit_script_pubkey(v.index) for v in vaults}
+        return spent, sum(o.value for o in spend.outputs if o.script_pubkey in deposits)
+
     async def judge(self, request: SpendRequest):
         """The signed opinion on a spend request of one of our vaults, or None when it
         spends none of them. The verdict is stored before it is signed."""
@@ -686,6 +718,10 @@ class Watchtower:
                 vaults.append(vault)
         if not vaults:
             return None
+        if len({i.outpoint for i in spend.inputs}) != len(spend.inputs):
+            reason = "the transaction spends the same output twice: it can never be valid"
+            log.info("spend %s refused: %s", spend.txid, reason)
+            return sign_opinion(self.opinion_key, request.vault_id, False, reason, spend.txid)
         if request.vault_id not in {v.vault_id for v in vaults}:
             # A manager's mistake, or an attempt to have our verdict on this spend shown
             # under another vault: refused, and not remembered as the spend's verdict.
@@ -697,10 +733,11 @@ class Watchtower:
             payees = payees_of(spend, self.internal_scripts(vaults), self.deployment.network)
             now = int(time.time())
             facts = SpendFacts(spend, tuple(vaults), payees,
-                               await self.store.accepted_value_since(now - DAY))
+                               await self.store.accepted_value_since(now - DAY),
+                               *self.value_moved(spend, vaults))
             accepted, reason = self.policy.judge(facts)
             verdict = await self.store.put_verdict(Verdict(
-                spend.txid, accepted, reason, facts.payees_value, now,
+                spend.txid, accepted, reason, facts.value_out, now,
                 tuple(OutPoint(*v.deposit) for v in vaults)))
             log.info("spend %s of vault(s) %s %s by policy: %s", spend.txid,
                      ", ".join(short(v) for v in vaults),
@@ -740,14 +777,9 @@ class Watchtower:
             revocation = await self.revocation(vault, kind)
             replaced = await self._replaced(replaces)
             try:
-                try:
-                    bump = await self.reserve.bump(revocation, self.config.max_feerate_kwu,
-                                                   replaces=replaced, exclude=used)
-                except FeeBumpError:
-                    coins = await self.reserve.coins(used)
-                    rate = max_reachable_feerate(revocation, coins, self.config.max_feerate_kwu)
-                    bump = await self.reserve.bump(revocation, max(rate, 1),
-                                                   replaces=replaced, exclude=used)
+                bump = await self.reserve.bump(revocation, self.config.max_feerate_kwu,
+                                               replaces=replaced, exclude=used,
+                                               best_effort=True)
                 used |= {(c.outpoint.txid, c.outpoint.vout) for c in bump.coins}
                 sent = await self.node.call("sendrawtransaction", bump.tx.to_hex(), 0)
                 log.warning("vault %s: %s %s broadcast at %.1f sat/vB (fee %d sat, reserve "

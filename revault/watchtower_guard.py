@@ -286,7 +286,12 @@ class Guard:
         return Alarm(vault, f"{reason}, and no cancel nor unvault-emergency is stored for it")
 
     def decide_all(self, tip: int) -> list[Action]:
-        return [a for v in list(self.busy) if (a := self.decide(v, tip)) is not None]
+        """Every vault's action; cancels first, the largest vaults first: when many
+        unvaults come at once and the reserve cannot bump every cancel to the target,
+        the value most at stake gets the coins (the others still go out, less bumped)."""
+        actions = [a for v in list(self.busy) if (a := self.decide(v, tip)) is not None]
+        actions.sort(key=lambda a: (not isinstance(a, Cancel), -a.vault.value))
+        return actions
 
 
 class ParsedTx:

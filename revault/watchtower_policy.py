@@ -7,7 +7,9 @@ accepted only when every configured rule accepts it:
 
 - `accept_all = true`
 - `max_value = SAT`: what the spend pays to payees (outputs other than the CPFP output
-  and change to a deposit script);
+  and change to a deposit script), and never less than what leaves the vaults: the
+  value of the unvault outputs it spends minus its change to a deposit script (so a fee
+  or a CPFP output inflated by a thief holding the managers' keys counts too);
 - `max_value_per_day = SAT`: the same total over the spends accepted in the last 24 h,
   this one included;
 - `allowed_addresses = [...]`: every payee is one of these addresses;
@@ -102,11 +104,25 @@ class SpendFacts:
     spend: Tx
     vaults: tuple[Any, ...]  # the guarded vaults whose unvault output it spends
     payees: tuple[Payee, ...]
-    accepted_last_24h: int  # payees' total of the spends accepted in the last 24 h
+    accepted_last_24h: int  # `value_out` total of the spends accepted in the last 24 h
+    # What the guarded unvault outputs it spends are worth, and what it pays back to a
+    # deposit script; None when unknown (then only the payees count).
+    spent_value: int | None = None
+    returned_value: int = 0
 
     @property
     def payees_value(self) -> int:
         return sum(p.value for p in self.payees)
+
+    @property
+    def value_out(self) -> int:
+        """What the limits count: the payees' total, or more when more leaves the vaults.
+        The fee and the CPFP output are not payees, but a spend paying 1,000 sat to a
+        payee and the rest of a vault to a miner or to the (hot) CPFP keys must not pass
+        a max_value as a 1,000 sat spend."""
+        if self.spent_value is None:
+            return self.payees_value
+        return max(self.payees_value, self.spent_value - self.returned_value)
 
 
 def payees_of(spend: Tx, internal_scripts: set[bytes], network: str) -> tuple[Payee, ...]:
@@ -134,9 +150,10 @@ class Policy:
         c = self.config
         if not c.has_rules:
             return False, NO_RULE
-        value = facts.payees_value
+        value = facts.value_out
         if c.max_value is not None and value > c.max_value:
-            return False, f"pays {value} sat to payees, above max_value {c.max_value}"
+            return False, (f"pays {value} sat out of the vaults ({facts.payees_value} to "
+                           f"payees), above max_value {c.max_value}")
         if c.max_value_per_day is not None and facts.accepted_last_24h + value > c.max_value_per_day:
             return False, (f"pays {value} sat; with {facts.accepted_last_24h} sat accepted in "
                            f"the last 24 h that is above max_value_per_day {c.max_value_per_day}")

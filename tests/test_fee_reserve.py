@@ -4,13 +4,14 @@ to Core's wallet (its own input final, the reserve coins with their UTXO)."""
 from __future__ import annotations
 
 import hashlib
+from decimal import Decimal
 
 import pytest
 from embit.psbt import PSBT
 
 from revault.fee_reserve import (
-    Revocation, bump_psbt, kwu_from_btc_per_kvb, max_reachable_feerate, plan_bump,
-    unsigned_bump,
+    Revocation, bump_psbt, kwu_from_btc_per_kvb, max_reachable_feerate, plan_best_bump,
+    plan_bump, target_feerate, unsigned_bump,
 )
 from revault.fees import FeeBumpError, FeeCoin, Replaced
 from revault.primitives import OutPoint
@@ -34,7 +35,6 @@ def coins(*values: int) -> list[FeeCoin]:
 
 
 def test_btc_per_kvb_to_sat_per_kwu_rounds_up():
-    from decimal import Decimal
     assert kwu_from_btc_per_kvb(Decimal("0.00001000")) == 250  # 1 sat/vB
     assert kwu_from_btc_per_kvb(Decimal("0.00000101")) == 26
 
@@ -83,3 +83,33 @@ def test_psbt_keeps_the_stakeholders_witness_final_and_gives_each_coin_its_utxo(
         assert inp.final_scriptwitness is None
     # Whole coins, no change: the outputs are the revocation's, untouched.
     assert [o.value for o in psbt.tx.vout] == [969_828]
+
+
+def test_target_feerate_follows_the_estimate_and_the_mempool_within_max_feerate():
+    def info(minfee: str, relay: str = "0.00001") -> dict:
+        return {"mempoolminfee": Decimal(minfee), "minrelaytxfee": Decimal(relay)}
+
+    cap = 20 * 250  # max_feerate 20 sat/vB
+    estimate = {"feerate": Decimal("0.0001")}  # 10 sat/vB
+    assert target_feerate(info("0.00001"), estimate, cap) == 2500
+    assert target_feerate(info("0.00001"), {"errors": ["no data"]}, cap) == 250
+    assert target_feerate(info("0.00012"), estimate, cap) == 3000  # the mempool's minimum
+    # A spike beyond max_feerate: capped (the reserve is sized for max_feerate) ...
+    assert target_feerate(info("0.0005"), estimate, cap) == cap
+    assert target_feerate(info("0.00001"), {"feerate": Decimal("0.01")}, cap) == cap
+    # ... but never under the minimum relay feerate.
+    assert target_feerate(info("0.00001", relay="0.0001"), estimate, 100) == 2500
+
+
+def test_best_plan_falls_back_to_the_highest_feerate_the_coins_reach():
+    r = revocation()
+    reserve = coins(20_000, 5_000)
+    assert plan_best_bump(r, reserve, 1_000).coins == plan_bump(r, reserve, 1_000).coins
+    short = plan_best_bump(r, reserve, 1_000_000)  # far beyond: as high as they reach
+    rate = max_reachable_feerate(r, reserve, 1_000_000)
+    assert short.coins and short.feerate_sat_per_kwu == rate < 1_000_000
+    assert short.coins == plan_bump(r, reserve, rate).coins
+    assert plan_best_bump(r, coins(10), 1_000_000).coins == ()  # nothing worth adding
+    # A replacement must still outbid what it replaces.
+    with pytest.raises(FeeBumpError):
+        plan_best_bump(r, reserve, 1_000, Replaced(fee=500_000, weight=1_200))

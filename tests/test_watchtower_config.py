@@ -10,7 +10,7 @@ from pathlib import Path
 
 from revault.daemon import load_app_config
 from revault.watchtower import read_config
-from tests.support.daemons import REPO_ROOT, write_config
+from tests.support.daemons import REPO_ROOT
 
 SAMPLE = REPO_ROOT / "contrib" / "watchtower.sample.toml"
 UNIT = REPO_ROOT / "contrib" / "systemd" / "revault-watchtower.service"

@@ -190,3 +190,20 @@ def test_parsed_transactions_read_like_the_chain_writes_them():
     assert parsed.prevouts == ((txid("a"), 3), (txid("b"), 0))
     assert parsed.txid == tx.txid  # display order, witness excluded
     assert parsed.outputs == ((5000, DEPOSIT_SPK), (7000, EMERGENCY_SPK))
+
+
+def test_many_unvaults_at_once_cancels_come_first_the_largest_vaults_first():
+    g = Guard()
+    values = [300_000, 5_000_000, 1_000_000, 2_000_000]
+    vaults = [g.add(vault(n)) for n in range(len(values))]
+    for v, value in zip(vaults, values):
+        v.value = value
+        g.see(unvault_tx(v), None)
+    # One more vault whose cancel is already out: a re-bump candidate, after the cancels.
+    busy = g.add(vault(99))
+    busy.value = 10**9
+    g.see(unvault_tx(busy), None)
+    g.see(spend_of(busy, "bumped cancel", CANCEL_OUT), None)
+    actions = g.decide_all(60)
+    assert [type(a) for a in actions] == [Cancel] * 4 + [ConsiderRebump]
+    assert [a.vault.value for a in actions[:4]] == sorted(values, reverse=True)

@@ -122,3 +122,27 @@ def test_config_reading_and_errors():
     assert "policy.max_value: must be at least 0" in problems
     assert "policy.allowed_addresses[0]: not a regtest address" in problems
     assert "policy.plugins[0]: no entry point 'no-such-plugin'" in problems
+
+
+def test_limits_count_the_fee_and_the_cpfp_output_as_value_leaving_the_vaults():
+    """A thief holding the managers' keys pays 1,000 sat to a payee and the rest of the
+    vault to a miner (fee) or to the hot CPFP keys: not a 1,000 sat spend."""
+    cpfp = DEPLOYMENT.cpfp_script_pubkey(0)
+    deposit = DEPLOYMENT.deposit_script_pubkey(0)
+    internal = {deposit, cpfp}
+    per_spend, per_day = PolicyConfig(max_value=10_000), PolicyConfig(max_value_per_day=10_000)
+    for tx in (spend((ALICE, 1000)),                          # 999,000 sat of fee
+               spend((cpfp, 989_000), (ALICE, 1000))):         # the CPFP output inflated
+        f = SpendFacts(tx, (), payees_of(tx, internal, "regtest"), 0, spent_value=1_000_000)
+        assert f.payees_value == 1000
+        for config in (per_spend, per_day):
+            accepted, reason = judge(config, f)
+            assert not accepted and "pays 1000000 sat" in reason, reason
+    # Change back to a deposit script stays in the vaults; a plain spend is its payees,
+    # fee and CPFP output.
+    tx = spend((cpfp, 16_000), (ALICE, 5000), (deposit, 975_000))
+    f = SpendFacts(tx, (), payees_of(tx, internal, "regtest"), 0, spent_value=1_000_000,
+                   returned_value=975_000)
+    assert f.value_out == 25_000
+    assert judge(PolicyConfig(max_value=25_000), f)[0]
+    assert not judge(PolicyConfig(max_value=24_999), f)[0]

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from revault.deployment import p2wpkh, script_pubkey_to_address
+from revault.transactions import Tx
 from revault.watchtower_guard import RETIRE_DEPTH
 from tests.support.daemons import REPO_ROOT
 from tests.support.regtest import sats, start_node
@@ -398,7 +399,7 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
                 return tx
             return None
 
-        second = await wait_for(higher, "a cancel outbidding the spike")
+        await wait_for(higher, "a cancel outbidding the spike")
         await wait_for(lambda: net.log().count(" broadcast at ") >= 2, "the second log line")
         # The evicted first cancel's reserve coin is usable again (abandoned in the wallet).
         [freed] = [line for line in net.log().splitlines()
@@ -538,3 +539,33 @@ async def test_batch_spend_of_two_vaults_accepted_once_for_both(tmp_path, poll_c
                 "ACCEPTED") in net.log()
     finally:
         net.stop()
+
+
+async def test_a_spend_request_spending_an_output_twice_is_refused_and_the_next_judged(
+        tmp_path, poll_chain):
+    """Relayed by the (untrusted) sync server from a manager: a transaction spending a
+    guarded unvault output twice. Its verdict's vault rows once collided in the store,
+    which ended the spend-request loop, and every restart's (the cursor never passed
+    it): no spend was ever judged again."""
+    node = poll_chain
+    net = await network(tmp_path, node, policy={"accept_all": True})
+    try:
+        vault = await net.deposit()
+        await net.secure(vault)
+        good = net.deployed.spend(vault, payee("payee"))
+        twice = Tx(good.version, good.inputs + good.inputs[:1], good.outputs, good.locktime)
+        await net.request_spend(vault, twice)
+        await net.request_spend(vault, good)
+        opinions = await wait_for(
+            lambda: _opinions_by_txid(net, vault, 2), "both opinions")
+        assert opinions[twice.txid]["accepted"] is False
+        assert "same output twice" in opinions[twice.txid]["reason"]
+        assert opinions[good.txid]["accepted"] is True
+        assert net.tower.proc.poll() is None and "Traceback" not in net.log()
+    finally:
+        net.stop()
+
+
+async def _opinions_by_txid(net: Network, vault, count: int) -> dict | None:
+    opinions = {o["txid"]: o for o in await net.opinions(vault)}
+    return opinions if len(opinions) >= count else None

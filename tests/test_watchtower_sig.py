@@ -61,6 +61,13 @@ async def test_every_revocation_acked_stored_and_acked_again(net: Network):
     [signed] = db.execute("SELECT signed_tx FROM revocations WHERE kind = 'emergency'").fetchone()
     [verdict] = await net.node.rpc("testmempoolaccept", [bytes(signed).hex()])
     assert verdict["allowed"], verdict
+    # The cancel and the unvault-emergency too, each as the child of the real unvault.
+    unvault = net.deployed.signed_unvault(vault).to_hex()
+    for kind in ("cancel", "unvault_emergency"):
+        [signed] = db.execute("SELECT signed_tx FROM revocations WHERE kind = ?",
+                              (kind,)).fetchone()
+        verdicts = await net.node.rpc("testmempoolaccept", [unvault, bytes(signed).hex()])
+        assert all(v["allowed"] for v in verdicts), (kind, verdicts)
 
 
 async def test_deposit_unknown_unconfirmed_and_spent(net: Network):
