@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -31,11 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from revault.cosigner_signing import CosignerKey, bip143_digest, parse_psbt  # noqa: E402
-from revault.cosigner_store import DATABASE_NAME  # noqa: E402
-from revault.keys import create_key_file, generate_bitcoin_key  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.cosigner_psbt import assert_valid_signature, make_spend  # noqa: E402
-from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.cosigner_daemon import setup_cosigner  # noqa: E402
+from tests.support.daemons import DaemonProcess, NoiseIdentity  # noqa: E402
 
 PHASE_TIME_LIMIT = 60.0  # seconds; a phase stops early rather than run away
 
@@ -92,26 +90,17 @@ async def main_async(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cosigner-", dir=base))
     daemon = None
     try:
-        cosigner_noise = NoiseIdentity.create(work / "noise.key")
-        managers = [NoiseIdentity.create(work / f"manager{i}.key") for i in range(50)]
-        secret = generate_bitcoin_key()
-        create_key_file(work / "bitcoin.key", secret)
-        key = CosignerKey(secret)
-        config = write_config(work / "cosigner.toml", {
-            "listen": "127.0.0.1:0",
-            "data_dir": "data",
-            "noise_key_file": "noise.key",
-            "bitcoin_key_file": "bitcoin.key",
-            "managers": [m.public.hex() for m in managers],
-            "requests_per_second": 1_000_000,
-            "log_level": "info",  # the production default: one line per outpoint signed
-        })
+        cosigner = setup_cosigner(
+            work, n_managers=50, requests_per_second=1_000_000,
+            log_level="info")  # the production default: one line per outpoint signed
+        cosigner_noise, managers = cosigner.noise, cosigner.managers
+        key = CosignerKey(cosigner.bitcoin_secret)
         print(f"building {n_single + n_multi} spend PSBTs (one new outpoint each)...",
               flush=True)
         spends = [make_spend(key.public_key) for _ in range(n_single + n_multi)]
         psbts = [s.psbt() for s in spends]
 
-        daemon = DaemonProcess("cosigner", config, work)
+        daemon = cosigner.daemon
         await daemon.start()
         print(f"cosigner pid {daemon.proc.pid} on 127.0.0.1:{daemon.port}, data_dir {work}/data")
 
@@ -125,8 +114,7 @@ async def main_async(args) -> int:
         by_psbt = {p: s for p, s in zip(psbts, spends)}
         for psbt, sig in single[:20] + multi[:20]:
             assert_valid_signature(bytes.fromhex(sig), by_psbt[psbt].digest(0), key.public_key)
-        with sqlite3.connect(work / "data" / DATABASE_NAME) as db:
-            (rows,) = db.execute("SELECT COUNT(*) FROM signatures").fetchone()
+        rows = len(cosigner.rows())
         assert rows == len(single) + len(multi), (rows, len(single), len(multi))
 
         sighash_rate, prepare_rate = ceiling(key, spends, min(len(spends), 2000))

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import resource
 import sys
 import tempfile
 from collections import defaultdict
@@ -45,6 +44,7 @@ from bitcoin.core import (  # noqa: E402
 from revault.messages import sign_opinion  # noqa: E402
 from revault.rpc import RpcClient  # noqa: E402
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config  # noqa: E402
+from tests.support.system import FdLimitError, raise_fd_limit  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -247,15 +247,6 @@ async def idle_rss(daemon: DaemonProcess, identities, server, count: int) -> tup
         await close_all(conns)
 
 
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < needed:
-            sys.exit(f"file-descriptor hard limit {hard} is below {needed}")
-
-
 COMMON = {"listen": f"{HOST}:0", "noise_key_file": "server.key", "log_level": "warning",
           # 8 keys hold up to 1,200 connections: lift the per-key share of slots, and
           # the slots themselves (peers share max_connections - max_handshakes).
@@ -322,7 +313,10 @@ def ms(seconds: float) -> str:
 
 
 async def main_async(args) -> int:
-    raise_fd_limit(2048 + IDLE_CONNECTIONS + args.clients + 512)  # daemons check theirs
+    try:
+        raise_fd_limit(2048 + IDLE_CONNECTIONS + args.clients + 512)  # daemons check theirs
+    except FdLimitError as e:
+        sys.exit(str(e))
     with tempfile.TemporaryDirectory(prefix="revault-bench-") as tmp_name:
         tmp = Path(tmp_name)
         sync = echo = None

@@ -18,7 +18,7 @@ connections could hold them all, and so could any one configured peer. The rules
   there. A peer at its cap of authenticated connections is refused a new one.
 * Peers share `max_connections - max_handshakes` slots, and a slot is kept free for
   every configured peer that holds none: each can always get its first connection.
-* When `max_connections` sockets are open, one more is closed at once (DESIGN).
+* When `max_connections` sockets are open, one more is closed at once (docs/protocol.md).
 
 The server calls `accept`, `identify`, `authenticate` and `release` as a connection
 moves on, and closes whatever they answer to evict. Connections are any hashable objects.

@@ -19,9 +19,12 @@ import decimal
 import itertools
 import json
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+
+from revault.config import ConfigTable, ProblemCollector
 
 __all__ = [
     "BitcoindError",
@@ -31,6 +34,8 @@ __all__ = [
     "RPC_WALLET_NOT_FOUND",
     "RPC_VERIFY_REJECTED",
     "RPC_VERIFY_ALREADY_IN_CHAIN",
+    "BitcoindConfig",
+    "read_bitcoind_config",
     "PackageRejected",
     "PackageResult",
     "submit_package",
@@ -46,6 +51,58 @@ RPC_VERIFY_ALREADY_IN_CHAIN = -27
 # it keeps a confused or hostile endpoint from exhausting memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_LINES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class BitcoindConfig:
+    """A `[bitcoind]` table: where the node answers RPC, how to log in, which wallet."""
+
+    host: str
+    port: int
+    cookie_file: Path | None
+    user: str | None
+    password: str | None = dataclass_field(repr=False, default=None)  # never printed
+    wallet: str | None = None
+
+    def client(self, *, wallet: str | None = None, timeout: float = 30.0) -> BitcoindClient:
+        return BitcoindClient(self.port, host=self.host, user=self.user, password=self.password,
+                              cookie_file=self.cookie_file, wallet=wallet, timeout=timeout)
+
+
+def read_bitcoind_config(table: ConfigTable, base: Path) -> BitcoindConfig:
+    """Read `[bitcoind]`: `rpc_url` ("http://HOST:PORT"), `cookie_file` or
+    `rpc_user`/`rpc_password`, optional `wallet`. ConfigError lists every bad key.
+    Keys a caller reads itself (e.g. a watchtower's `zmq_*`) it reads from `table`."""
+    p = ProblemCollector()
+    url = p.read(table.string, "rpc_url")
+    host, port = "", 0
+    if url is not None:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 0
+        except ValueError:
+            port = 0
+        if parts.scheme != "http" or not parts.hostname or not port or parts.path not in ("", "/") \
+                or parts.username or parts.query:
+            p.add(f"{table.key_name('rpc_url')}: expected \"http://HOST:PORT\" "
+                  f"(credentials go in cookie_file or rpc_user/rpc_password), got {url!r}")
+        host = parts.hostname or ""
+    cookie_file = p.read(table.path, "cookie_file", base, None)
+    user = p.read(table.string, "rpc_user", None)
+    password = p.read(table.string, "rpc_password", None)
+    wallet = p.read(table.string, "wallet", None)
+    if cookie_file is not None and (user is not None or password is not None):
+        p.add(f"{table.key_name('cookie_file')}: give cookie_file or rpc_user/rpc_password, "
+              "not both")
+    elif cookie_file is None and (user is None or password is None):
+        p.add(f"{table.key_name('rpc_user')}: give cookie_file, or both rpc_user and "
+              "rpc_password")
+    if user is not None and ":" in user:
+        p.add(f"{table.key_name('rpc_user')}: may not contain ':' (HTTP basic auth)")
+    if wallet == "":
+        p.add(f"{table.key_name('wallet')}: must not be empty")
+    p.finish()
+    return BitcoindConfig(host, port, cookie_file, user, password, wallet)
 
 
 class BitcoindError(Exception):

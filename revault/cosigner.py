@@ -109,7 +109,7 @@ class CosignerService:
         else:
             # A different transaction for an outpoint already signed: either a manager
             # rebuilt its spend, or someone is attempting a conflicting one. The stored
-            # signature is useless for it (DESIGN: refused, naming the spend signed);
+            # signature is useless for it (docs/protocol.md: refused, naming the spend signed);
             # operators want to see this.
             log.warning("sign refused for outpoint %s: manager %s asked for spend %s; it was "
                         "signed for spend %s (manager %s)",

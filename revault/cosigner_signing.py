@@ -5,7 +5,7 @@ a `SigningRequest` (the outpoint that keys the once-per-outpoint store, and the 
 sign) or raises `PsbtRefused` naming the reason; `CosignerKey.sign()` signs the digest.
 The daemon decides *whether* to sign (the store); this module only decides *what*,
 and refuses, before anything is stored, a spend that could never be valid or standard
-(DESIGN "Cosigner"), so that no outpoint's one signature is burnt on it.
+(docs/protocol.md, "Cosigner rules"), so that no outpoint's one signature is burnt on it.
 
 embit parses the PSBT container, but the transaction whose digest we sign is taken from
 the PSBT's global unsigned transaction exactly as serialized: embit's `PSBT.tx` rebuilds

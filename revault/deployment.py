@@ -67,7 +67,7 @@ MAX_COSIGNERS = 20  # keeps the witness script far below the 3600-byte policy li
 MAX_CSV = 0xFFFF  # BIP 68 block-based relative locks are 16 bits
 MAX_VAULT_INDEX = 2**31 - 1  # non-hardened BIP 32 children
 MAX_MONEY = 21_000_000 * 100_000_000  # satoshis
-DEFAULT_MIN_DEPOSIT_VALUE = 500_000  # sat; DESIGN: smaller deposits are not vaults
+DEFAULT_MIN_DEPOSIT_VALUE = 500_000  # sat; docs/protocol.md: smaller deposits are not vaults
 # A vault must pay the unvault's 30,000-sat CPFP output and the pre-signed fees and
 # still leave more than dust: a floor far below any sensible min_deposit_value.
 MIN_DEPOSIT_VALUE_FLOOR = 50_000

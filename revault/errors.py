@@ -20,7 +20,7 @@ __all__ = [
     "Forbidden", "Refused", "InternalError", "error_from_wire",
 ]
 
-# The codes of DESIGN.md's table ("Envelope").
+# The codes of docs/protocol.md's table ("Error codes").
 PARSE_ERROR = -32700       # not JSON
 INVALID_REQUEST = -32600   # not a request object
 METHOD_NOT_FOUND = -32601  # unknown method

@@ -45,7 +45,7 @@ BNB_MAX_STEPS = 100_000  # exact search budget before settling for greedy
 # Bitcoin Core's -incrementalrelayfee default up to v29 (1 sat/vB; later versions ask
 # less, so paying this is enough everywhere).
 INCREMENTAL_RELAY_SAT_PER_KWU = 250
-CPFP_MIN_CHANGE = 10_000  # sat; a CPFP change under this goes to the fee (DESIGN)
+CPFP_MIN_CHANGE = 10_000  # sat; a smaller CPFP change goes to the fee (docs/protocol.md)
 # Bitcoin Core refuses a transaction under 65 bytes without witness (tx-size-small).
 MIN_STANDARD_TX_NONWITNESS_SIZE = 65
 _OP_RETURN = 0x6A

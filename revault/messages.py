@@ -62,7 +62,7 @@ ParamsError = InvalidParams
 
 # --- roles ----------------------------------------------------------------------
 
-# Who may call what (the method tables below, DESIGN.md "Roles"). A daemon maps each
+# Who may call what (the method tables below, docs/protocol.md "Roles"). A daemon maps each
 # peer's Noise key to some of these; the dispatcher checks them before parsing params.
 STAKEHOLDER = "stakeholder"
 MANAGER = "manager"
@@ -548,7 +548,7 @@ class WatchtowerSigParams:
 class WatchtowerSigResult:
     ack: bool
     txid: str
-    reason: str = ""  # why the watchtower refused (DESIGN.md: only with "ack": false)
+    reason: str = ""  # why the watchtower refused (docs/protocol.md: only with "ack": false)
 
     @classmethod
     def parse(cls, obj: Any) -> Self:
@@ -641,7 +641,8 @@ METHODS: Mapping[str, Mapping[str, Method]] = MappingProxyType({
 # --- watchtower opinions ----------------------------------------------------------
 
 def opinion_signing_bytes(params: SpendOpinionParams) -> bytes:
-    """The bytes a watchtower signs: its opinion with "sig":"" in canonical JSON (DESIGN.md)."""
+    """The bytes a watchtower signs: its opinion with "sig":"" in canonical JSON
+    (docs/protocol.md, "Opinion signing")."""
     signed = {"vault_id": params.vault_id, "accept": params.accept, "reason": params.reason,
               "sig": "", "pubkey": params.pubkey, "txid": params.txid}
     return json.dumps(signed, sort_keys=True, separators=(",", ":"),

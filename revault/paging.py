@@ -9,8 +9,8 @@ used to hide everyone else's). The cursor then records, besides the position bel
 which everything was listed (`watermark`), how far each submitter's own items were
 listed beyond it.
 
-The cursor is opaque to clients (DESIGN.md, "Envelope"): a string they pass back as
-`since`. Its text is `EPOCH.WATERMARK` then `.STREAM:POSITION` for each submitter
+The cursor is opaque to clients (docs/protocol.md, "Cursors and fair pages"): a string
+they pass back as `since`. Its text is `EPOCH.WATERMARK` then `.STREAM:POSITION` for each submitter
 listed past the watermark, numbers in lowercase hex. EPOCH identifies the database the
 positions belong to: a cursor from another database (a restored or replaced one) reads
 as no cursor at all, so the poller starts again from the oldest item rather than

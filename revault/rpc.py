@@ -416,7 +416,7 @@ class TokenBucket:
 
 
 class RequestPacer:
-    """The request rate of each peer key, across all its connections (DESIGN, "Envelope").
+    """The request rate of each peer key, across all its connections (docs/protocol.md, "Transport").
 
     A request over the rate is not refused: its connection waits for its turn, reading
     nothing meanwhile, so the peer's later requests stay in its own TCP window and TCP

@@ -14,7 +14,7 @@ The rules:
   Within a group each peer has its own share, `group quota // peers of that role`
   (at least 1), so one peer can fill only its own part of a vault or a tx uid (issue
   "Hostile peers", 5). Replacing one's own row is always allowed.
-- Bindings (DESIGN.md, "Roles"): a pubkey's signature for a tx uid belongs to the Noise
+- Bindings (docs/protocol.md, "Roles"): a pubkey's signature for a tx uid belongs to the Noise
   key that first posted it until `err_sig` erases it (or it expires); an opinion key
   belongs to the first watchtower that used it while any of its opinions is kept.
   Another peer's attempt to replace either raises `Taken`.
@@ -105,7 +105,7 @@ class QuotaExceeded(Refused):
 
 
 class Taken(Refused):
-    """A write refused because the entry belongs to another peer (DESIGN.md, "Roles"),
+    """A write refused because the entry belongs to another peer (docs/protocol.md, "Roles"),
     -32002."""
 
     def __init__(self, field: str, reason: str):

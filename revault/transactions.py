@@ -63,7 +63,7 @@ MAX_WITNESS_SIGNATURE = MAX_DER_SIGNATURE + 1  # + sighash byte
 TX_VERSION = 2  # BIP 68 relative locks need version >= 2
 RBF_SEQUENCE = 0xFFFFFFFD  # replaceable, locktime enabled, BIP 68 disabled
 DUST_RELAY_FEERATE = 3000  # sat per 1000 vbytes, Bitcoin Core's -dustrelayfee default
-UNVAULT_CPFP_VALUE = 30_000  # sat, the unvault's output [1] (DESIGN, the spec)
+UNVAULT_CPFP_VALUE = 30_000  # sat, the unvault's output [1] (docs/protocol.md, the spec)
 SPEND_CPFP_SAT_PER_WU = 16  # a spend's CPFP output: 16 sat per worst-case weight unit
 MAX_STANDARD_WEIGHT = 400_000  # Bitcoin Core's MAX_STANDARD_TX_WEIGHT
 # Above 1,000 sat/vB a fee is a mistake (a misplaced change, a unit confusion) more
@@ -648,7 +648,7 @@ def build_spend(
     weight and the change takes the rest (it is left out, its value going to the fee,
     when it would be dust); without one the fee is what the inputs leave over.
 
-    Refused with TransactionError before anyone signs (DESIGN "Transactions"): an output
+    Refused with TransactionError before anyone signs (docs/protocol.md, "Transactions"): an output
     under the dust limit, a fee under 253 sat/kWU of the worst-case weight, a worst-case
     weight over 400,000, a `request_spend` frame over one frame, and a fee above
     `max_feerate_sat_per_kwu` (1,000 sat/vB unless lifted; None lifts it).
@@ -693,7 +693,7 @@ def build_spend(
 
 
 def _check_spend(spend: RevaultTransaction, max_feerate_sat_per_kwu: int | None) -> None:
-    """The guards of DESIGN "Transactions": what no cosigner must be asked to sign."""
+    """The guards of docs/protocol.md, "Transactions": what no cosigner must be asked to sign."""
     for n, out in enumerate(spend.tx.outputs):
         what = "CPFP output" if n == 0 else f"output {n}"
         if out.value < dust_threshold(out.script_pubkey):

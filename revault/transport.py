@@ -1,6 +1,6 @@
 """Noise_KK_25519_ChaChaPoly_SHA256 channel: a sans-IO core and a thin asyncio adapter.
 
-Wire format (see DESIGN.md, "Transport"):
+Wire format (see docs/protocol.md, "Transport"):
 
 * act one, initiator -> responder, 67 bytes: ``e`` (32) + AEAD(``practical_revault_0``) (19 + 16);
 * act two, responder -> initiator, 48 bytes: ``e`` (32) + AEAD(empty) (16);

@@ -17,7 +17,7 @@ from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutP
 from revault import transport
 from revault.clients import BadResult, CosignerClient, SyncServerClient, WatchtowerClient
 from revault.errors import Forbidden, InvalidParams, Refused, UnknownMethod, WireError
-from revault.keys import create_key_file, generate_bitcoin_key
+from revault.keys import generate_bitcoin_key
 from revault.messages import (
     MANAGER, WALLET, WATCHTOWER_METHODS, AckResult, GetSigsParams, GetSigsResult,
     GetSpendOpinionsResult, GetSpendRequestsParams, GetSpendRequestsResult, SignParams,
@@ -26,6 +26,7 @@ from revault.messages import (
 )
 from revault.rpc import Caller, Dispatcher, RpcClient, serve_connection
 from tests.support.cosigner_psbt import assert_valid_signature, make_spend, pubkey
+from tests.support.cosigner_daemon import setup_cosigner
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 
 HOST = "127.0.0.1"
@@ -77,8 +78,10 @@ class SyncDeployment:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sync(tmp_path_factory):
-    deployment = SyncDeployment(tmp_path_factory.mktemp("clients-sync"))
+async def sync(daemon_module_dir):
+    tmp = daemon_module_dir / "sync"
+    tmp.mkdir()
+    deployment = SyncDeployment(tmp)
     await deployment.daemon.start()
     try:
         yield deployment
@@ -170,20 +173,15 @@ async def test_bad_arguments_fail_before_sending(sync):
 # --- cosigner ---------------------------------------------------------------------------
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cosigner(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("clients-cosigner")
-    noise = NoiseIdentity.create(tmp / "noise.key")
-    manager = NoiseIdentity.create(tmp / "manager.key")
-    secret = generate_bitcoin_key()
-    create_key_file(tmp / "bitcoin.key", secret)
-    config = {"listen": f"{HOST}:0", "data_dir": "data", "noise_key_file": "noise.key",
-              "bitcoin_key_file": "bitcoin.key", "managers": [manager.public.hex()],
-              "requests_per_second": 10_000}
-    daemon = DaemonProcess("cosigner", write_config(tmp / "cosigner.toml", config), tmp)
+async def cosigner(daemon_module_dir):
+    tmp = daemon_module_dir / "cosigner"
+    tmp.mkdir()
+    c = setup_cosigner(tmp, n_managers=1, log_level="info")
+    daemon, secret = c.daemon, c.bitcoin_secret
     await daemon.start()
     try:
-        client = await CosignerClient.connect(HOST, daemon.port, manager.private, noise.public,
-                                              timeout=10)
+        client = await CosignerClient.connect(HOST, daemon.port, c.managers[0].private,
+                                              c.noise.public, timeout=10)
         async with client:
             yield client, pubkey(secret)
         assert await daemon.stop() == 0

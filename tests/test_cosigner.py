@@ -7,86 +7,25 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from revault import transport
 from revault.cosigner import read_config
-from revault.cosigner_store import DATABASE_NAME
 from revault.daemon import load_app_config
-from revault.keys import bitcoin_public_key, create_key_file, generate_bitcoin_key
+from revault.keys import create_key_file, generate_bitcoin_key
 from revault.rpc import INVALID_PARAMS, REFUSED, RpcClient, RpcError
 from tests.support.cosigner_psbt import (assert_valid_signature, b64, make_spend, p2wsh, pubkey,
                                          random_key)
-from tests.support.daemons import REPO_ROOT, DaemonProcess, NoiseIdentity, write_config
+from tests.support.cosigner_daemon import setup_cosigner
+from tests.support.daemons import REPO_ROOT, NoiseIdentity, write_config
 
 SAMPLE_CONFIG = REPO_ROOT / "contrib" / "cosigner.sample.toml"
 UNIT_FILE = REPO_ROOT / "contrib" / "systemd" / "revault-cosigner.service"
-
-
-@dataclass
-class Cosigner:
-    daemon: DaemonProcess
-    noise: NoiseIdentity
-    managers: list[NoiseIdentity]
-    bitcoin_secret: bytes
-    workdir: Path
-
-    @property
-    def bitcoin_pub(self) -> bytes:
-        return bitcoin_public_key(self.bitcoin_secret)
-
-    @property
-    def database(self) -> Path:
-        return self.workdir / "data" / DATABASE_NAME
-
-    async def client(self, manager: int = 0, timeout: float = 10.0) -> RpcClient:
-        return await RpcClient.connect("127.0.0.1", self.daemon.port,
-                                       self.managers[manager].private, self.noise.public,
-                                       timeout=timeout)
-
-    def rows(self) -> list[tuple]:
-        with sqlite3.connect(self.database) as db:
-            return db.execute("SELECT txid, vout, signature FROM signatures").fetchall()
-
-    def secrets(self) -> list[str]:
-        return [self.bitcoin_secret.hex(), self.noise.private.hex(),
-                *(m.private.hex() for m in self.managers)]
-
-
-def setup_cosigner(tmp: Path, n_managers: int = 2, **extra) -> Cosigner:
-    noise = NoiseIdentity.create(tmp / "noise.key")
-    managers = [NoiseIdentity.create(tmp / f"manager{i}.key") for i in range(n_managers)]
-    secret = generate_bitcoin_key()
-    create_key_file(tmp / "bitcoin.key", secret)
-    config = {
-        "listen": "127.0.0.1:0",
-        "data_dir": "data",
-        "noise_key_file": "noise.key",
-        "bitcoin_key_file": "bitcoin.key",
-        "managers": [m.public.hex() for m in managers],
-        "log_level": "debug",
-        "requests_per_second": 10_000,
-        **extra,
-    }
-    path = write_config(tmp / "cosigner.toml", config)
-    return Cosigner(DaemonProcess("cosigner", path, tmp), noise, managers, secret, tmp)
-
-
-@pytest.fixture
-async def cosigner(tmp_path):
-    c = setup_cosigner(tmp_path)
-    await c.daemon.start()
-    try:
-        yield c
-    finally:
-        c.daemon.ensure_dead()
 
 
 async def sign(client: RpcClient, psbt: str, index: int = 0) -> bytes:
@@ -109,7 +48,7 @@ async def test_sign_then_replay_or_refuse_another_transaction(cosigner):
         assert_valid_signature(sig, first.digest(1), cosigner.bitcoin_pub)
         second = make_spend(cosigner.bitcoin_pub, txid=txid, vout=3)
         assert second.digest(0) != first.digest(1)
-        # DESIGN "Cosigner": another spend of that outpoint is refused, naming the first.
+        # docs/protocol.md, "Cosigner rules": another spend of that outpoint is refused, naming the first.
         with pytest.raises(RpcError) as info:
             await sign(b, second.psbt(), 0)
         assert info.value.code == REFUSED
@@ -202,10 +141,10 @@ async def test_non_manager_is_dropped_at_handshake(cosigner):
     assert len(cosigner.rows()) == 1
 
 
-async def test_rate_paces_each_manager_across_its_connections(tmp_path):
+async def test_rate_paces_each_manager_across_its_connections(daemon_dir):
     # 2 per second per key, burst 2: four signatures over two connections are all
     # made, the two past the burst about a second later; the rate bounds store growth.
-    c = setup_cosigner(tmp_path, requests_per_second=2)
+    c = setup_cosigner(daemon_dir, requests_per_second=2)
     await c.daemon.start()
     try:
         started_at = time.monotonic()
@@ -220,8 +159,8 @@ async def test_rate_paces_each_manager_across_its_connections(tmp_path):
 
 # --- once per outpoint under concurrency and crashes -----------------------------------
 
-async def test_fifty_concurrent_conflicting_requests_yield_one_signature(tmp_path):
-    c = setup_cosigner(tmp_path, n_managers=50)
+async def test_fifty_concurrent_conflicting_requests_yield_one_signature(daemon_dir):
+    c = setup_cosigner(daemon_dir, n_managers=50)
     await c.daemon.start()
     try:
         txid = os.urandom(32)
@@ -269,9 +208,9 @@ def _verifies(sig: bytes, digest: bytes, pub: bytes) -> bool:
         return False
 
 
-async def test_kill_9_loop_never_yields_a_second_signature(tmp_path):
+async def test_kill_9_loop_never_yields_a_second_signature(daemon_dir):
     """10 rounds of: start, sign, race requests, kill -9 mid-flight, restart."""
-    c = setup_cosigner(tmp_path, n_managers=4)
+    c = setup_cosigner(daemon_dir, n_managers=4)
     rng = random.Random(0xC05)
     shared = os.urandom(32)
     pool = [(shared, 0)] + [(os.urandom(32), rng.randrange(4)) for _ in range(24)]
@@ -369,8 +308,8 @@ def run_cosigner(config_path: Path) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
 
 
-def test_bad_config_stops_at_start_naming_each_key(tmp_path):
-    NoiseIdentity.create(tmp_path / "noise.key")
+def test_bad_config_stops_at_start_naming_each_key(daemon_dir):
+    NoiseIdentity.create(daemon_dir / "noise.key")
     config = {
         "listen": "127.0.0.1:0",
         "data_dir": "data",
@@ -380,47 +319,47 @@ def test_bad_config_stops_at_start_naming_each_key(tmp_path):
         "requests_per_second": 0,
         "manager": [],
     }
-    result = run_cosigner(write_config(tmp_path / "c.toml", config))
+    result = run_cosigner(write_config(daemon_dir / "c.toml", config))
     assert result.returncode == 2
     assert "managers[0]: expected 64 hex characters" in result.stderr
     assert "requests_per_second: must be at least" in result.stderr
     assert "manager: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "data").exists()
+    assert not (daemon_dir / "data").exists()
 
     config.update(managers=[], requests_per_second=5)
     del config["manager"]
-    result = run_cosigner(write_config(tmp_path / "c.toml", config))
+    result = run_cosigner(write_config(daemon_dir / "c.toml", config))
     assert result.returncode == 2
     assert "managers: must list at least one" in result.stderr
 
 
-def test_bad_bitcoin_key_file_stops_at_start(tmp_path):
-    NoiseIdentity.create(tmp_path / "noise.key")
+def test_bad_bitcoin_key_file_stops_at_start(daemon_dir):
+    NoiseIdentity.create(daemon_dir / "noise.key")
     secret = generate_bitcoin_key()
-    create_key_file(tmp_path / "bitcoin.key", secret)
-    os.chmod(tmp_path / "bitcoin.key", 0o644)
+    create_key_file(daemon_dir / "bitcoin.key", secret)
+    os.chmod(daemon_dir / "bitcoin.key", 0o644)
     config = {
         "listen": "127.0.0.1:0", "data_dir": "data", "noise_key_file": "noise.key",
         "bitcoin_key_file": "bitcoin.key", "managers": ["ab" * 32],
     }
-    result = run_cosigner(write_config(tmp_path / "c.toml", config))
+    result = run_cosigner(write_config(daemon_dir / "c.toml", config))
     assert result.returncode == 2  # a config problem, like every other
     assert "bitcoin_key_file" in result.stderr and "group or others" in result.stderr
     assert "Traceback" not in result.stderr
     assert secret.hex() not in result.stderr
 
-    (tmp_path / "zero.key").write_bytes(b"\x00" * 32)
-    os.chmod(tmp_path / "zero.key", 0o600)
+    (daemon_dir / "zero.key").write_bytes(b"\x00" * 32)
+    os.chmod(daemon_dir / "zero.key", 0o600)
     config["bitcoin_key_file"] = "zero.key"
-    result = run_cosigner(write_config(tmp_path / "c.toml", config))
+    result = run_cosigner(write_config(daemon_dir / "c.toml", config))
     assert result.returncode == 2
     assert "not a valid secp256k1 secret key" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-async def test_sigterm_stops_cleanly_and_state_survives(tmp_path):
-    c = setup_cosigner(tmp_path)
+async def test_sigterm_stops_cleanly_and_state_survives(daemon_dir):
+    c = setup_cosigner(daemon_dir)
     try:
         await c.daemon.start()
         txid = os.urandom(32)

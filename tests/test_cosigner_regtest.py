@@ -11,54 +11,21 @@ spend signed), and Core refuses what a manager could build with the signature gi
 
 from __future__ import annotations
 
-import hashlib
-from decimal import Decimal
-
-import coincurve
 import pytest
 
 from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
-from revault.primitives import OutPoint
 from revault.rpc import REFUSED, RpcError
-from revault.transactions import Coin, SignatureError, TxOut, build_spend, build_vault_transactions
-from tests.support.regtest import RegtestNode, sats
-from tests.test_cosigner import setup_cosigner
+from revault.transactions import SignatureError, TxOut, build_spend, build_vault_transactions
+from tests.support.keys import pub, secret
+from tests.support.regtest import RegtestNode, fund, sats
 
 CSV = 4
 DEPOSIT_SATS = 2_000_000
 
 
-def secret(label: str) -> bytes:
-    return hashlib.sha256(f"cosigner-regtest {label}".encode()).digest()
-
-
-def pub(sk: bytes) -> bytes:
-    return coincurve.PrivateKey(sk).public_key.format(compressed=True)
-
-
-async def fund(node: RegtestNode, address: str, amount: int) -> Coin:
-    txid = await node.rpc("sendtoaddress", address, Decimal(amount) / Decimal(10**8),
-                          wallet=node.MINER_WALLET)
-    tx = await node.rpc("getrawtransaction", txid, True)
-    for out in tx["vout"]:
-        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount:
-            return Coin(OutPoint(txid, out["n"]), amount, 0)
-    raise AssertionError(f"{txid} does not pay {address}")
-
-
 async def mempool_verdict(node: RegtestNode, tx) -> dict:
     [result] = await node.rpc("testmempoolaccept", [tx.to_hex()])
     return result
-
-
-@pytest.fixture
-async def cosigner(tmp_path):
-    c = setup_cosigner(tmp_path, n_managers=2)
-    await c.daemon.start()
-    try:
-        yield c
-    finally:
-        c.daemon.ensure_dead()
 
 
 async def test_spend_with_daemon_signatures_accepted_by_bitcoind(bitcoind: RegtestNode, cosigner):

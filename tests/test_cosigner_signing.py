@@ -227,7 +227,7 @@ def test_script_pushes():
 
 
 def test_psbt_with_other_inputs_lacking_metadata(key):
-    # DESIGN "Cosigner": every input must show what it spends (amount, script), or the
+    # docs/protocol.md, "Cosigner rules": every input must show what it spends (amount, script), or the
     # spend's validity cannot be judged before its one signature is given.
     spend = make_spend(key.public_key, n_inputs=3)
     spend.inputs[2].include_witness_script = False
@@ -242,7 +242,7 @@ def test_unknown_fields_are_tolerated(key):
     assert key.prepare(spend.psbt(), 0).digest == spend.digest(0)
 
 
-# --- what would burn an outpoint (DESIGN "Cosigner"; issue 9 item 6, issue 12 item 10) ---
+# --- what would burn an outpoint (docs/protocol.md, "Cosigner rules"; issue 9 item 6, issue 12 item 10) ---
 
 def _tweaked(key, **changes):
     spend = make_spend(key.public_key, n_inputs=2)

@@ -13,9 +13,9 @@ from tests.support.daemons import REPO_ROOT, DaemonProcess, NoiseIdentity, write
 
 
 @pytest.fixture
-def echo_setup(tmp_path):
-    server = NoiseIdentity.create(tmp_path / "server.key")
-    client = NoiseIdentity.create(tmp_path / "client.key")
+def echo_setup(daemon_dir):
+    server = NoiseIdentity.create(daemon_dir / "server.key")
+    client = NoiseIdentity.create(daemon_dir / "client.key")
     config = {
         "listen": "127.0.0.1:0",
         "data_dir": "data",
@@ -23,7 +23,7 @@ def echo_setup(tmp_path):
         "log_level": "debug",
         "clients": [client.public.hex()],
     }
-    return tmp_path, server, client, config
+    return daemon_dir, server, client, config
 
 
 def run_echo(config_path):
@@ -120,7 +120,7 @@ def test_port_in_use_fails_without_hanging(echo_setup):
     assert "cannot listen" in result.stderr
 
 
-def test_unreadable_config_file(tmp_path):
-    result = run_echo(tmp_path / "absent.toml")
+def test_unreadable_config_file(daemon_dir):
+    result = run_echo(daemon_dir / "absent.toml")
     assert result.returncode == 2
     assert "no such file" in result.stderr

@@ -11,19 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import coincurve
 import pytest
 
 from revault.config import ConfigError, ConfigTable, ProblemCollector
 from revault.daemon import CommonConfig, load_app_config, run_daemon
 from revault.deployment import (Deployment, DeploymentError, VaultKeys, read_deployment,
                                 script_relative_lock)
+from tests.support import keys
 
 EMERGENCY = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 
 
 def pub(i: int) -> str:
-    return coincurve.PrivateKey(i.to_bytes(32, "big")).public_key.format().hex()
+    return keys.pub(i).hex()
 
 
 def toml_list(values) -> str:

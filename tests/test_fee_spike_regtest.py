@@ -27,8 +27,8 @@ from revault.bitcoind import BitcoindError, PackageRejected, submit_package
 from revault.deployment import p2wpkh, script_pubkey_to_address
 from revault.fees import CpfpPackage, CpfpParent, FeeCoin, Replaced, build_cpfp, bump_revocation
 from revault.transactions import Tx, TxOut, build_spend, build_vault_transactions
-from tests.support.chain import CSV, Participants, fund, make_participants
-from tests.support.regtest import RegtestNode, remove_datadir, sats, start_node
+from tests.support.chain import CSV, Participants, make_participants
+from tests.support.regtest import RegtestNode, fund, remove_datadir, sats
 
 DEPOSIT_SATS = 1_000_000
 FILL_TX_DATA_BYTES = 99_500  # one OP_RETURN each: ~100 kvB, under the 400,000 WU standard limit
@@ -50,16 +50,13 @@ class Spike:
 
 
 @pytest.fixture(scope="module")
-def spiked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spike]:
-    node = start_node(tmp_path_factory.mktemp("bitcoind-spike"), extra_conf=["maxmempool=5"])
-    try:
+def spiked(regtest_node) -> Iterator[Spike]:
+    with regtest_node("bitcoind-spike", extra_conf=["maxmempool=5"]) as node:
         # The RPC client holds no loop state: a loop of its own for this module fixture.
         count, seconds, min_fee = asyncio.run(fill_mempool(node))
         yield Spike(node, min_fee, f"{count} transactions of ~100 kvB in {seconds:.2f} s, "
                                    f"mempool min fee {min_fee:.2f} sat/vB")
-    finally:
-        node.stop()
-        remove_datadir(node)
+    remove_datadir(node)
 
 
 async def fill_mempool(node: RegtestNode) -> tuple[int, float, Decimal]:

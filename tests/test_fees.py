@@ -3,7 +3,6 @@ fee-spike test in tests/test_fee_spike_regtest.py has Bitcoin Core judge them)."
 
 from __future__ import annotations
 
-import coincurve
 import pytest
 
 from revault.deployment import Deployment, p2wpkh
@@ -19,17 +18,10 @@ from revault.fees import (
 )
 from revault.primitives import SIGHASH_ALL, OutPoint
 from revault.transactions import Coin, Kind, TransactionError, TxOut, build_spend, build_vault_transactions
+from tests.support.keys import pub, secret
 
 EMERGENCY = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 STK, MGR, COS, CPFP = (1, 2, 3), (11, 12), (21,), (31, 32)
-
-
-def secret(i: int) -> bytes:
-    return i.to_bytes(32, "big")
-
-
-def pub(i: int) -> bytes:
-    return coincurve.PrivateKey(secret(i)).public_key.format()
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ BOUND = 10.0
 
 
 @pytest.fixture
-def deployment(tmp_path) -> hz.Deployment:
-    return hz.Deployment.create(tmp_path)
+def deployment(daemon_dir) -> hz.Deployment:
+    return hz.Deployment.create(daemon_dir)
 
 
 @pytest.fixture

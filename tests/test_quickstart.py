@@ -8,8 +8,8 @@ from revault.rpc import RpcClient
 from tests.support.daemons import REPO_ROOT, DaemonProcess
 
 
-async def test_generated_config_serves_its_generated_clients(tmp_path):
-    directory = tmp_path / "demo"
+async def test_generated_config_serves_its_generated_clients(daemon_dir):
+    directory = daemon_dir / "demo"
     prepared = subprocess.run(
         [sys.executable, "-m", "revault.quickstart", str(directory), "--listen", "127.0.0.1:0",
          "--prepare-only"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
@@ -18,7 +18,7 @@ async def test_generated_config_serves_its_generated_clients(tmp_path):
     server_public = bytes.fromhex(
         prepared.stdout.split("noise public key:")[1].split()[0])
 
-    daemon = DaemonProcess("sync-server", directory / "sync-server.toml", tmp_path)
+    daemon = DaemonProcess("sync-server", directory / "sync-server.toml", daemon_dir)
     try:
         await daemon.start()
         both = read_key_file(directory / "stakeholder-manager.key")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from revault.rpc import FORBIDDEN, INVALID_PARAMS, METHOD_NOT_FOUND, REFUSED, Rp
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
 from tests.support.design import DESIGN_ROLES
 from tests.support.sync_data import btc_key, der, h, pubkey, spend_tx
+from tests.support.system import raise_fd_limit
 
 HOST = "127.0.0.1"
 
@@ -125,8 +125,10 @@ def backend(request):
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory, backend):
-    return tmp_path_factory.mktemp(f"sync-{backend[0]}")
+def module_tmp(daemon_module_dir, backend):
+    path = daemon_module_dir / f"sync-{backend[0]}"
+    path.mkdir()
+    return path
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -143,12 +145,12 @@ async def sync(module_tmp, backend):
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def own_sync(tmp_path, backend):
+async def own_sync(daemon_dir, backend):
     """A daemon of the test's own, for restarts and kills."""
     syncs = []
 
     async def make(**extra) -> Sync:
-        s = await started(tmp_path, backend[1](), **extra)
+        s = await started(daemon_dir, backend[1](), **extra)
         syncs.append(s)
         return s
 
@@ -710,7 +712,7 @@ async def test_each_peer_fills_only_its_share_of_a_vault_or_an_id(own_sync):
 
 
 async def test_no_peer_overwrites_another_peers_signature_or_opinion(sync):
-    """Issue "Hostile peers" 6 (DESIGN, "Roles"): a pubkey's signature for an id belongs
+    """Issue "Hostile peers" 6 (docs/protocol.md, "Roles"): a pubkey's signature for an id belongs
     to the Noise key that posted it until err_sig; an opinion key to its watchtower."""
     p = sync.peers
     tx_id = h("bound-sig")
@@ -826,16 +828,6 @@ async def test_every_acked_sig_survives_kill_9(own_sync):
 
 
 # --- many peers, slow peers -------------------------------------------------------------------
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-        # A machine that cannot open this many sockets cannot run this test: fail, and
-        # say why, rather than skip and hide it.
-        assert target >= needed, f"file-descriptor hard limit {hard} is below {needed}"
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
 
 async def test_500_concurrent_connections(sync):
     raise_fd_limit(2048)

@@ -41,8 +41,8 @@ def test_every_commented_key_in_the_sample_is_known_and_shows_its_default():
     assert (config.common.idle_timeout, config.common.max_connections) == (300, 1024)
 
 
-def test_bad_config_exits_2_naming_every_bad_key(tmp_path):
-    server = NoiseIdentity.create(tmp_path / "server.key")
+def test_bad_config_exits_2_naming_every_bad_key(daemon_dir):
+    server = NoiseIdentity.create(daemon_dir / "server.key")
     config = {
         "listen": "127.0.0.1:0", "data_dir": "data", "noise_key_file": "server.key",
         "requests_per_second": 0,
@@ -51,7 +51,7 @@ def test_bad_config_exits_2_naming_every_bad_key(tmp_path):
         "expiry": {"signatures": "forever"},
         "quotas": {"signatures_per_id": 100_000, "bogus": 1},
     }
-    path = write_config(tmp_path / "bad.toml", config)
+    path = write_config(daemon_dir / "bad.toml", config)
     result = subprocess.run([sys.executable, "-m", "revault.sync_server", "--config", str(path)],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr
@@ -63,7 +63,7 @@ def test_bad_config_exits_2_naming_every_bad_key(tmp_path):
         assert expected in result.stderr, result.stderr
     # Keys after a bad one are still read, not reported as unknown.
     assert result.stderr.count("unknown key") == 1, result.stderr
-    assert not (tmp_path / "data").exists()
+    assert not (daemon_dir / "data").exists()
 
 
 def test_systemd_unit():

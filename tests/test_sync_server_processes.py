@@ -24,15 +24,15 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def pair(tmp_path, postgres):
+async def pair(daemon_dir, postgres):
     """Two daemons on one fresh database; both stopped (or killed) at the end."""
     dsn = postgres.new_database()
-    peers = make_peers(tmp_path)
+    peers = make_peers(daemon_dir)
     syncs = []
 
     async def start(**extra) -> tuple[Sync, Sync]:
         for name in ("a", "b"):
-            workdir = tmp_path / name  # its own notify socket and logs
+            workdir = daemon_dir / name  # its own notify socket and logs
             workdir.mkdir()
             config = sync_config(peers, data_dir=str(workdir / "data"),
                                  noise_key_file=str(peers.server.path),

@@ -142,7 +142,8 @@ async def test_spend_requests_batching_and_replace(store, clock):
     await store.put_spend_request(ID1, TXA, "tx-a", 99, ALICE)  # same (vault, txid): replaced
     got = [(r.vault_id, r.txid, r.transaction, r.timestamp)
            for r in await pending_requests(store)]
-    # In storage order, the replaced one counting as stored anew (DESIGN, "Envelope").
+    # In storage order, the replaced one counting as stored anew (docs/protocol.md,
+    # "Cursors and fair pages").
     assert got == [(ID2, TXA, "tx-a", 10), (ID1, TXB, "tx-b", 11), (ID1, TXA, "tx-a", 99)]
     assert (await store.row_counts())["spend_requests"] == 3
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import random
-from pathlib import Path
 
 import coincurve
 import pytest
@@ -53,17 +51,11 @@ from revault.transactions import (
     fee_for_weight,
     request_spend_size,
 )
+from tests.support.chain import CHAIN_VECTOR as VECTOR, vector_deployment
+from tests.support.keys import pub, secret
 
 N_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 REGTEST_EMERGENCY = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
-
-
-def secret(i: int) -> bytes:
-    return i.to_bytes(32, "big")
-
-
-def pub(i: int) -> bytes:
-    return coincurve.PrivateKey(secret(i)).public_key.format()
 
 
 STK, MGR, COS, CPFP = (1, 2, 3), (11, 12), (21, 22, 23), (31, 32)
@@ -596,23 +588,6 @@ def test_psbt_is_refused_rather_than_written_for_another_transaction(dep: Deploy
 
 
 # --- transactions v2: the pinned vector, CPFP outputs, spend guards ----------------------
-
-VECTOR = json.loads((Path(__file__).parent / "vectors" / "revault-chain.json").read_text())
-
-
-def vector_deployment() -> Deployment:
-    key = lambda i: coincurve.PrivateKey(bytes([i]) * 32).public_key.format().hex()  # noqa: E731
-    return Deployment.from_dict({
-        "network": "regtest",
-        "stakeholders": [key(i) for i in (1, 2, 3)],
-        "managers": [key(i) for i in (4, 5)],
-        "cosigners": [key(6)],
-        "cpfp_keys": [key(7), key(8)],
-        "unvault_csv": VECTOR["unvault_csv"],
-        "emergency_address": script_pubkey_to_address(
-            bytes.fromhex(VECTOR["emergency_script_pubkey"]), "regtest"),
-    })
-
 
 def test_the_pinned_chain_vector_is_rebuilt_byte_for_byte() -> None:
     d = vector_deployment()

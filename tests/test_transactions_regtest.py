@@ -27,11 +27,11 @@ from revault.transactions import (
     build_vault_transactions,
     sign_digest,
 )
-from tests.support.chain import CSV, accepted, fund, make_participants, rejected
-from tests.support.regtest import RegtestNode, sats
+from tests.support.chain import CSV, accepted, make_participants, rejected
+from tests.support.regtest import RegtestNode, fund, sats
 
 DEPOSIT_SATS = 1_000_000
-# DESIGN.md, Transport: a frame carries at most 65501 bytes of plaintext.
+# docs/protocol.md, Transport: a frame carries at most 65501 bytes of plaintext.
 MAX_MESSAGE = 65501
 WEIGHTS: dict[str, dict[str, int]] = {}  # kind -> Core's numbers
 

@@ -40,12 +40,12 @@ def test_sample_config_is_valid_and_documents_every_key():
             re.match(r"^#? ?\w+ = ", before), f"{key} has no comment above it"
 
 
-def test_bad_config_names_every_bad_key(tmp_path):
+def test_bad_config_names_every_bad_key(daemon_dir):
     text = SAMPLE.read_text().replace('max_feerate = 100', 'max_feerate = 0')
     text = text.replace('rpc_url = "http://127.0.0.1:8332"', 'rpc_url = "https://x"')
     text = text.replace('unvault_csv = 144', 'unvault_csv = 144\nsurprise = 1')
     text = text.replace('[policy]', '[policy]\nmax_value = "a lot"\nplugins = ["nope"]')
-    config = tmp_path / "tower.toml"
+    config = daemon_dir / "tower.toml"
     config.write_text(text)
     proc = subprocess.run([sys.executable, "-m", "revault.watchtower", "--config", str(config)],
                           capture_output=True, text=True, timeout=60,

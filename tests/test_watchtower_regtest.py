@@ -17,16 +17,15 @@ from revault.deployment import p2wpkh, script_pubkey_to_address
 from revault.transactions import Tx
 from revault.watchtower_guard import RETIRE_DEPTH
 from tests.support.daemons import REPO_ROOT
-from tests.support.regtest import sats, start_node
-from tests.support.watchtower import (
-    Deployed, Network, fill_mempool, pub, secret, wait_for, zmq_conf,
-)
+from tests.support.regtest import sats
+from tests.support.keys import pub, secret
+from tests.support.watchtower import Deployed, Network, fill_mempool, wait_for, zmq_conf
 
 MODES = ("zmq", "zmq-sequence", "poll")
 
 
 @pytest.fixture(scope="module", params=MODES)
-def chain(request, tmp_path_factory):
+def chain(request, regtest_node):
     """(node, ZMQ keys for the watchtower or None): one node per mode, own chain."""
     if request.param == "zmq":
         conf, keys = zmq_conf()
@@ -34,21 +33,15 @@ def chain(request, tmp_path_factory):
         conf, keys = zmq_conf(("sequence",))
     else:
         conf, keys = (), None
-    node = start_node(tmp_path_factory.mktemp(f"bitcoind-watchtower-{request.param}"), conf)
-    try:
+    with regtest_node(f"bitcoind-watchtower-{request.param}", conf) as node:
         yield node, keys
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")
-def poll_chain(tmp_path_factory):
+def poll_chain(regtest_node):
     """A node for tests that need only one mode (polling) and abuse the chain."""
-    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-abuse"))
-    try:
+    with regtest_node("bitcoind-watchtower-abuse") as node:
         yield node
-    finally:
-        node.stop()
 
 
 async def network(tmp_path, node, zmq=None, **kwargs) -> Network:
@@ -65,9 +58,9 @@ def payee(label: str) -> bytes:
     return p2wpkh(pub(secret(label)))
 
 
-async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_path, chain):
+async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(daemon_dir, chain):
     node, zmq = chain
-    net = await network(tmp_path, node, zmq)
+    net = await network(daemon_dir, node, zmq)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -88,9 +81,9 @@ async def test_unvault_without_spend_request_is_cancelled_back_to_a_deposit(tmp_
         net.stop()
 
 
-async def test_accepted_spend_left_alone_and_confirms_after_the_csv(tmp_path, chain):
+async def test_accepted_spend_left_alone_and_confirms_after_the_csv(daemon_dir, chain):
     node, zmq = chain
-    net = await network(tmp_path, node, zmq, policy={"accept_all": True})
+    net = await network(daemon_dir, node, zmq, policy={"accept_all": True})
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -116,9 +109,9 @@ async def test_accepted_spend_left_alone_and_confirms_after_the_csv(tmp_path, ch
         net.stop()
 
 
-async def test_spend_refused_by_the_default_policy_is_cancelled(tmp_path, chain):
+async def test_spend_refused_by_the_default_policy_is_cancelled(daemon_dir, chain):
     node, zmq = chain
-    net = await network(tmp_path, node, zmq)
+    net = await network(daemon_dir, node, zmq)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -132,9 +125,9 @@ async def test_spend_refused_by_the_default_policy_is_cancelled(tmp_path, chain)
         net.stop()
 
 
-async def test_accepted_spend_replaced_by_another_spend_is_cancelled(tmp_path, poll_chain):
+async def test_accepted_spend_replaced_by_another_spend_is_cancelled(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node, policy={"accept_all": True})
+    net = await network(daemon_dir, node, policy={"accept_all": True})
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -157,9 +150,9 @@ async def test_accepted_spend_replaced_by_another_spend_is_cancelled(tmp_path, p
         net.stop()
 
 
-async def test_reorg_of_the_unvault_and_cancel(tmp_path, poll_chain):
+async def test_reorg_of_the_unvault_and_cancel(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node)
+    net = await network(daemon_dir, node)
 
     def processed(block: str, times: int = 1):
         return lambda: net.log().count(f" {block}: ") >= times
@@ -196,9 +189,9 @@ async def test_reorg_of_the_unvault_and_cancel(tmp_path, poll_chain):
         net.stop()
 
 
-async def test_killed_between_unvault_and_csv_still_cancels_after_restart(tmp_path, poll_chain):
+async def test_killed_between_unvault_and_csv_still_cancels_after_restart(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node)
+    net = await network(daemon_dir, node)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -221,9 +214,9 @@ async def test_killed_between_unvault_and_csv_still_cancels_after_restart(tmp_pa
         net.stop()
 
 
-async def test_bitcoind_restarted_under_it(tmp_path, poll_chain):
+async def test_bitcoind_restarted_under_it(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node)
+    net = await network(daemon_dir, node)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -247,10 +240,10 @@ def run_command(net: Network, command: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, env=env)
 
 
-async def test_reserve_and_emergency_commands(tmp_path, poll_chain):
+async def test_reserve_and_emergency_commands(daemon_dir, poll_chain):
     node = poll_chain
     # Small coins: a bump adds whole coins and has no change output.
-    net = await network(tmp_path, node, max_feerate=20, reserve_coins=(20_000,) * 8)
+    net = await network(daemon_dir, node, max_feerate=20, reserve_coins=(20_000,) * 8)
     try:
         vaults = [await net.deposit() for _ in range(2)]
         for vault in vaults:
@@ -308,7 +301,7 @@ def install_plugin(tmp_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("policy", ["max_value", "max_value_per_day", "allowed_addresses",
                                     "plugins"])
-async def test_each_built_in_policy(tmp_path, poll_chain, policy):
+async def test_each_built_in_policy(daemon_dir, poll_chain, policy):
     """Two spends each: the first within the rule (accepted), the second beyond it."""
     node = poll_chain
     allowed = script_pubkey_to_address(payee("allowed"), "regtest")
@@ -316,9 +309,9 @@ async def test_each_built_in_policy(tmp_path, poll_chain, policy):
         "max_value": ({"max_value": 1_500_000}, None),
         "max_value_per_day": ({"max_value_per_day": 1_500_000}, None),
         "allowed_addresses": ({"allowed_addresses": [allowed]}, None),
-        "plugins": ({"plugins": ["small"]}, install_plugin(tmp_path)),
+        "plugins": ({"plugins": ["small"]}, install_plugin(daemon_dir)),
     }[policy]
-    net = await network(tmp_path, node, policy=config, env=env)
+    net = await network(daemon_dir, node, policy=config, env=env)
     try:
         small, large = await net.deposit(1_000_000), await net.deposit(2_000_000)
         first, second = (small, large) if policy != "max_value_per_day" else (small, small)
@@ -356,14 +349,11 @@ async def test_each_built_in_policy(tmp_path, poll_chain, policy):
 
 
 @pytest.fixture
-def small_mempool_chain(tmp_path_factory):
+def small_mempool_chain(regtest_node):
     """A node whose mempool holds 5 MB: filling it raises its minimum feerate."""
-    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-spike"), ("maxmempool=5",))
-    try:
+    with regtest_node("bitcoind-watchtower-spike", ("maxmempool=5",)) as node:
         node.mine(150)  # mature coinbases to fill the mempool with, twice
         yield node
-    finally:
-        node.stop()
 
 
 async def cancel_feerate(net: Network, txid: str) -> float:
@@ -372,9 +362,9 @@ async def cancel_feerate(net: Network, txid: str) -> float:
 
 
 async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
-        tmp_path, small_mempool_chain):
+        daemon_dir, small_mempool_chain):
     node = small_mempool_chain
-    net = await network(tmp_path, node, max_feerate=80, reserve_coins=(10_000,) * 30)
+    net = await network(daemon_dir, node, max_feerate=80, reserve_coins=(10_000,) * 30)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -418,9 +408,9 @@ async def test_cancel_bumped_then_outbid_again_when_the_mempool_feerate_rises(
         net.stop()
 
 
-async def test_bitcoind_and_sync_server_down_at_start_then_back(tmp_path, poll_chain):
+async def test_bitcoind_and_sync_server_down_at_start_then_back(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node, policy={"accept_all": True})
+    net = await network(daemon_dir, node, policy={"accept_all": True})
     try:
         await net.tower.stop()
         await net.sync.stop()
@@ -445,11 +435,11 @@ async def test_bitcoind_and_sync_server_down_at_start_then_back(tmp_path, poll_c
         net.stop()
 
 
-async def test_xpub_deployment_vaults_found_at_their_derivation_index(tmp_path, poll_chain):
+async def test_xpub_deployment_vaults_found_at_their_derivation_index(daemon_dir, poll_chain):
     """With xpubs, a sig's deposit is found at its index among the next 200 after the
     highest index guarded so far; further ones only once the gap is filled."""
     node = poll_chain
-    net = await Network(tmp_path, node, Deployed.create(tmp_path.name, xpubs=True)).start()
+    net = await Network(daemon_dir, node, Deployed.create(daemon_dir.name, xpubs=True)).start()
     try:
         far = await net.deposit(index=260)
         refusal = await net.send_sig(net.sig_params(far, far.txs.cancel))
@@ -466,19 +456,15 @@ async def test_xpub_deployment_vaults_found_at_their_derivation_index(tmp_path, 
 
 
 @pytest.fixture
-def fresh_chain(tmp_path_factory):
+def fresh_chain(regtest_node):
     """A node whose fee estimator has seen nothing yet, mining nothing under 5 sat/vB."""
-    node = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-estimates"),
-                      ("blockmintxfee=0.00005",))
-    try:
+    with regtest_node("bitcoind-watchtower-estimates", ("blockmintxfee=0.00005",)) as node:
         yield node
-    finally:
-        node.stop()
 
 
-async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(tmp_path, fresh_chain):
+async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(daemon_dir, fresh_chain):
     node = fresh_chain
-    net = await network(tmp_path, node, max_feerate=100, reserve_coins=(10_000,) * 30)
+    net = await network(daemon_dir, node, max_feerate=100, reserve_coins=(10_000,) * 30)
     try:
         vault = await net.deposit()
         await net.secure(vault)
@@ -514,9 +500,9 @@ async def test_cancel_rebumped_at_each_block_as_estimatesmartfee_rises(tmp_path,
         net.stop()
 
 
-async def test_batch_spend_of_two_vaults_accepted_once_for_both(tmp_path, poll_chain):
+async def test_batch_spend_of_two_vaults_accepted_once_for_both(daemon_dir, poll_chain):
     node = poll_chain
-    net = await network(tmp_path, node, policy={"max_value": 1_950_000})
+    net = await network(daemon_dir, node, policy={"max_value": 1_950_000})
     try:
         vaults = [await net.deposit() for _ in range(2)]
         for vault in vaults:
@@ -542,13 +528,13 @@ async def test_batch_spend_of_two_vaults_accepted_once_for_both(tmp_path, poll_c
 
 
 async def test_a_spend_request_spending_an_output_twice_is_refused_and_the_next_judged(
-        tmp_path, poll_chain):
+        daemon_dir, poll_chain):
     """Relayed by the (untrusted) sync server from a manager: a transaction spending a
     guarded unvault output twice. Its verdict's vault rows once collided in the store,
     which ended the spend-request loop, and every restart's (the cursor never passed
     it): no spend was ever judged again."""
     node = poll_chain
-    net = await network(tmp_path, node, policy={"accept_all": True})
+    net = await network(daemon_dir, node, policy={"accept_all": True})
     try:
         vault = await net.deposit()
         await net.secure(vault)

@@ -17,22 +17,19 @@ from revault.primitives import SIGHASH_ALL
 from revault.transport import TransportError
 from revault.watchtower_store import DATABASE_NAME
 from tests.support.daemons import NoiseIdentity
-from tests.support.regtest import start_node
-from tests.support.watchtower import Deployed, Network, pub, secret
+from tests.support.keys import pub, secret
+from tests.support.watchtower import Deployed, Network
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    n = start_node(tmp_path_factory.mktemp("bitcoind-watchtower-sig"))
-    try:
+def node(regtest_node):
+    with regtest_node("bitcoind-watchtower-sig") as n:
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.fixture
-async def net(tmp_path, node):
-    network = Network(tmp_path, node, Deployed.create(tmp_path.name))
+async def net(daemon_dir, node):
+    network = Network(daemon_dir, node, Deployed.create(daemon_dir.name))
     try:
         yield await network.start()
     finally:
@@ -139,8 +136,8 @@ async def test_other_peers_are_refused(net: Network, tmp_path):
             await client.call("sig", {}, timeout=5)
 
 
-async def test_reserve_too_small_refuses_then_funded_accepts(tmp_path, node):
-    network = Network(tmp_path, node, Deployed.create(tmp_path.name), reserve_coins=(),
+async def test_reserve_too_small_refuses_then_funded_accepts(daemon_dir, node):
+    network = Network(daemon_dir, node, Deployed.create(daemon_dir.name), reserve_coins=(),
                       max_feerate=20)
     try:
         await network.start()

@@ -1,21 +1,42 @@
-"""A Revault deployment with every private key behind it, and regtest helpers to fund
-and judge its transactions (shared by the regtest tests of the chain and of fees)."""
+"""A Revault deployment with every private key behind it, and regtest helpers to judge
+its transactions (shared by the regtest tests of the chain and of fees; funding is
+`tests.support.regtest.fund`)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
-from decimal import Decimal
+from pathlib import Path
 
 import coincurve
 from embit.bip32 import HDKey
 
 from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
-from revault.primitives import OutPoint
-from revault.transactions import Coin, RevaultTransaction, Tx
-from tests.support.regtest import RegtestNode, sats
+from revault.transactions import RevaultTransaction, Tx
+from tests.support.keys import pub
+from tests.support.regtest import RegtestNode
 
 CSV = 6
+
+# The pinned chain vector (docs/protocol.md, "Chain test vector"): private keys 01*32 ..
+# 09*32, a 1 BTC deposit at aa..aa:1, and the unsigned pre-signed transactions.
+CHAIN_VECTOR = json.loads((Path(__file__).parents[1] / "vectors" / "revault-chain.json")
+                          .read_text())
+
+
+def vector_deployment() -> Deployment:
+    """The deployment of CHAIN_VECTOR, built from its private keys."""
+    return Deployment.from_dict({
+        "network": "regtest",
+        "stakeholders": [pub(bytes([i]) * 32).hex() for i in (1, 2, 3)],
+        "managers": [pub(bytes([i]) * 32).hex() for i in (4, 5)],
+        "cosigners": [pub(bytes([6]) * 32).hex()],
+        "cpfp_keys": [pub(bytes([i]) * 32).hex() for i in (7, 8)],
+        "unvault_csv": CHAIN_VECTOR["unvault_csv"],
+        "emergency_address": script_pubkey_to_address(
+            bytes.fromhex(CHAIN_VECTOR["emergency_script_pubkey"]), "regtest"),
+    })
 
 
 @dataclass
@@ -78,15 +99,6 @@ def make_participants(flavor: str, n_stk=3, n_mgr=2, n_cos=3, threshold=None) ->
     if threshold is not None:
         table["managers_threshold"] = threshold
     return Participants(Deployment.from_dict(table), secrets)
-
-
-async def fund(node: RegtestNode, address: str, amount: int, index: int = 0) -> Coin:
-    txid = await node.rpc("sendtoaddress", address, Decimal(amount) / Decimal(10**8), wallet=node.MINER_WALLET)
-    tx = await node.rpc("getrawtransaction", txid, True)
-    for out in tx["vout"]:
-        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount:
-            return Coin(OutPoint(txid, out["n"]), amount, index)
-    raise AssertionError(f"{txid} does not pay {address}")
 
 
 async def accepted(node: RegtestNode, tx: Tx) -> dict:

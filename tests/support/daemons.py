@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from revault.keys import create_key_file, generate_noise_key, noise_public_key
+from tests.support import markers
 
 READY_TIMEOUT = 30.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +85,7 @@ class DaemonProcess:
 
     async def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the daemon and wait for its READY=1; fail with its stderr if it dies."""
+        markers.check("daemon")
         self._starts += 1
         notify_path = self.workdir / f"notify-{self._starts}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

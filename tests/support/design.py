@@ -1,4 +1,4 @@
-"""Facts of DESIGN.md that several test modules check the code against, written once."""
+"""Facts of docs/protocol.md that several test modules check the code against, written once."""
 
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from revault.bitcoind import BitcoindClient
+from revault.primitives import OutPoint
+from revault.transactions import Coin
+from tests.support import markers
 
 REPO = Path(__file__).resolve().parents[2]
 GET_BITCOIND = REPO / "contrib" / "get-bitcoind.sh"
@@ -35,18 +38,23 @@ class RegtestError(RuntimeError):
     pass
 
 
-def bitcoind_bin_dir() -> Path:
-    """The directory holding bitcoind and bitcoin-cli (asked to the script once)."""
+def bitcoind_bin_dir(show_progress: bool = False) -> Path:
+    """The directory holding bitcoind and bitcoin-cli (asked to the script once).
+
+    With `show_progress`, the script's stderr (a build's progress) goes to ours as it
+    comes instead of being kept for the error message.
+    """
     global _bin_dir
     if _bin_dir is None:
         proc = subprocess.run(
-            ["bash", str(GET_BITCOIND)], capture_output=True, text=True, timeout=3600
+            ["bash", str(GET_BITCOIND)], stdout=subprocess.PIPE,
+            stderr=None if show_progress else subprocess.PIPE, text=True, timeout=3600
         )
         if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or "(shown above)").splitlines()[-20:])
             raise RegtestError(
                 f"contrib/get-bitcoind.sh failed (exit {proc.returncode}); "
-                f"set BITCOIND to a bitcoind binary. Its stderr ends with:\n"
-                + "\n".join(proc.stderr.splitlines()[-20:])
+                f"set BITCOIND to a bitcoind binary. Its stderr ends with:\n{tail}"
             )
         lines = proc.stdout.strip().splitlines()
         if not lines:
@@ -106,6 +114,7 @@ class RegtestNode:
         The ports are picked just before exec, so another process may grab one in
         between; bitcoind then exits at once and we retry with new ports.
         """
+        markers.check("regtest")
         self.datadir.mkdir(parents=True, exist_ok=True)
         last_error: Exception | None = None
         for _ in range(attempts):
@@ -288,17 +297,16 @@ class RegtestNode:
             self.mine(1)
         return address
 
-    def fund_address(self, address: str, amount_sats: int) -> tuple[str, int]:
-        """Send exactly `amount_sats` to `address` from the miner wallet (unconfirmed).
 
-        Returns the outpoint (txid, vout) that pays it.
-        """
-        txid = self.cli("sendtoaddress", address, str(btc(amount_sats)), wallet=self.MINER_WALLET)
-        tx = self.cli("getrawtransaction", txid, True)
-        for out in tx["vout"]:
-            if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount_sats:
-                return txid, out["n"]
-        raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
+async def fund(node: RegtestNode, address: str, amount_sats: int, index: int = 0) -> Coin:
+    """Send exactly `amount_sats` to `address` from the miner wallet (unconfirmed): the
+    output that pays it, as a coin of vault index `index`."""
+    txid = await node.rpc("sendtoaddress", address, btc(amount_sats), wallet=node.MINER_WALLET)
+    tx = await node.rpc("getrawtransaction", txid, True)
+    for out in tx["vout"]:
+        if out["scriptPubKey"].get("address") == address and sats(out["value"]) == amount_sats:
+            return Coin(OutPoint(txid, out["n"]), amount_sats, index)
+    raise RegtestError(f"{txid} does not pay {amount_sats} sat to {address}")
 
 
 def start_node(datadir: Path, extra_conf: Sequence[str] = ()) -> RegtestNode:

@@ -12,10 +12,8 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
-import coincurve
 from embit.bip32 import HDKey
 from embit.networks import NETWORKS as EMBIT_NETWORKS
 
@@ -28,18 +26,11 @@ from revault.transactions import (
     fee_for_weight, sign_digest,
 )
 from tests.support.daemons import DaemonProcess, NoiseIdentity, write_config
-from tests.support.regtest import RegtestNode, btc, free_port, sats
+from tests.support.keys import pub, secret
+from tests.support.regtest import RegtestNode, btc, free_port, fund, sats
 
 DEPOSIT_SATS = 1_000_000
 WAIT = 60.0  # seconds any condition is waited for, polled
-
-
-def secret(label: str) -> bytes:
-    return hashlib.sha256(f"watchtower e2e {label}".encode()).digest()
-
-
-def pub(sk: bytes) -> bytes:
-    return coincurve.PrivateKey(sk).public_key.format(compressed=True)
 
 
 def zmq_conf(topics: tuple[str, ...] = ("rawtx", "rawblock")
@@ -264,15 +255,7 @@ class Network:
     async def deposit(self, value: int = DEPOSIT_SATS, *, confirm: bool = True,
                       index: int = 0) -> Vault:
         address = self.d.deposit_address(index)
-        txid = await self.node.rpc("sendtoaddress", address, Decimal(value) / Decimal(10**8),
-                                   wallet=self.node.MINER_WALLET)
-        tx = await self.node.rpc("getrawtransaction", txid, True)
-        for out in tx["vout"]:
-            if out["scriptPubKey"].get("address") == address and sats(out["value"]) == value:
-                coin = Coin(OutPoint(txid, out["n"]), value, index)
-                break
-        else:
-            raise AssertionError(f"{txid} does not pay the deposit address")
+        coin = await fund(self.node, address, value, index)
         if confirm:
             self.node.mine(1)
         return self.deployed.vault(coin)
