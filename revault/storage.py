@@ -249,6 +249,10 @@ class GroupCommitWriter:
         self._closed_error = closed_error
         self._after_batch = after_batch
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._batch: list | None = None     # the batch in its transaction
+        # The last batch whose callers were answered (kept until the next one, so that
+        # a second _settle of it does nothing whichever of the two comes first).
+        self._settled: list | None = None
         self._closing = False
         self._task = asyncio.get_running_loop().create_task(self._write_loop(), name=name)
 
@@ -257,12 +261,13 @@ class GroupCommitWriter:
         if self._closing:
             raise self._closed_error()
         future = asyncio.get_running_loop().create_future()
-        # A caller cancelled while waiting leaves the outcome to nobody: retrieve it so
-        # asyncio does not report it as lost.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.put_nowait((job, future))
-        # shield: a caller that goes away must not cancel a future the writer resolves.
-        return await asyncio.shield(future)
+        # No shield: a caller cancelled here cancels only this future, which the writer
+        # then leaves alone (it resolves futures that are not done); the job is queued
+        # and runs with its batch all the same. A shield would cost every write one more
+        # turn of the event loop before its caller resumes, which under load is what a
+        # write waits longest for after the fsync.
+        return await future
 
     async def close(self) -> None:
         """Commit what is queued, refuse new jobs, stop, close the connection."""
@@ -299,10 +304,21 @@ class GroupCommitWriter:
         COMMIT alone into the commit metrics (`METRICS.commit_done`).
         """
         outcomes = self._run_jobs(sqlite_connection(self.db), jobs)
-        await run_in_database_thread(self.db, self._finish_transaction, len(jobs))
+        batch = self._batch
+        loop = asyncio.get_running_loop()
+
+        def commit(conn: sqlite3.Connection) -> None:
+            self._finish_transaction(conn, len(jobs))
+            # Straight from the database thread: the callers resume one turn of the event
+            # loop sooner than if this task woke first to settle them (under load a turn
+            # is what a write waits longest for after the fsync).
+            loop.call_soon_threadsafe(self._settle, batch, outcomes)
+
+        await run_in_database_thread(self.db, commit)
         return outcomes
 
     async def _commit_batch(self, batch: list[tuple[Callable, asyncio.Future]]) -> None:
+        self._batch = batch
         try:
             outcomes = await self._transaction([job for job, _ in batch])
         except Exception as e:
@@ -314,6 +330,17 @@ class GroupCommitWriter:
                 if not future.done():
                     future.set_exception(e)
             return
+        finally:
+            self._batch = None
+        self._settle(batch, outcomes)
+
+    def _settle(self, batch: list[tuple[Callable, asyncio.Future]],
+                outcomes: list[tuple[Exception | None, object]]) -> None:
+        """After the COMMIT of `batch`: after_batch(True), then every caller's outcome.
+        Called once or twice per batch (see _transaction); only the first call acts."""
+        if self._settled is batch:
+            return
+        self._settled = batch
         if self._after_batch is not None:
             self._after_batch(True)
         for (_, future), (error, result) in zip(batch, outcomes):

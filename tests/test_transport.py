@@ -135,6 +135,66 @@ def test_cacophony_vectors(vector):
         assert receiver._decrypt_message(ciphertext) == h(msg["payload"])
 
 
+def test_hmac_is_the_standard_one():
+    import hmac
+    rng = random.Random(7)
+    for size in (0, 1, 32, 33, 64, 65, 200):
+        key, data = rng.randbytes(32), rng.randbytes(size)
+        assert t._hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
+
+
+def _noise_library(initiator: bool, local: bytes, remote_public: bytes):
+    """The `noiseprotocol` package's own KK state machine, as an independent peer."""
+    from noise.connection import Keypair, NoiseConnection as LibraryConnection
+
+    conn = LibraryConnection.from_name(t.PROTOCOL_NAME)
+    if initiator:
+        conn.set_as_initiator()
+    else:
+        conn.set_as_responder()
+    conn.set_keypair_from_private_bytes(Keypair.STATIC, local)
+    conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, remote_public)
+    conn.start_handshake()
+    return conn
+
+
+def _library_frame(library, plaintext: bytes) -> bytes:
+    return library.encrypt(u16(len(plaintext) + 16)) + library.encrypt(plaintext)
+
+
+def _library_unframe(library, frame: bytes) -> bytes:
+    assert library.decrypt(frame[:18]) == u16(len(frame) - 18)
+    return library.decrypt(frame[18:])
+
+
+def test_interop_with_noiseprotocol_as_responder():
+    library = _noise_library(False, SERVER, public_key(ALICE))
+    ini = InitiatorHandshake(ALICE, SERVER_PUB)
+    assert library.read_message(ini.act_one()) == b"practical_revault_0"
+    codec = ini.read_act_two(library.write_message(b""))
+    assert library.handshake_finished
+    assert ini._handshake_hash == library.get_handshake_hash()
+    for size in (0, 1, 100, MAX_PLAINTEXT):
+        message = random.Random(size).randbytes(size)
+        assert _library_unframe(library, codec.encrypt(message)) == message
+        assert codec.feed(_library_frame(library, message[::-1])) == [message[::-1]]
+
+
+def test_interop_with_noiseprotocol_as_initiator():
+    library = _noise_library(True, BOB, SERVER_PUB)
+    resp = ResponderHandshake(SERVER, PEERS)   # BOB is second: the first candidate fails
+    assert resp.read_act_one(library.write_message(b"practical_revault_0")) == public_key(BOB)
+    act_two, codec = resp.act_two()
+    assert library.read_message(act_two) == b""
+    assert library.handshake_finished
+    assert resp._handshake_hash == library.get_handshake_hash()
+    for size in (0, 1, 100, MAX_PLAINTEXT):
+        message = random.Random(size).randbytes(size)
+        assert codec.feed(_library_frame(library, message)) == [message]
+        assert _library_unframe(library, codec.encrypt(message[::-1])) == message[::-1]
+
+
+
 def test_handshake_sizes_and_peer_identified_among_several():
     for local in (ALICE, BOB, CAROL):
         ini = InitiatorHandshake(local, SERVER_PUB)
