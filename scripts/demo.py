@@ -187,10 +187,11 @@ async def main() -> int:
             + ", ".join(str(c.port) for c in system.cosigners))
         await walk(system, node)
         if args.keep_running:
-            _instructions(system, node, root)
+            # Handlers first: whoever reads the instructions may signal at once.
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            _instructions(system, node, root)
             await stop.wait()  # Ctrl-C or SIGTERM, then everything is stopped below
         return 0
     finally:
