@@ -495,3 +495,61 @@ async def purge_all(write: Callable[[Callable[[Rules], Plan]], Awaitable[Any]]) 
             if deleted < batch:
                 break
     return purged
+
+
+class RulesStore:
+    """The `SyncStore` methods, written once: each is one plan of `Rules`, run by the
+    backend's `_read` (a consistent read) or `_write` (atomic, returns once durably
+    committed). A backend sets the configured rules with `_configure` and provides
+    `_read`, `_write`, `close` and its `ROWID`."""
+
+    ROWID = "rowid"
+
+    def _configure(self, epoch: str, retention: Retention, quotas: Quotas,
+                   sharers: Sharers, clock: Callable[[], float]) -> None:
+        self.epoch = epoch
+        self._retention = retention
+        self._quotas = quotas
+        self._sharers = sharers
+        self._clock = clock
+
+    def _rules(self) -> Rules:
+        return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
+                     sharers=self._sharers, rowid=self.ROWID)
+
+    async def put_signature(self, tx_id: str, pubkey: str, signature: str,
+                            submitter: bytes) -> None:
+        await self._write(lambda r: r.put_signature(tx_id, pubkey, signature, submitter))
+
+    async def get_signatures(self, tx_id: str) -> dict[str, str]:
+        return await self._read(lambda r: r.get_signatures(tx_id))
+
+    async def erase_signatures(self, tx_id: str) -> int:
+        return await self._write(lambda r: r.erase_signatures(tx_id))
+
+    async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
+                                timestamp: int, submitter: bytes) -> None:
+        await self._write(lambda r: r.put_spend_request(vault_id, txid, transaction,
+                                                        timestamp, submitter))
+
+    async def spend_request_streams(self, cursor: Cursor,
+                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
+        return await self._read(lambda r: r.spend_request_streams(cursor, fetch))
+
+    async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
+                          reason: str, sig: str, submitter: bytes) -> None:
+        await self._write(lambda r: r.put_opinion(vault_id, txid, pubkey, accepted, reason,
+                                                  sig, submitter))
+
+    async def opinion_streams(self, vault_id: str,
+                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
+        return await self._read(lambda r: r.opinion_streams(vault_id, cursor))
+
+    async def purge_expired(self) -> int:
+        return await purge_all(self._write)
+
+    async def row_counts(self) -> dict[str, int]:
+        return await self._read(lambda r: r.row_counts())
+
+    async def quota_use(self) -> dict[str, tuple[int, int]]:
+        return await self._read(lambda r: r.quota_use())

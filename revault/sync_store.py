@@ -34,8 +34,8 @@ from revault.errors import Refused
 from revault.paging import Cursor, Stream
 from revault.storage import GroupCommitWriter, open_database, open_read_only
 from revault.sync_rules import (
-    TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, Sharers,
-    StoredOpinion, StoredSpendRequest, Taken, purge_all,
+    TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, RulesStore, Sharers,
+    StoredOpinion, StoredSpendRequest, Taken,
 )
 
 __all__ = ["SyncStore", "SqliteSyncStore", "QuotaExceeded", "Taken", "Quotas", "Retention",
@@ -225,7 +225,7 @@ def run_plan(db: sqlite3.Connection, plan: Plan):
 
 
 
-class SqliteSyncStore:
+class SqliteSyncStore(RulesStore):
     """`SyncStore` on SQLite: one connection for writes, one for reads.
 
     Writes are jobs of the database's `GroupCommitWriter` (storage.py), which holds the
@@ -240,11 +240,7 @@ class SqliteSyncStore:
                  retention: Retention, quotas: Quotas, sharers: Sharers,
                  clock: Callable[[], float]):
         self._reader = reader
-        self.epoch = epoch
-        self._retention = retention
-        self._quotas = quotas
-        self._sharers = sharers
-        self._clock = clock
+        self._configure(epoch, retention, quotas, sharers, clock)
         self._writer = GroupCommitWriter(
             writer, name="sync-store",
             closed_error=lambda: Refused("sync server is shutting down"))
@@ -267,55 +263,12 @@ class SqliteSyncStore:
             raise
         return cls(writer, reader, epoch, retention, quotas, sharers, clock)
 
-    def _rules(self) -> Rules:
-        return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
-                     sharers=self._sharers)
-
-    def _read(self, make_plan: Callable[[Rules], Plan]):
+    async def _read(self, make_plan: Callable[[Rules], Plan]):
         return run_plan(self._reader, make_plan(self._rules()))
 
     async def _write(self, make_plan: Callable[[Rules], Plan]) -> object:
         """Run the plan atomically and return once it is durably committed."""
         return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
-
-    # --- the SyncStore methods ---------------------------------------------------------
-
-    async def put_signature(self, tx_id: str, pubkey: str, signature: str,
-                            submitter: bytes) -> None:
-        await self._write(lambda r: r.put_signature(tx_id, pubkey, signature, submitter))
-
-    async def get_signatures(self, tx_id: str) -> dict[str, str]:
-        return self._read(lambda r: r.get_signatures(tx_id))
-
-    async def erase_signatures(self, tx_id: str) -> int:
-        return await self._write(lambda r: r.erase_signatures(tx_id))
-
-    async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
-                                timestamp: int, submitter: bytes) -> None:
-        await self._write(lambda r: r.put_spend_request(vault_id, txid, transaction,
-                                                        timestamp, submitter))
-
-    async def spend_request_streams(self, cursor: Cursor,
-                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
-        return self._read(lambda r: r.spend_request_streams(cursor, fetch))
-
-    async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
-                          reason: str, sig: str, submitter: bytes) -> None:
-        await self._write(lambda r: r.put_opinion(vault_id, txid, pubkey, accepted, reason,
-                                                  sig, submitter))
-
-    async def opinion_streams(self, vault_id: str,
-                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
-        return self._read(lambda r: r.opinion_streams(vault_id, cursor))
-
-    async def purge_expired(self) -> int:
-        return await purge_all(self._write)
-
-    async def row_counts(self) -> dict[str, int]:
-        return self._read(lambda r: r.row_counts())
-
-    async def quota_use(self) -> dict[str, tuple[int, int]]:
-        return self._read(lambda r: r.quota_use())
 
     async def close(self) -> None:
         # The reader first: the writer's connection, closing last, checkpoints the WAL

@@ -26,11 +26,9 @@ import asyncpg
 
 from revault.errors import Refused
 from revault.metrics import COMMON as METRICS
-from revault.paging import Cursor, Stream
 from revault.storage import GroupCommitWriter, StorageError
 from revault.sync_rules import (
-    TABLES, Execute, Plan, Quotas, Retention, Rules, Sharers, StoredOpinion,
-    StoredSpendRequest, purge_all,
+    TABLES, Execute, Plan, Quotas, Retention, Rules, RulesStore, Sharers,
 )
 
 # pg_advisory_xact_lock keys: one for writers, one for migrations ("revault" in ASCII).
@@ -223,17 +221,15 @@ class PostgresGroupCommit(GroupCommitWriter):
         await self.db.close()
 
 
-class PostgresSyncStore:
+class PostgresSyncStore(RulesStore):
     """`SyncStore` on PostgreSQL: a connection pool, one write transaction at a time."""
+
+    ROWID = "ctid"  # the physical row id the purge batches on
 
     def __init__(self, pool: asyncpg.Pool, epoch: str, retention: Retention, quotas: Quotas,
                  sharers: Sharers, clock: Callable[[], float]):
         self._pool = pool
-        self.epoch = epoch
-        self._retention = retention
-        self._quotas = quotas
-        self._sharers = sharers
-        self._clock = clock
+        self._configure(epoch, retention, quotas, sharers, clock)
         self._writer = PostgresGroupCommit(
             pool, name="sync-store (postgresql)",
             closed_error=lambda: Refused("sync server is shutting down"))
@@ -262,10 +258,6 @@ class PostgresSyncStore:
             raise
         return cls(pool, epoch, retention, quotas, sharers, clock)
 
-    def _rules(self) -> Rules:
-        return Rules(now=int(self._clock()), quotas=self._quotas, retention=self._retention,
-                     sharers=self._sharers, rowid="ctid")
-
     async def _read(self, make_plan: Callable[[Rules], Plan]):
         async with self._pool.acquire() as conn:
             return await run_plan(conn, make_plan(self._rules()))
@@ -273,45 +265,6 @@ class PostgresSyncStore:
     async def _write(self, make_plan: Callable[[Rules], Plan]):
         """Run the plan in the next group transaction; return once it is committed."""
         return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
-
-    # --- the SyncStore methods ---------------------------------------------------------
-
-    async def put_signature(self, tx_id: str, pubkey: str, signature: str,
-                            submitter: bytes) -> None:
-        await self._write(lambda r: r.put_signature(tx_id, pubkey, signature, submitter))
-
-    async def get_signatures(self, tx_id: str) -> dict[str, str]:
-        return await self._read(lambda r: r.get_signatures(tx_id))
-
-    async def erase_signatures(self, tx_id: str) -> int:
-        return await self._write(lambda r: r.erase_signatures(tx_id))
-
-    async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
-                                timestamp: int, submitter: bytes) -> None:
-        await self._write(lambda r: r.put_spend_request(vault_id, txid, transaction,
-                                                        timestamp, submitter))
-
-    async def spend_request_streams(self, cursor: Cursor,
-                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
-        return await self._read(lambda r: r.spend_request_streams(cursor, fetch))
-
-    async def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool,
-                          reason: str, sig: str, submitter: bytes) -> None:
-        await self._write(lambda r: r.put_opinion(vault_id, txid, pubkey, accepted, reason,
-                                                  sig, submitter))
-
-    async def opinion_streams(self, vault_id: str,
-                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
-        return await self._read(lambda r: r.opinion_streams(vault_id, cursor))
-
-    async def purge_expired(self) -> int:
-        return await purge_all(self._write)
-
-    async def row_counts(self) -> dict[str, int]:
-        return await self._read(lambda r: r.row_counts())
-
-    async def quota_use(self) -> dict[str, tuple[int, int]]:
-        return await self._read(lambda r: r.quota_use())
 
     async def close(self) -> None:
         # Writes already queued are committed (and acknowledged) before closing.
