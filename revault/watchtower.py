@@ -27,12 +27,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import coincurve
 
 from revault import metrics
-from revault.bitcoind import BitcoindClient, BitcoindError, BitcoindUnreachable
+from revault.bitcoind import BitcoindClient, BitcoindError, BitcoindUnreachable, read_bitcoind_config
 from revault.config import ConfigError, ConfigTable, ProblemCollector, parse_host_port
 from revault.daemon import CommonConfig, run_daemon
 from revault.deployment import Deployment, read_deployment
@@ -122,28 +121,10 @@ class WatchtowerConfig:
 
 
 def _read_bitcoind(t: ConfigTable, base: Path, p: ProblemCollector) -> BitcoindConfig | None:
-    url = p.read(t.string, "rpc_url")
-    host = port = None
-    if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None \
-                or parts.path not in ("", "/"):
-            p.add(f"{t.key_name('rpc_url')}: expected http://HOST:PORT, got {url!r}")
-        else:
-            host, port = parts.hostname, parts.port
-    cookie = p.read(t.path, "cookie_file", base, None)
-    user = p.read(t.string, "rpc_user", None)
-    password = p.read(t.string, "rpc_password", None)
-    if cookie is None and (user is None or password is None):
-        p.add(f"{t.key_name('cookie_file')}: give cookie_file, or rpc_user and rpc_password")
-    if cookie is not None and (user is not None or password is not None):
-        p.add(f"{t.key_name('cookie_file')}: give cookie_file or rpc_user/rpc_password, "
-              "not both")
-    if user is not None and ":" in user:
-        p.add(f"{t.key_name('rpc_user')}: may not contain ':'")
-    wallet = p.read(t.string, "wallet")
-    if wallet == "":
-        p.add(f"{t.key_name('wallet')}: the fee reserve wallet needs a name")
+    # RPC address and login: the one `[bitcoind]` reader every part shares.
+    node = p.read(read_bitcoind_config, t, base)
+    if node is not None and node.wallet is None:
+        p.add(f"{t.key_name('wallet')}: missing (the fee reserve wallet needs a name)")
     zmq = {}
     for topic in ZMQ_TOPICS:
         endpoint = p.read(t.string, f"zmq_{topic}", None)
@@ -154,11 +135,11 @@ def _read_bitcoind(t: ConfigTable, base: Path, p: ProblemCollector) -> BitcoindC
             continue
         if p.read(parse_host_port, endpoint[len("tcp://"):], t.key_name("zmq_" + topic)):
             zmq[topic] = endpoint
-    if host is None or wallet is None:
+    if node is None or node.wallet is None:
         return None
-    return BitcoindConfig(host=host, port=port, wallet=wallet, cookie_file=cookie,
-                          rpc_user=None if cookie else user,
-                          rpc_password=None if cookie else password, zmq=zmq)
+    return BitcoindConfig(host=node.host, port=node.port, wallet=node.wallet,
+                          cookie_file=node.cookie_file, rpc_user=node.user,
+                          rpc_password=node.password, zmq=zmq)
 
 
 def read_config(table: ConfigTable, base: Path) -> WatchtowerConfig:

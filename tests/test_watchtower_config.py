@@ -53,7 +53,7 @@ def test_bad_config_names_every_bad_key(daemon_dir):
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     assert "fees.max_feerate: must be at least 1" in err
-    assert "bitcoind.rpc_url: expected http://HOST:PORT" in err
+    assert 'bitcoind.rpc_url: expected "http://HOST:PORT"' in err
     assert "deployment.surprise: unknown key" in err
     assert "policy.max_value: expected an integer" in err
     assert "policy.plugins[0]: no entry point 'nope'" in err
