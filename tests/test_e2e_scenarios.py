@@ -149,6 +149,15 @@ async def secure_and_activate(wallets: list[Wallet], outpoints: list[str]) -> No
         await asyncio.gather(*(w.activate(outpoint, timeout=TIMEOUT) for w in wallets))
 
 
+async def secure_and_activate_all(system: System, outpoints: list[str]) -> None:
+    """Every stakeholder's wallet secures, then activates, `outpoints`."""
+    stakeholders = await open_wallets(system.stakeholders)
+    try:
+        await secure_and_activate(stakeholders, outpoints)
+    finally:
+        await close_all(stakeholders)
+
+
 async def state_of(w: Wallet, outpoint: str) -> str:
     return {v.outpoint: v.state for v in await w.vaults()}[outpoint]
 
@@ -482,11 +491,7 @@ async def test_a_watchtower_added_later_gets_the_active_vaults_and_guards_them(
     from tests.support.deployment_system import add_watchtower
     system = await make_system()
     [outpoint] = await deposited_vaults(system, bitcoind)
-    stakeholders = await open_wallets(system.stakeholders)
-    try:
-        await secure_and_activate(stakeholders, [outpoint])
-    finally:
-        await close_all(stakeholders)
+    await secure_and_activate_all(system, [outpoint])
     original = list(system.watchtowers)
     await add_watchtower(system, system.stakeholders[0], ACCEPT_ALL)
     async with system.stakeholders[0].wallet() as w:
@@ -588,11 +593,7 @@ async def test_spend_script_killed_after_the_unvaults_resumes_the_same_spend(
         make_system, bitcoind):
     system = await make_system()
     [outpoint] = await deposited_vaults(system, bitcoind)
-    stakeholders = await open_wallets(system.stakeholders)
-    try:
-        await secure_and_activate(stakeholders, [outpoint])
-    finally:
-        await close_all(stakeholders)
+    await secure_and_activate_all(system, [outpoint])
     to = await payee(bitcoind)
     config = str(system.managers[0].config_path)
     env = dict(os.environ, PYTHONPATH=str(REPO))
