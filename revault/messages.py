@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -98,13 +99,30 @@ def check_hex(field: str, value: Any, nbytes: int | None) -> bytes:
     return bytes.fromhex(value)
 
 
+# Public keys seen by a daemon are mostly a few (its peers' signing and opinion keys),
+# each carried by request after request; putting one on the curve costs about as much
+# as parsing the rest of its params. Bounded: keys nobody sends again fall out.
+_PUBLIC_KEY_CACHE = 1024
+
+
+@functools.lru_cache(maxsize=_PUBLIC_KEY_CACHE)
+def _public_key(raw: bytes) -> coincurve.PublicKey | str:
+    """The point `raw` encodes, or why it is none (primitives.pubkey_problem)."""
+    problem = pubkey_problem(raw)
+    return problem if problem is not None else coincurve.PublicKey(raw)
+
+
+def _checked_public_key(field: str, value: Any) -> tuple[bytes, coincurve.PublicKey]:
+    raw = check_hex(field, value, 33)
+    key = _public_key(raw)
+    if isinstance(key, str):
+        raise InvalidParams(field, key)
+    return raw, key
+
+
 def check_pubkey(field: str, value: Any) -> bytes:
     """33-byte compressed secp256k1 point, lowercase hex; returns the bytes."""
-    raw = check_hex(field, value, 33)
-    problem = pubkey_problem(raw)
-    if problem is not None:
-        raise InvalidParams(field, problem)
-    return raw
+    return _checked_public_key(field, value)[0]
 
 
 def check_der_low_s(field: str, value: Any) -> bytes:
@@ -672,7 +690,7 @@ def sign_opinion(private_key: bytes, vault_id: str, accept: bool, reason: str,
 def verify_opinion(params: SpendOpinionParams) -> bool:
     """Whether params.sig is params.pubkey's signature over opinion_signing_bytes(params)."""
     try:
-        pubkey = coincurve.PublicKey(check_pubkey("pubkey", params.pubkey))
+        _, pubkey = _checked_public_key("pubkey", params.pubkey)
         sig = check_der_low_s("sig", params.sig)
         digest = hashlib.sha256(opinion_signing_bytes(params)).digest()
         return pubkey.verify(sig, digest, hasher=None)
