@@ -6,6 +6,7 @@ for the session, a database of its own per daemon)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import signal
@@ -886,3 +887,18 @@ async def test_idle_connected_peer_does_not_delay_others(sync):
     finally:
         await idle.close()
         await half.close()
+
+
+async def test_spend_txid_of_transactions_with_and_without_witness():
+    # The txid is hashed straight from a serialization without witness; one with a
+    # witness is deserialized to leave it out. Both must be the transaction's txid.
+    from bitcoin.core import CTxInWitness, CTxWitness, CScriptWitness, CTransaction
+    from revault.sync_server import spend_txid
+    plain, txid = spend_tx("plain", outputs=3)
+    assert spend_txid(plain) == txid
+    tx = CTransaction.deserialize(base64.b64decode(plain))
+    witnessed = CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion, CTxWitness(
+        [CTxInWitness(CScriptWitness([b"\x01" * 72, b"\x02" * 33]))]))
+    raw = witnessed.serialize()
+    assert raw[4:6] == b"\x00\x01" and raw != tx.serialize()
+    assert spend_txid(base64.b64encode(raw).decode()) == txid
