@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Callable, Generic, Sequence, TypeVar
 
 # A cursor must fit in the response envelope next to the page it comes with.
@@ -41,6 +42,8 @@ MAX_POSITION = 2**63 - 1
 _CURSOR = re.compile(r"([0-9a-f]{16})\.([0-9a-f]{1,16})((?:\.[0-9a-f]{16}:[0-9a-f]{1,16})*)")
 
 Item = TypeVar("Item")
+
+_SEQ = itemgetter(0)  # of a (sequence number, ...) entry
 
 
 class CursorError(ValueError):
@@ -136,10 +139,10 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
     """
     tracked = {name for name, _ in cursor.positions}
     everything = [(seq, s.name, item) for s in streams for seq, item in s.items]
-    if (sum(size(item) for _, _, item in everything) + len(everything) + 1 <= budget
+    if (sum(map(size, [item for _, _, item in everything])) + len(everything) + 1 <= budget
             and len(tracked | {s.name for s in streams}) <= MAX_CURSOR_STREAMS):
         # All of it fits (a poller keeping up, or a short queue): no turns to take.
-        everything.sort(key=lambda entry: entry[0])
+        everything.sort(key=_SEQ)
         return Page(items=[item for _, _, item in everything],
                     cursor=_advance(cursor, streams, {s.name: len(s.items) for s in streams},
                                     everything))
@@ -160,7 +163,7 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
         listed.append((seq, name, item))
         tracked.add(name)
         heads[name] += 1
-    listed.sort(key=lambda entry: entry[0])
+    listed.sort(key=_SEQ)
     return Page(items=[item for _, _, item in listed],
                 cursor=_advance(cursor, streams, heads, listed),
                 left=sum(len(s.items) - heads[s.name] for s in streams))
@@ -181,7 +184,8 @@ def _advance(cursor: Cursor, streams: Sequence[Stream], heads: dict[str, int],
     last_listed = listed[-1][0] if listed else cursor.watermark
     watermark = max(cursor.watermark, min(bound, last_listed))
     positions = dict(cursor.positions)
-    for seq, name, _ in listed:
+    # `listed` ascends: the last entry of a name is its largest.
+    for name, seq in {name: seq for seq, name, _ in listed}.items():
         positions[name] = max(positions.get(name, 0), seq)
     kept = tuple(sorted((name, p) for name, p in positions.items() if p > watermark))
     return Cursor(cursor.epoch, watermark, kept)

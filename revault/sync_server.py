@@ -296,10 +296,11 @@ class SyncServer:
             if page.left:
                 log.debug("get_spend_requests for %s: %d requests listed, more pending",
                           caller.describe(), len(page.items))
+            # Positional arguments: a frozen dataclass takes keywords at twice the cost,
+            # and a page builds hundreds of these.
             return GetSpendRequestsResult(
-                requests=[SpendRequest(transaction=r.transaction, timestamp=r.timestamp,
-                                       vault_id=r.vault_id) for r in page.items],
-                cursor=str(page.cursor))
+                [SpendRequest(r.transaction, r.timestamp, r.vault_id) for r in page.items],
+                str(page.cursor))
 
         async def spend_opinion(caller: Caller, p: SpendOpinionParams) -> AckResult:
             if not verify_opinion(p):
