@@ -479,9 +479,11 @@ async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatch
             response = await dispatcher.handle(caller, raw)
             if response is not None:
                 await conn.send(response)
-            # A handler that never waits (a read served from memory) would otherwise
-            # run a peer's whole pipelined backlog without letting anyone else in.
-            await asyncio.sleep(0)
+            if conn.pending:
+                # A handler that never waits (a read served from memory) would otherwise
+                # run a peer's whole pipelined backlog without letting anyone else in.
+                # With nothing queued the next recv waits anyway: no extra turn then.
+                await asyncio.sleep(0)
     except transport.TransportError as e:
         # ConnectionClosed is the normal end; a broken frame ends this connection only.
         log.debug("connection of %s ended: %s", caller.describe(), type(e).__name__)

@@ -593,6 +593,10 @@ class NoiseConnection:
         self._write_paused = False
         self._write_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future] = []
+        # The idle clock: when recv last began to wait for the peer, and one timer per
+        # connection, re-armed when it fires rather than set and cancelled per message.
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def closed(self) -> bool:
@@ -634,6 +638,9 @@ class NoiseConnection:
         if self._error is None:
             self._error = error
         self._cancel_write_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._wake()
         for w in self._drain_waiters:
             if not w.done():
@@ -660,6 +667,22 @@ class NoiseConnection:
             if not w.done():
                 w.set_result(None)
         self._drain_waiters.clear()
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        waiter, since = self._waiter, self._idle_since
+        if waiter is None or since is None or waiter.done():
+            return  # not waiting for the peer: the next idle recv arms the timer again
+        due = since + self._idle_timeout
+        if self._loop.time() >= due:
+            waiter.set_result(True)
+        else:
+            self._idle_timer = self._loop.call_at(due, self._idle_check)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a received message is waiting to be taken by recv."""
+        return bool(self._messages)
 
     def _cancel_write_timer(self) -> None:
         if self._write_timer is not None:
@@ -714,15 +737,20 @@ class NoiseConnection:
             if self._waiter is not None:
                 raise RuntimeError("another task is already receiving on this connection")
             idle = timeout is None
-            limit = self._idle_timeout if idle else timeout
             waiter = self._waiter = self._loop.create_future()
             timer = None
-            if limit is not None:
-                timer = self._loop.call_later(limit, _expire, waiter)
+            if not idle:
+                timer = self._loop.call_later(timeout, _expire, waiter)
+            elif self._idle_timeout is not None:
+                self._idle_since = self._loop.time()
+                if self._idle_timer is None:
+                    self._idle_timer = self._loop.call_at(
+                        self._idle_since + self._idle_timeout, self._idle_check)
             try:
                 expired = await waiter
             finally:
                 self._waiter = None
+                self._idle_since = None
                 if timer is not None:
                     timer.cancel()
             if (expired and not self._messages and self._error is None
@@ -889,7 +917,6 @@ class _ServerProtocol(_HandshakingProtocol):
             self._transport, codec, peer, server._limits.idle_timeout, server._loop,
             self.lost, write_timeout=server._limits.write_timeout, notices=server._notices)
         logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
-        server._start_handler(conn)
         if rest:
             self._frames(conn, rest)
 
@@ -897,10 +924,12 @@ class _ServerProtocol(_HandshakingProtocol):
         conn._data(data)
         if not self._authenticated and conn.frames_received and conn._error is None:
             # Only the holder of the peer's key can make a frame decrypt: a replayed act
-            # one never gets here, and stays bound by the handshake deadline.
+            # one never gets here, and stays bound by the handshake deadline. Nor does it
+            # get a handler: that starts with the first frame, for authenticated peers.
             self._authenticated = True
             self._handshake_decided("ok")
             self._server._slots.authenticate(self)
+            self._server._start_handler(conn)
 
     def eof_received(self) -> bool:
         if not self._authenticated:

@@ -453,6 +453,10 @@ class FakeConnection:
             raise self.end
         return self.incoming.popleft()
 
+    @property
+    def pending(self) -> bool:
+        return bool(self.incoming)
+
     async def send(self, plaintext: bytes) -> None:
         if self.closed:
             raise ConnectionClosed("closed")
@@ -545,6 +549,10 @@ class PipeEnd:
             raise ConnectionClosed("closed")
         self.sent.append(bytes(plaintext))
         self.other.inbox.put_nowait(bytes(plaintext))
+
+    @property
+    def pending(self) -> bool:
+        return not self.inbox.empty()
 
     async def recv(self, timeout: float | None = None) -> bytes:
         if self.closed:
