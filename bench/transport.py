@@ -360,11 +360,17 @@ def client_main() -> None:
 
 
 class Figure:
-    """A loopback figure: operations per wall second, and server CPU time per operation."""
+    """A loopback figure: operations per wall second, and server CPU time per operation,
+    over one or more measurement windows."""
 
     def __init__(self, count: int, elapsed: float, server_cpu: float):
+        self.count, self.elapsed, self.server_cpu = count, elapsed, server_cpu
         self.rate = count / elapsed
         self.cpu_us = server_cpu / count * 1e6 if count else float("inf")
+
+    def __add__(self, other: Figure) -> Figure:
+        return Figure(self.count + other.count, self.elapsed + other.elapsed,
+                      self.server_cpu + other.server_cpu)
 
 
 async def run_client(params: dict) -> Figure:
@@ -411,8 +417,12 @@ def row(name: str, fig: Figure, unit: str, ceilings: list[tuple[str, float, floa
 
 
 async def main(quick: bool) -> None:
-    duration = 0.4 if quick else 3.0
-    warmup = 0.2 if quick else 0.5
+    # Each figure is measured in `rounds` windows, the figures compared with one another
+    # taking turns window by window: a change in the machine's other load (2 cores, the
+    # client on one of them) then moves all of them alike, not one figure alone.
+    rounds = 1 if quick else 3
+    duration = 0.4 if quick else 1.0
+    warmup = 0.2 if quick else 0.3
     prim_duration = 0.3 if quick else 2.0
     server_key, client_key = os.urandom(32), os.urandom(32)
     server_public = t.public_key(server_key)
@@ -420,7 +430,8 @@ async def main(quick: bool) -> None:
     peers = [t.public_key(client_key)] + [t.public_key(os.urandom(32)) for _ in range(7)]
 
     print(f"revault.transport bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs, "
-          f"loopback, load from a separate client process, {duration:g} s per figure, "
+          f"loopback, load from a separate client process, {rounds} x {duration:g} s per "
+          f"figure taking turns, "
           f"server knows {len(peers)} peers")
     x = ceiling_x25519(prim_duration)
     sans_io = ceiling_sans_io_handshake(prim_duration, server_key, client_key, peers)
@@ -439,22 +450,28 @@ async def main(quick: bool) -> None:
     mtls_port = mtls.sockets[0].getsockname()[1]
     common = {"server_public": server_public.hex(), "client_key": client_key.hex(),
               "duration": duration, "warmup": warmup, "tls": tls_files}
+    async def taking_turns(jobs: list[dict]) -> list[Figure]:
+        figures: list[Figure | None] = [None] * len(jobs)
+        for _ in range(rounds):
+            for i, job in enumerate(jobs):
+                figure = await run_client({**common, **job})
+                figures[i] = figure if figures[i] is None else figures[i] + figure
+        return figures
+
     try:
-        raw_hs = await run_client({**common, "kind": "raw", "port": noise.port,
-                                   "clients": HANDSHAKE_CLIENTS})
-        full_hs = await run_client({**common, "kind": "full", "port": noise.port,
-                                    "clients": HANDSHAKE_CLIENTS})
-        mtls_hs = await run_client({**common, "kind": "mtls_full", "port": mtls_port,
-                                    "clients": HANDSHAKE_CLIENTS})
+        raw_hs, full_hs, mtls_hs = await taking_turns([
+            {"kind": "raw", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
+            {"kind": "full", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
+            {"kind": "mtls_full", "port": mtls_port, "clients": HANDSHAKE_CLIENTS}])
         noise_rtt, plain_rtt, mtls_rtt = {}, {}, {}
         for conns in CONNECTIONS:
             for _, size in SIZES:
-                for kind, port, into in (("noise", noise.port, noise_rtt),
-                                         ("plain", plain_port, plain_rtt),
-                                         ("mtls", mtls_port, mtls_rtt)):
-                    into[conns, size] = await run_client(
-                        {**common, "kind": kind, "port": port, "connections": conns,
-                         "size": size})
+                shape = {"connections": conns, "size": size}
+                (noise_rtt[conns, size], plain_rtt[conns, size],
+                 mtls_rtt[conns, size]) = await taking_turns([
+                    {"kind": "noise", "port": noise.port, **shape},
+                    {"kind": "plain", "port": plain_port, **shape},
+                    {"kind": "mtls", "port": mtls_port, **shape}])
     finally:
         await noise.close()
         plain.close()

@@ -624,7 +624,11 @@ class NoiseConnection:
             for m in messages:
                 queue.append(m)
                 self._queued += len(m) + _MESSAGE_OVERHEAD
-            if self._queued > _READ_HIGH and not self._reading_paused and self._error is None:
+            # A big message for a receiver that is waiting is taken on the next turn:
+            # pausing (two epoll_ctl calls) would not bound anything more.
+            if (self._queued > _READ_HIGH and not self._reading_paused
+                    and self._error is None
+                    and (self._waiter is None or len(queue) > 1)):
                 self._reading_paused = True
                 self._transport.pause_reading()
             self._wake()
