@@ -130,8 +130,20 @@ def ceiling_codec(duration: float, size: int) -> float:
 # ------------------------------------------------------------------------------ servers
 
 async def noise_echo(conn: t.NoiseConnection) -> None:
-    while True:
-        await conn.send(await conn.recv())
+    """Echo each message from the transport's callback (deliver_to), the way the
+    daemons' serve_connection answers a request that does not wait."""
+    ended = asyncio.get_running_loop().create_future()
+
+    def ready() -> None:
+        try:
+            while (message := conn.recv_nowait()) is not None:
+                conn.send_nowait(message)
+        except t.ConnectionClosed:
+            if not ended.done():
+                ended.set_result(None)
+
+    conn.deliver_to(ready)
+    await ended
 
 
 def take_plain_frames(buf: bytearray) -> list[bytes]:

@@ -597,6 +597,7 @@ class NoiseConnection:
         # connection, re-armed when it fires rather than set and cancelled per message.
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._ready: Callable[[], None] | None = None   # deliver_to's consumer
 
     @property
     def closed(self) -> bool:
@@ -624,16 +625,19 @@ class NoiseConnection:
             for m in messages:
                 queue.append(m)
                 self._queued += len(m) + _MESSAGE_OVERHEAD
-            # A big message for a receiver that is waiting is taken on the next turn:
-            # pausing (two epoll_ctl calls) would not bound anything more.
+            # A big message for a receiver that waits for it is taken at once (or on
+            # the next turn): pausing (two epoll_ctl calls) would bound nothing more.
             if (self._queued > _READ_HIGH and not self._reading_paused
                     and self._error is None
-                    and (self._waiter is None or len(queue) > 1)):
+                    and (self._idle_since is None or len(queue) > 1)):
                 self._reading_paused = True
                 self._transport.pause_reading()
             self._wake()
 
     def _wake(self) -> None:
+        if self._ready is not None:
+            self._ready()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -672,16 +676,32 @@ class NoiseConnection:
                 w.set_result(None)
         self._drain_waiters.clear()
 
+    def _waiting_for_peer(self) -> None:
+        """The consumer waits for the next message: start the idle clock."""
+        self._idle_since = now = self._loop.time()
+        if self._idle_timer is None and self._idle_timeout is not None:
+            self._idle_timer = self._loop.call_at(now + self._idle_timeout, self._idle_check)
+
     def _idle_check(self) -> None:
         self._idle_timer = None
-        waiter, since = self._waiter, self._idle_since
-        if waiter is None or since is None or waiter.done():
-            return  # not waiting for the peer: the next idle recv arms the timer again
+        since = self._idle_since
+        if since is None or self.closed:
+            return  # not waiting for the peer: the next wait arms the timer again
         due = since + self._idle_timeout
-        if self._loop.time() >= due:
-            waiter.set_result(True)
-        else:
+        if self._loop.time() < due:
             self._idle_timer = self._loop.call_at(due, self._idle_check)
+        elif self._ready is not None:
+            self._close_idle()
+            self._wake()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    def _close_idle(self) -> None:
+        self._notices.log(logging.INFO, ("idle", self.peer_public),
+                          "closing idle connection from peer %s", key_prefix(self.peer_public))
+        self._set_error(ConnectionClosed("idle timeout"))
+        self._closing = True
+        self._transport.close()
 
     @property
     def pending(self) -> bool:
@@ -708,24 +728,73 @@ class NoiseConnection:
         self._transport.abort()
 
     # -- public API --
-    async def send(self, plaintext: bytes) -> None:
+    def send_nowait(self, plaintext: bytes) -> bool:
+        """Seal and write one message now. False when the peer is not reading what we
+        write (our buffer for it is over its high mark): send no more until send()
+        would have returned, or the write deadline closes the connection."""
         if self._error is not None:
             raise ConnectionClosed(*self._error.args)
         if self._transport.is_closing():
             # The socket failed (reset by the peer) and asyncio would drop what we write,
             # silently: a sender must learn now, not after its whole backlog.
             raise ConnectionClosed("connection lost")
-        # Sealing and writing without an await in between keeps frames whole and in
-        # nonce order when several tasks send at once.
+        # Sealing and writing in one call keeps frames whole and in nonce order when
+        # several tasks send at once.
         self._transport.write(self._codec._seal(plaintext))
-        if self._write_paused:
+        return not self._write_paused
+
+    async def send(self, plaintext: bytes) -> None:
+        """send_nowait, then wait while the peer does not read what we wrote."""
+        if not self.send_nowait(plaintext):
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
 
+    def deliver_to(self, ready: Callable[[], None]) -> None:
+        """Push instead of pull: call ``ready()`` whenever a message is queued or the
+        connection ends, synchronously from the protocol's callback; the consumer then
+        takes messages with recv_nowait. recv is not used after this.
+
+        A server answering from that callback saves the event-loop turn a task needs to
+        wake for each message. The idle timeout runs while recv_nowait last found
+        nothing queued and no message came since."""
+        if self._ready is not None or self._waiter is not None:
+            raise RuntimeError("this connection already has a receiver")
+        self._ready = ready
+        if self.receivable:
+            ready()
+        elif self._idle_since is None:
+            self._waiting_for_peer()
+
+    @property
+    def receivable(self) -> bool:
+        """Whether recv_nowait would return a message or raise, rather than None."""
+        return bool(self._messages) or self._error is not None or self._input_ended
+
+    def recv_nowait(self) -> bytes | None:
+        """The next message, or None when none is queued; ConnectionClosed once every
+        message the peer sent was taken and no more can come."""
+        if self._messages:
+            message = self._messages.popleft()
+            self._queued -= len(message) + _MESSAGE_OVERHEAD
+            if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
+                self._reading_paused = False
+                self._transport.resume_reading()
+            self._idle_since = None
+            return message
+        if self._error is not None:
+            raise ConnectionClosed(*self._error.args)
+        if self._input_ended:
+            raise ConnectionClosed("peer closed the connection")
+        if self._idle_since is None:
+            self._waiting_for_peer()
+        return None
+
     async def recv(self, timeout: float | None = None) -> bytes:
+        if self._ready is not None:
+            raise RuntimeError("this connection delivers its messages (deliver_to)")
         while True:
             if self._messages:
                 message = self._messages.popleft()
@@ -745,11 +814,8 @@ class NoiseConnection:
             timer = None
             if not idle:
                 timer = self._loop.call_later(timeout, _expire, waiter)
-            elif self._idle_timeout is not None:
-                self._idle_since = self._loop.time()
-                if self._idle_timer is None:
-                    self._idle_timer = self._loop.call_at(
-                        self._idle_since + self._idle_timeout, self._idle_check)
+            else:
+                self._waiting_for_peer()
             try:
                 expired = await waiter
             finally:
@@ -760,12 +826,7 @@ class NoiseConnection:
             if (expired and not self._messages and self._error is None
                     and not self._input_ended and not self._closing):
                 if idle:
-                    self._notices.log(logging.INFO, ("idle", self.peer_public),
-                                      "closing idle connection from peer %s",
-                                      key_prefix(self.peer_public))
-                    self._set_error(ConnectionClosed("idle timeout"))
-                    self._closing = True
-                    self._transport.close()
+                    self._close_idle()
                     raise ConnectionClosed("idle timeout")
                 raise asyncio.TimeoutError()
 

@@ -787,6 +787,79 @@ async def test_idle_timeout_counts_from_the_last_wait_not_the_first():
         await conn.close()
 
 
+def push_echo(ended: list):
+    """A handler in deliver_to mode: echoes each message from the transport's callback,
+    records how the connection ended."""
+
+    async def handler(conn):
+        done = asyncio.get_running_loop().create_future()
+
+        def ready():
+            try:
+                while (message := conn.recv_nowait()) is not None:
+                    conn.send_nowait(message)
+            except ConnectionClosed as e:
+                if not done.done():
+                    done.set_result(str(e))
+
+        conn.deliver_to(ready)
+        ended.append(await done)
+
+    return handler
+
+
+async def test_deliver_to_pushes_messages_in_order_then_the_end():
+    ended = []
+    async with running(push_echo(ended)) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        for i in range(20):
+            await conn.send(b"m%d" % i)
+        assert [await conn.recv(timeout=BOUND) for _ in range(20)] == [b"m%d" % i
+                                                                      for i in range(20)]
+        await conn.close()
+        await wait_until(lambda: len(ended) == 1)
+        assert ended[0] in ("peer closed the connection", "connection lost")
+        await wait_until(lambda: server.connection_count == 0)
+
+
+async def test_deliver_to_idle_timeout_counts_from_the_last_wait():
+    ended = []
+    async with running(push_echo(ended), ServerLimits(idle_timeout=0.3)) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        started = time.monotonic()
+        while True:
+            await conn.send(b"ping")
+            assert await conn.recv(timeout=BOUND) == b"ping"
+            quiet = time.monotonic()
+            if quiet - started >= 1.0:
+                break
+            await asyncio.sleep(0.1)
+        assert ended == []
+        with pytest.raises(ConnectionClosed):
+            await conn.recv(timeout=BOUND)
+        assert 0.25 <= time.monotonic() - quiet < BOUND
+        await wait_until(lambda: ended == ["idle timeout"])
+        await conn.close()
+
+
+async def test_deliver_to_takes_what_was_queued_before_and_excludes_recv():
+    async def handler(conn):
+        got = []
+        conn.deliver_to(lambda: got.append(conn.recv_nowait()))
+        assert got == [b"first"]   # the frame that started the handler
+        with pytest.raises(RuntimeError):
+            await conn.recv()
+        with pytest.raises(RuntimeError):
+            conn.deliver_to(lambda: None)
+        assert conn.send_nowait(b"seen")
+
+    async with running(handler) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        await conn.send(b"first")
+        assert await conn.recv(timeout=BOUND) == b"seen"
+        await conn.close()
+
+
 async def test_max_connections_counts_handshakes_and_refuses_at_once():
     limits = ServerLimits(max_connections=2, max_handshakes=2, max_handshakes_per_address=2)
     async with running(limits=limits) as server:
