@@ -157,6 +157,12 @@ def _hkdf2(chaining_key: bytes, input_key_material: bytes) -> tuple[bytes, bytes
     return first, _hmac_sha256(temp, first + b"\x02")
 
 
+def _hkdf_chaining_key(chaining_key: bytes, input_key_material: bytes) -> bytes:
+    """The first output of _hkdf2 alone: MixKey's new chaining key, for a MixKey whose
+    cipher key is replaced by the next MixKey before any use (one HMAC fewer)."""
+    return _hmac_sha256(_hmac_sha256(chaining_key, input_key_material), b"\x01")
+
+
 class _SymmetricState:
     """Noise's SymmetricState (with its CipherState) for SHA256 and ChaChaPoly.
 
@@ -179,6 +185,11 @@ class _SymmetricState:
         self.ck, key = _hkdf2(self.ck, input_key_material)
         self._cipher = ChaCha20Poly1305(key)
         self._n = 0
+
+    def mix_key_then_rekey(self, input_key_material: bytes) -> None:
+        """MixKey when another MixKey follows before any encryption: only ck changes
+        (the cipher key this one would set is never used)."""
+        self.ck = _hkdf_chaining_key(self.ck, input_key_material)
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         if self._cipher is None:
@@ -382,8 +393,8 @@ class InitiatorHandshake:
         e = self._e if self._e is not None else _generate_keypair()
         self._e = e
         st.mix_hash(e.public_bytes)
-        st.mix_key(_dh(e, self._rs))           # es
-        st.mix_key(_dh(self._s, self._rs))     # ss
+        st.mix_key_then_rekey(_dh(e, self._rs))   # es
+        st.mix_key(_dh(self._s, self._rs))        # ss
         return e.public_bytes + st.encrypt_and_hash(payload)
 
     def act_one(self) -> bytes:
@@ -398,8 +409,8 @@ class InitiatorHandshake:
         st = self._state
         re = _remote_ephemeral(data)
         st.mix_hash(re.public_bytes)
-        st.mix_key(_dh(self._e, re))           # ee
-        st.mix_key(_dh(self._s, re))           # se
+        st.mix_key_then_rekey(_dh(self._e, re))   # ee
+        st.mix_key(_dh(self._s, re))              # se
         payload = _decrypt_and_hash(st, bytes(data[KEY_LEN:]))
         self._handshake_hash = st.h
         k1, k2 = st.split()
@@ -484,7 +495,7 @@ class ResponderHandshake:
         ciphertext = bytes(data[KEY_LEN:])
         # MixKey(es) acts on ck alone, which no candidate has touched yet, so it is done
         # once; the cipher key it would set is replaced by MixKey(ss) before any use.
-        ck_es, _ = _hkdf2(_CK0, _dh(keys.static, re))
+        ck_es = _hkdf_chaining_key(_CK0, _dh(keys.static, re))
         for index, peer in enumerate(keys.peers):
             # A fresh Noise state per candidate: the candidate's static key is part of h.
             st = _SymmetricState(keys.h(index), ck_es)
@@ -515,8 +526,8 @@ class ResponderHandshake:
         st = self._state
         e = self._e if self._e is not None else _generate_keypair()
         st.mix_hash(e.public_bytes)
-        st.mix_key(_dh(e, self._re))           # ee
-        st.mix_key(_dh(e, self._rs))           # se
+        st.mix_key_then_rekey(_dh(e, self._re))   # ee
+        st.mix_key(_dh(e, self._rs))              # se
         message = e.public_bytes + st.encrypt_and_hash(payload)
         self._handshake_hash = st.h
         k1, k2 = st.split()
@@ -935,7 +946,7 @@ class _ServerProtocol(_HandshakingProtocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if not self._authenticated:
-            METRICS.handshakes.labels("timeout").inc()
+            _handshake_counter("timeout").inc()
             logger.debug("handshake timed out with %s", self._peer())
             self._transport.abort()
 
@@ -981,7 +992,8 @@ class _ServerProtocol(_HandshakingProtocol):
         conn = self._conn = NoiseConnection(
             self._transport, codec, peer, server._limits.idle_timeout, server._loop,
             self.lost, write_timeout=server._limits.write_timeout, notices=server._notices)
-        logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
         if rest:
             self._frames(conn, rest)
 
@@ -1008,7 +1020,7 @@ class _ServerProtocol(_HandshakingProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            METRICS.handshakes.labels(outcome).inc()
+            _handshake_counter(outcome).inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -1021,6 +1033,17 @@ class _ServerProtocol(_HandshakingProtocol):
             self._conn._connection_lost(exc)
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+_handshake_counters: dict = {}
+
+
+def _handshake_counter(outcome: str):
+    """METRICS.handshakes' child for `outcome`, looked up once (a lookup takes a lock)."""
+    counter = _handshake_counters.get(outcome)
+    if counter is None:
+        counter = _handshake_counters[outcome] = METRICS.handshakes.labels(outcome)
+    return counter
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
