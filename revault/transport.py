@@ -1131,7 +1131,9 @@ async def start_server(host: str, port: int, local_private: bytes,
                        known_peers: Iterable[bytes],
                        handler: Callable[[NoiseConnection], Awaitable[None]],
                        limits: ServerLimits | None = None) -> NoiseServer:
-    """Listen on host:port; run ``handler(conn)`` for every peer that completes KK.
+    """Listen on host:port; run ``handler(conn)`` for every peer that completes KK, as a
+    task started by the peer's first frame (only the holder of a configured key can make
+    one decrypt, so a replayed act one never gets a handler).
 
     The connection is closed when the handler returns or raises, and also when the
     peer's first frame has not decrypted within ``limits.handshake_timeout``.
