@@ -763,6 +763,15 @@ class NoiseConnection:
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
 
+    def _take(self) -> bytes:
+        """The first queued message; reading resumes once the queue is low again."""
+        message = self._messages.popleft()
+        self._queued -= len(message) + _MESSAGE_OVERHEAD
+        if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return message
+
     def deliver_to(self, ready: Callable[[], None]) -> None:
         """Push instead of pull: call ``ready()`` whenever a message is queued or the
         connection ends, synchronously from the protocol's callback; the consumer then
@@ -788,13 +797,8 @@ class NoiseConnection:
         """The next message, or None when none is queued; ConnectionClosed once every
         message the peer sent was taken and no more can come."""
         if self._messages:
-            message = self._messages.popleft()
-            self._queued -= len(message) + _MESSAGE_OVERHEAD
-            if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
-                self._reading_paused = False
-                self._transport.resume_reading()
             self._idle_since = None
-            return message
+            return self._take()
         if self._error is not None:
             raise ConnectionClosed(*self._error.args)
         if self._input_ended:
@@ -808,12 +812,7 @@ class NoiseConnection:
             raise RuntimeError("this connection delivers its messages (deliver_to)")
         while True:
             if self._messages:
-                message = self._messages.popleft()
-                self._queued -= len(message) + _MESSAGE_OVERHEAD
-                if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
-                    self._reading_paused = False
-                    self._transport.resume_reading()
-                return message
+                return self._take()
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
             if self._input_ended:

@@ -768,25 +768,6 @@ async def test_idle_timeout_closes_connection():
         await conn.close()
 
 
-async def test_idle_timeout_counts_from_the_last_wait_not_the_first():
-    # One idle timer per connection, re-armed when it fires: traffic spread over several
-    # idle periods keeps the connection; silence after it still closes it in time.
-    async with running(echo, ServerLimits(idle_timeout=0.3)) as server:
-        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
-        started = time.monotonic()
-        while True:
-            await conn.send(b"ping")
-            assert await conn.recv(timeout=BOUND) == b"ping"
-            quiet = time.monotonic()
-            if quiet - started >= 1.0:
-                break
-            await asyncio.sleep(0.1)
-        with pytest.raises(ConnectionClosed):
-            await conn.recv(timeout=BOUND)
-        assert 0.25 <= time.monotonic() - quiet < BOUND
-        await conn.close()
-
-
 def push_echo(ended: list):
     """A handler in deliver_to mode: echoes each message from the transport's callback,
     records how the connection ended."""
@@ -822,9 +803,13 @@ async def test_deliver_to_pushes_messages_in_order_then_the_end():
         await wait_until(lambda: server.connection_count == 0)
 
 
-async def test_deliver_to_idle_timeout_counts_from_the_last_wait():
+@pytest.mark.parametrize("delivery", ["recv", "deliver_to"])
+async def test_idle_timeout_counts_from_the_last_wait_not_the_first(delivery):
+    # One idle timer per connection, re-armed when it fires: traffic spread over several
+    # idle periods keeps the connection; silence after it still closes it in time.
     ended = []
-    async with running(push_echo(ended), ServerLimits(idle_timeout=0.3)) as server:
+    handler = echo if delivery == "recv" else push_echo(ended)
+    async with running(handler, ServerLimits(idle_timeout=0.3)) as server:
         conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
         started = time.monotonic()
         while True:
@@ -838,7 +823,8 @@ async def test_deliver_to_idle_timeout_counts_from_the_last_wait():
         with pytest.raises(ConnectionClosed):
             await conn.recv(timeout=BOUND)
         assert 0.25 <= time.monotonic() - quiet < BOUND
-        await wait_until(lambda: ended == ["idle timeout"])
+        if delivery == "deliver_to":
+            await wait_until(lambda: ended == ["idle timeout"])
         await conn.close()
 
 
