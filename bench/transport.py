@@ -19,6 +19,10 @@ Ceilings:
       client feed) for each payload;
   (d) a plain asyncio TCP echo with the same u16 length-prefixed framing, no crypto,
       same connection counts and payloads, same client process layout.
+  (f) the event loop's own cost per connection: a plain asyncio server that reads act
+      one's 50 bytes, writes 48 and closes, no crypto, driven by the same client as the
+      act one/act two figure; (a)+(f) is then the best a server doing X25519 in this
+      event loop could reach, however little else it did.
 Peer baseline (what a user would pick instead of Noise):
   (e) JSON-RPC's usual secure channel: mutually authenticated TLS 1.3 (Python's ssl,
       P-256 certificates from a CA generated in this run, both ends verified), an
@@ -158,6 +162,20 @@ def take_plain_frames(buf: bytearray) -> list[bytes]:
     if pos:
         del buf[:pos]
     return frames
+
+
+class HandshakeShapedServer(asyncio.Protocol):
+    """Ceiling (f): act one's bytes in, act two's out, then the client closes; no crypto."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.received = 0
+
+    def data_received(self, data):
+        self.received += len(data)
+        if self.received >= t.ACT_ONE_LEN:
+            self.received = -1 << 30  # answered once
+            self.transport.write(bytes(t.ACT_TWO_LEN))
 
 
 class PlainEchoServer(asyncio.Protocol):
@@ -455,6 +473,8 @@ async def main(quick: bool) -> None:
     loop = asyncio.get_running_loop()
     plain = await loop.create_server(PlainEchoServer, HOST, 0)
     plain_port = plain.sockets[0].getsockname()[1]
+    shaped = await loop.create_server(HandshakeShapedServer, HOST, 0, backlog=1024)
+    shaped_port = shaped.sockets[0].getsockname()[1]
     tls_dir = tempfile.TemporaryDirectory(prefix="revault-bench-tls-")
     tls_files = make_mtls_files(Path(tls_dir.name))
     mtls = await loop.create_server(PlainEchoServer, HOST, 0,
@@ -471,8 +491,9 @@ async def main(quick: bool) -> None:
         return figures
 
     try:
-        raw_hs, full_hs, mtls_hs = await taking_turns([
+        raw_hs, shaped_hs, full_hs, mtls_hs = await taking_turns([
             {"kind": "raw", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
+            {"kind": "raw", "port": shaped_port, "clients": HANDSHAKE_CLIENTS},
             {"kind": "full", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
             {"kind": "mtls_full", "port": mtls_port, "clients": HANDSHAKE_CLIENTS}])
         noise_rtt, plain_rtt, mtls_rtt = {}, {}, {}
@@ -487,8 +508,10 @@ async def main(quick: bool) -> None:
     finally:
         await noise.close()
         plain.close()
+        shaped.close()
         mtls.close()
         await plain.wait_closed()
+        await shaped.wait_closed()
         await mtls.wait_closed()
         tls_dir.cleanup()
 
@@ -499,6 +522,12 @@ async def main(quick: bool) -> None:
     print(f"  {'(a) X25519 bound on handshakes':<38}{fmt_rate(x['handshakes'])} /s    "
           f"({SERVER_DH_PER_HANDSHAKE} DH + {SERVER_KEYGEN_PER_HANDSHAKE} keygen each)")
     print(f"  {'(b) sans-IO responder handshake':<38}{fmt_rate(sans_io)} /s")
+    floor_us = shaped_hs.cpu_us
+    with_floor = 1e6 / (1e6 / x["handshakes"] + floor_us)
+    print(f"  {'(f) asyncio accept+50 B+48 B+close':<38}{fmt_rate(shaped_hs.rate)} /s  "
+          f"  server {floor_us:6.1f} us CPU each, no crypto")
+    print(f"  {'    (a)+(f): X25519 in this loop':<38}{fmt_rate(with_floor)} /s    "
+          f"= {with_floor / x['handshakes']:.2f} x (a)")
     for label, size in SIZES:
         print(f"  {'(c) FrameCodec round trip ' + label:<38}{fmt_rate(codec[size])} rt/s"
               f"    (both ends' crypto)")
@@ -519,9 +548,10 @@ async def main(quick: bool) -> None:
     print()
     print(f"  {'':<34}{'wall rate':>12} {'':<5} {'wall rate / ceiling':<24}|"
           f" {'server CPU/op':>11}  ceiling CPU/op / server CPU/op")
-    print("server-side handshakes (ceilings a, b)")
+    print("server-side handshakes (ceilings a, b; a+f)")
     hs_ceilings = [("/a", x["handshakes"], 1e6 / x["handshakes"]),
-                   ("/b", sans_io, 1e6 / sans_io)]
+                   ("/b", sans_io, 1e6 / sans_io),
+                   ("/af", with_floor, 1e6 / with_floor)]
     print(row(f"act one/act two, {HANDSHAKE_CLIENTS} clients", raw_hs, "/s", hs_ceilings))
     print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s",
               hs_ceilings + [("/e", mtls_hs.rate, mtls_hs.cpu_us)]))
