@@ -18,7 +18,9 @@ Ceilings:
   (c) in-process FrameCodec round trip (client encrypt, server feed, server encrypt,
       client feed) for each payload;
   (d) a plain asyncio TCP echo with the same u16 length-prefixed framing, no crypto,
-      same connection counts and payloads, same client process layout.
+      same connection counts and payloads, same client process layout;
+  (d+c) that echo plus the server's half of (c)'s crypto per round trip: the best a
+      server with this framing could do over this event loop (wall rate scaled by CPU).
   (f) the event loop's own cost per connection: a plain asyncio server that reads act
       one's 50 bytes, writes 48 and closes, no crypto, driven by the same client as the
       act one/act two figure; (a)+(f) is then the best a server doing X25519 in this
@@ -450,9 +452,11 @@ async def main(quick: bool) -> None:
     # Each figure is measured in `rounds` windows, the figures compared with one another
     # taking turns window by window: a change in the machine's other load (2 cores, the
     # client on one of them) then moves all of them alike, not one figure alone.
-    rounds = 1 if quick else 3
-    duration = 0.4 if quick else 1.0
-    warmup = 0.2 if quick else 0.3
+    # On this kind of machine one window can run at half the rate of the next: many
+    # short windows average that out.
+    rounds = 1 if quick else 6
+    duration = 0.4 if quick else 0.5
+    warmup = 0.2
     prim_duration = 0.3 if quick else 2.0
     server_key, client_key = os.urandom(32), os.urandom(32)
     server_public = t.public_key(server_key)
@@ -555,13 +559,18 @@ async def main(quick: bool) -> None:
     print(row(f"act one/act two, {HANDSHAKE_CLIENTS} clients", raw_hs, "/s", hs_ceilings))
     print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s",
               hs_ceilings + [("/e", mtls_hs.rate, mtls_hs.cpu_us)]))
-    print("request round trips, echo handler (ceilings c, d; peer baseline e)")
+    print("request round trips, echo handler (ceilings c, d, d+c; peer baseline e)")
     for conns in CONNECTIONS:
         for label, size in SIZES:
             plain_fig, mtls_fig = plain_rtt[conns, size], mtls_rtt[conns, size]
+            # d+c: the plain echo had it also done the server's half of (c)'s crypto (one
+            # feed, one seal): the best this framing allows over this event loop.
+            crypto_us = 1e6 / codec[size] / 2
+            framed_us = plain_fig.cpu_us + crypto_us
             print(row(f"{conns} conn, {label}", noise_rtt[conns, size], "rt/s",
                       [("/c", codec[size], 1e6 / codec[size]),
                        ("/d", plain_fig.rate, plain_fig.cpu_us),
+                       ("/dc", plain_fig.rate * plain_fig.cpu_us / framed_us, framed_us),
                        ("/e", mtls_fig.rate, mtls_fig.cpu_us)]))
     print()
     print("Clients run in a separate process; on a machine with other load the wall rates")
