@@ -13,8 +13,10 @@ import logging
 import math
 import time
 import traceback
+import types
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import (Any, Awaitable, Callable, Coroutine, Generator, Iterable, Mapping,
+                    Protocol)
 
 import orjson
 
@@ -469,22 +471,145 @@ class RequestPacer:
             await self._sleep(delay)
 
 
+@types.coroutine
+def _resume(coro: Coroutine, throw: BaseException | None = None,
+            yielded: Any = None) -> Generator[Any, Any, Any]:
+    """Go on driving `coro`, started elsewhere and suspended where it yielded `yielded`
+    (or, with `throw`, deliver that exception to it first): what `await coro` does, for
+    a coroutine that was not started by it. Values, exceptions and closing pass through."""
+    while True:
+        try:
+            if throw is not None:
+                exc, throw = throw, None
+                yielded = coro.throw(exc)
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                throw = exc
+                continue
+            yielded = coro.send(sent)
+        except StopIteration as stop:
+            return stop.value
+
+
+class _ConnectionServer:
+    """serve_connection's engine: one connection's requests, in order, one at a time.
+
+    A request starts as soon as it is received, in the transport's callback, and runs
+    there until it first suspends: a read served from memory or from SQLite answers at
+    once, without the event-loop turn a task needs to wake (what Python 3.12 calls an
+    eager start). It runs as the connection's own task (asyncio.current_task() is that
+    task), and if it suspends, that task drives it on from there, so timeouts and
+    cancellation behave exactly as if the task had run it from the start. Requests
+    queued behind one take one event-loop turn each: a peer that pipelines does not
+    hold the loop. The task also answers what arrives while it is busy.
+    """
+
+    def __init__(self, conn: transport.NoiseConnection, dispatcher: Dispatcher,
+                 caller: Caller, pacer: RequestPacer | None):
+        self._conn = conn
+        self._dispatcher = dispatcher
+        self._caller = caller
+        self._pacer = pacer
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._busy = True            # the task answers a request, or is about to
+        # A request begun in the callback, for the task to finish: (coroutine, what it
+        # yielded when it suspended, or the exception it raised at once).
+        self._suspended: tuple[Coroutine, Any, BaseException | None] | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def ready(self) -> None:
+        """The transport's callback: a message is queued, or the connection ended."""
+        if self._busy:
+            return
+        if self._waiter is None or asyncio.current_task() is not None:
+            # Called from inside a task (a close, say): the connection's task sees to it.
+            self._wake()
+            return
+        try:
+            raw = self._conn.recv_nowait()
+        except transport.TransportError:
+            self._wake()
+            return
+        if raw is None:
+            return
+        coro = self._answer(raw)
+        asyncio.tasks._enter_task(self._loop, self._task)
+        try:
+            self._suspended = (coro, coro.send(None), None)
+        except StopIteration:
+            if self._conn.receivable:
+                self._wake()               # the next request, on the next turn
+            else:
+                self._conn.recv_nowait()   # None: the idle clock starts from now
+            return
+        except BaseException as e:
+            self._suspended = (coro, None, e)
+        finally:
+            asyncio.tasks._leave_task(self._loop, self._task)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._busy = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _answer(self, raw: bytes) -> None:
+        if self._pacer is not None:
+            await self._pacer.wait_turn(self._caller.public_key)
+        response = await self._dispatcher.handle(self._caller, raw)
+        if response is not None:
+            await self._conn.send(response)
+
+    async def _drive(self, cancelled: BaseException | None = None) -> None:
+        coro, yielded, raised = self._suspended
+        self._suspended = None
+        if raised is not None:
+            raise raised
+        await _resume(coro, throw=cancelled, yielded=yielded)
+
+    async def run(self) -> None:
+        """The connection's task: until the connection ends (ConnectionClosed)."""
+        conn = self._conn
+        while True:
+            if self._suspended is not None:
+                await self._drive()
+            raw = conn.recv_nowait()
+            if raw is not None:
+                await self._answer(raw)
+                if conn.receivable:
+                    await asyncio.sleep(0)
+                continue
+            self._waiter = self._loop.create_future()
+            self._busy = False
+            try:
+                await self._waiter
+            except asyncio.CancelledError as e:
+                self._busy = True
+                if self._suspended is None:
+                    raise
+                # Meant for the request that began in the callback (a timeout of its
+                # own, or the server closing): it gets it where it waits.
+                await self._drive(cancelled=e)
+            finally:
+                self._waiter = None
+                self._busy = True
+
+
 async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatcher,
                            caller: Caller, pacer: RequestPacer | None = None) -> None:
     """Answer requests on one connection, in order, each once the peer's pace allows,
     until it closes. After the peer shuts down its side, every request it sent before
-    is still answered."""
+    is still answered. Run it as a task of its own (the server's handler is)."""
+    server = _ConnectionServer(conn, dispatcher, caller, pacer)
+    conn.deliver_to(server.ready)
     try:
-        while True:
-            raw = await conn.recv()
-            if pacer is not None:
-                await pacer.wait_turn(caller.public_key)
-            response = await dispatcher.handle(caller, raw)
-            if response is not None:
-                await conn.send(response)
-            # A handler that never waits (a read served from memory) would otherwise
-            # run a peer's whole pipelined backlog without letting anyone else in.
-            await asyncio.sleep(0)
+        await server.run()
     except transport.TransportError as e:
         # ConnectionClosed is the normal end; a broken frame ends this connection only.
         log.debug("connection of %s ended: %s", caller.describe(), type(e).__name__)

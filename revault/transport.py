@@ -157,6 +157,12 @@ def _hkdf2(chaining_key: bytes, input_key_material: bytes) -> tuple[bytes, bytes
     return first, _hmac_sha256(temp, first + b"\x02")
 
 
+def _hkdf_chaining_key(chaining_key: bytes, input_key_material: bytes) -> bytes:
+    """The first output of _hkdf2 alone: MixKey's new chaining key, for a MixKey whose
+    cipher key is replaced by the next MixKey before any use (one HMAC fewer)."""
+    return _hmac_sha256(_hmac_sha256(chaining_key, input_key_material), b"\x01")
+
+
 class _SymmetricState:
     """Noise's SymmetricState (with its CipherState) for SHA256 and ChaChaPoly.
 
@@ -179,6 +185,11 @@ class _SymmetricState:
         self.ck, key = _hkdf2(self.ck, input_key_material)
         self._cipher = ChaCha20Poly1305(key)
         self._n = 0
+
+    def mix_key_then_rekey(self, input_key_material: bytes) -> None:
+        """MixKey when another MixKey follows before any encryption: only ck changes
+        (the cipher key this one would set is never used)."""
+        self.ck = _hkdf_chaining_key(self.ck, input_key_material)
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         if self._cipher is None:
@@ -382,8 +393,8 @@ class InitiatorHandshake:
         e = self._e if self._e is not None else _generate_keypair()
         self._e = e
         st.mix_hash(e.public_bytes)
-        st.mix_key(_dh(e, self._rs))           # es
-        st.mix_key(_dh(self._s, self._rs))     # ss
+        st.mix_key_then_rekey(_dh(e, self._rs))   # es
+        st.mix_key(_dh(self._s, self._rs))        # ss
         return e.public_bytes + st.encrypt_and_hash(payload)
 
     def act_one(self) -> bytes:
@@ -398,8 +409,8 @@ class InitiatorHandshake:
         st = self._state
         re = _remote_ephemeral(data)
         st.mix_hash(re.public_bytes)
-        st.mix_key(_dh(self._e, re))           # ee
-        st.mix_key(_dh(self._s, re))           # se
+        st.mix_key_then_rekey(_dh(self._e, re))   # ee
+        st.mix_key(_dh(self._s, re))              # se
         payload = _decrypt_and_hash(st, bytes(data[KEY_LEN:]))
         self._handshake_hash = st.h
         k1, k2 = st.split()
@@ -484,7 +495,7 @@ class ResponderHandshake:
         ciphertext = bytes(data[KEY_LEN:])
         # MixKey(es) acts on ck alone, which no candidate has touched yet, so it is done
         # once; the cipher key it would set is replaced by MixKey(ss) before any use.
-        ck_es, _ = _hkdf2(_CK0, _dh(keys.static, re))
+        ck_es = _hkdf_chaining_key(_CK0, _dh(keys.static, re))
         for index, peer in enumerate(keys.peers):
             # A fresh Noise state per candidate: the candidate's static key is part of h.
             st = _SymmetricState(keys.h(index), ck_es)
@@ -515,8 +526,8 @@ class ResponderHandshake:
         st = self._state
         e = self._e if self._e is not None else _generate_keypair()
         st.mix_hash(e.public_bytes)
-        st.mix_key(_dh(e, self._re))           # ee
-        st.mix_key(_dh(e, self._rs))           # se
+        st.mix_key_then_rekey(_dh(e, self._re))   # ee
+        st.mix_key(_dh(e, self._rs))              # se
         message = e.public_bytes + st.encrypt_and_hash(payload)
         self._handshake_hash = st.h
         k1, k2 = st.split()
@@ -593,6 +604,11 @@ class NoiseConnection:
         self._write_paused = False
         self._write_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future] = []
+        # The idle clock: when recv last began to wait for the peer, and one timer per
+        # connection, re-armed when it fires rather than set and cancelled per message.
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._ready: Callable[[], None] | None = None   # deliver_to's consumer
 
     @property
     def closed(self) -> bool:
@@ -620,12 +636,19 @@ class NoiseConnection:
             for m in messages:
                 queue.append(m)
                 self._queued += len(m) + _MESSAGE_OVERHEAD
-            if self._queued > _READ_HIGH and not self._reading_paused and self._error is None:
+            # A big message for a receiver that waits for it is taken at once (or on
+            # the next turn): pausing (two epoll_ctl calls) would bound nothing more.
+            if (self._queued > _READ_HIGH and not self._reading_paused
+                    and self._error is None
+                    and (self._idle_since is None or len(queue) > 1)):
                 self._reading_paused = True
                 self._transport.pause_reading()
             self._wake()
 
     def _wake(self) -> None:
+        if self._ready is not None:
+            self._ready()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -634,6 +657,9 @@ class NoiseConnection:
         if self._error is None:
             self._error = error
         self._cancel_write_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._wake()
         for w in self._drain_waiters:
             if not w.done():
@@ -661,6 +687,38 @@ class NoiseConnection:
                 w.set_result(None)
         self._drain_waiters.clear()
 
+    def _waiting_for_peer(self) -> None:
+        """The consumer waits for the next message: start the idle clock."""
+        self._idle_since = now = self._loop.time()
+        if self._idle_timer is None and self._idle_timeout is not None:
+            self._idle_timer = self._loop.call_at(now + self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None or self.closed:
+            return  # not waiting for the peer: the next wait arms the timer again
+        due = since + self._idle_timeout
+        if self._loop.time() < due:
+            self._idle_timer = self._loop.call_at(due, self._idle_check)
+        elif self._ready is not None:
+            self._close_idle()
+            self._wake()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    def _close_idle(self) -> None:
+        self._notices.log(logging.INFO, ("idle", self.peer_public),
+                          "closing idle connection from peer %s", key_prefix(self.peer_public))
+        self._set_error(ConnectionClosed("idle timeout"))
+        self._closing = True
+        self._transport.close()
+
+    @property
+    def pending(self) -> bool:
+        """Whether a received message is waiting to be taken by recv."""
+        return bool(self._messages)
+
     def _cancel_write_timer(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
@@ -681,32 +739,80 @@ class NoiseConnection:
         self._transport.abort()
 
     # -- public API --
-    async def send(self, plaintext: bytes) -> None:
+    def send_nowait(self, plaintext: bytes) -> bool:
+        """Seal and write one message now. False when the peer is not reading what we
+        write (our buffer for it is over its high mark): send no more until send()
+        would have returned, or the write deadline closes the connection."""
         if self._error is not None:
             raise ConnectionClosed(*self._error.args)
         if self._transport.is_closing():
             # The socket failed (reset by the peer) and asyncio would drop what we write,
             # silently: a sender must learn now, not after its whole backlog.
             raise ConnectionClosed("connection lost")
-        # Sealing and writing without an await in between keeps frames whole and in
-        # nonce order when several tasks send at once.
+        # Sealing and writing in one call keeps frames whole and in nonce order when
+        # several tasks send at once.
         self._transport.write(self._codec._seal(plaintext))
-        if self._write_paused:
+        return not self._write_paused
+
+    async def send(self, plaintext: bytes) -> None:
+        """send_nowait, then wait while the peer does not read what we wrote."""
+        if not self.send_nowait(plaintext):
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
 
+    def _take(self) -> bytes:
+        """The first queued message; reading resumes once the queue is low again."""
+        message = self._messages.popleft()
+        self._queued -= len(message) + _MESSAGE_OVERHEAD
+        if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return message
+
+    def deliver_to(self, ready: Callable[[], None]) -> None:
+        """Push instead of pull: call ``ready()`` whenever a message is queued or the
+        connection ends, synchronously from the protocol's callback; the consumer then
+        takes messages with recv_nowait. recv is not used after this.
+
+        A server answering from that callback saves the event-loop turn a task needs to
+        wake for each message. The idle timeout runs while recv_nowait last found
+        nothing queued and no message came since."""
+        if self._ready is not None or self._waiter is not None:
+            raise RuntimeError("this connection already has a receiver")
+        self._ready = ready
+        if self.receivable:
+            ready()
+        elif self._idle_since is None:
+            self._waiting_for_peer()
+
+    @property
+    def receivable(self) -> bool:
+        """Whether recv_nowait would return a message or raise, rather than None."""
+        return bool(self._messages) or self._error is not None or self._input_ended
+
+    def recv_nowait(self) -> bytes | None:
+        """The next message, or None when none is queued; ConnectionClosed once every
+        message the peer sent was taken and no more can come."""
+        if self._messages:
+            self._idle_since = None
+            return self._take()
+        if self._error is not None:
+            raise ConnectionClosed(*self._error.args)
+        if self._input_ended:
+            raise ConnectionClosed("peer closed the connection")
+        if self._idle_since is None:
+            self._waiting_for_peer()
+        return None
+
     async def recv(self, timeout: float | None = None) -> bytes:
+        if self._ready is not None:
+            raise RuntimeError("this connection delivers its messages (deliver_to)")
         while True:
             if self._messages:
-                message = self._messages.popleft()
-                self._queued -= len(message) + _MESSAGE_OVERHEAD
-                if self._reading_paused and self._queued <= _READ_LOW and not self._closing:
-                    self._reading_paused = False
-                    self._transport.resume_reading()
-                return message
+                return self._take()
             if self._error is not None:
                 raise ConnectionClosed(*self._error.args)
             if self._input_ended:
@@ -714,26 +820,23 @@ class NoiseConnection:
             if self._waiter is not None:
                 raise RuntimeError("another task is already receiving on this connection")
             idle = timeout is None
-            limit = self._idle_timeout if idle else timeout
             waiter = self._waiter = self._loop.create_future()
             timer = None
-            if limit is not None:
-                timer = self._loop.call_later(limit, _expire, waiter)
+            if not idle:
+                timer = self._loop.call_later(timeout, _expire, waiter)
+            else:
+                self._waiting_for_peer()
             try:
                 expired = await waiter
             finally:
                 self._waiter = None
+                self._idle_since = None
                 if timer is not None:
                     timer.cancel()
             if (expired and not self._messages and self._error is None
                     and not self._input_ended and not self._closing):
                 if idle:
-                    self._notices.log(logging.INFO, ("idle", self.peer_public),
-                                      "closing idle connection from peer %s",
-                                      key_prefix(self.peer_public))
-                    self._set_error(ConnectionClosed("idle timeout"))
-                    self._closing = True
-                    self._transport.close()
+                    self._close_idle()
                     raise ConnectionClosed("idle timeout")
                 raise asyncio.TimeoutError()
 
@@ -842,7 +945,7 @@ class _ServerProtocol(_HandshakingProtocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if not self._authenticated:
-            METRICS.handshakes.labels("timeout").inc()
+            _handshake_counter("timeout").inc()
             logger.debug("handshake timed out with %s", self._peer())
             self._transport.abort()
 
@@ -888,8 +991,8 @@ class _ServerProtocol(_HandshakingProtocol):
         conn = self._conn = NoiseConnection(
             self._transport, codec, peer, server._limits.idle_timeout, server._loop,
             self.lost, write_timeout=server._limits.write_timeout, notices=server._notices)
-        logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
-        server._start_handler(conn)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("handshake done with peer %s from %s", key_prefix(peer), self._peer())
         if rest:
             self._frames(conn, rest)
 
@@ -897,10 +1000,12 @@ class _ServerProtocol(_HandshakingProtocol):
         conn._data(data)
         if not self._authenticated and conn.frames_received and conn._error is None:
             # Only the holder of the peer's key can make a frame decrypt: a replayed act
-            # one never gets here, and stays bound by the handshake deadline.
+            # one never gets here, and stays bound by the handshake deadline. Nor does it
+            # get a handler: that starts with the first frame, for authenticated peers.
             self._authenticated = True
             self._handshake_decided("ok")
             self._server._slots.authenticate(self)
+            self._server._start_handler(conn)
 
     def eof_received(self) -> bool:
         if not self._authenticated:
@@ -914,7 +1019,7 @@ class _ServerProtocol(_HandshakingProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            METRICS.handshakes.labels(outcome).inc()
+            _handshake_counter(outcome).inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -927,6 +1032,17 @@ class _ServerProtocol(_HandshakingProtocol):
             self._conn._connection_lost(exc)
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+_handshake_counters: dict = {}
+
+
+def _handshake_counter(outcome: str):
+    """METRICS.handshakes' child for `outcome`, looked up once (a lookup takes a lock)."""
+    counter = _handshake_counters.get(outcome)
+    if counter is None:
+        counter = _handshake_counters[outcome] = METRICS.handshakes.labels(outcome)
+    return counter
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
@@ -1014,7 +1130,9 @@ async def start_server(host: str, port: int, local_private: bytes,
                        known_peers: Iterable[bytes],
                        handler: Callable[[NoiseConnection], Awaitable[None]],
                        limits: ServerLimits | None = None) -> NoiseServer:
-    """Listen on host:port; run ``handler(conn)`` for every peer that completes KK.
+    """Listen on host:port; run ``handler(conn)`` for every peer that completes KK, as a
+    task started by the peer's first frame (only the holder of a configured key can make
+    one decrypt, so a replayed act one never gets a handler).
 
     The connection is closed when the handler returns or raises, and also when the
     peer's first frame has not decrypted within ``limits.handshake_timeout``.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -448,7 +449,14 @@ class FakeConnection:
         self.closed = False
         self.peer_public = MANAGER.public_key
 
-    async def recv(self, timeout: float | None = None) -> bytes:
+    def deliver_to(self, ready) -> None:
+        pass  # every frame is queued already: serve_connection's task takes them
+
+    @property
+    def receivable(self) -> bool:
+        return True
+
+    def recv_nowait(self) -> bytes:
         if self.closed or not self.incoming:
             raise self.end
         return self.incoming.popleft()
@@ -528,38 +536,180 @@ async def test_serve_connection_lets_others_run_between_requests(service):
     assert len(set(seen)) >= 40
 
 
+@dataclasses.dataclass(frozen=True)
+class AnyParams:
+    value: object
+
+    @classmethod
+    def parse(cls, obj) -> "AnyParams":
+        return cls(obj)
+
+
+def gated_dispatcher(gate: asyncio.Event, events: list) -> rpc.Dispatcher:
+    """"slow" waits for `gate` (under an asyncio.timeout set before it first waits);
+    "fast" never waits; "whose" says which task runs it. Each logs what it does."""
+    dispatcher = rpc.Dispatcher()
+
+    @dispatcher.method("slow", AnyParams, ["manager"])
+    async def slow(caller, params):
+        events.append(("start", "slow", asyncio.current_task()))
+        try:
+            async with asyncio.timeout(params.value.get("timeout", 30)):
+                await gate.wait()
+        except TimeoutError:
+            events.append(("timeout", "slow", asyncio.current_task()))
+            return {"slow": "timed out"}
+        events.append(("end", "slow", asyncio.current_task()))
+        return {"slow": True}
+
+    @dispatcher.method("fast", AnyParams, ["manager"])
+    async def fast(caller, params):
+        events.append(("start", "fast", asyncio.current_task()))
+        return {"fast": True}
+
+    return dispatcher
+
+
+async def start_serving(dispatcher) -> tuple[PipeEnd, PipeEnd, asyncio.Task]:
+    client_end, server_end = pipe()
+    task = asyncio.create_task(serve_connection(server_end, dispatcher, MANAGER))
+    await client_end.send(frame(req("fast", {}, id=0)))  # the first request starts it
+    assert json.loads(await client_end.recv())["id"] == 0
+    for _ in range(3):
+        await asyncio.sleep(0)  # the connection's task waits for the next request now
+    return client_end, server_end, task
+
+
+async def from_callback(end: PipeEnd, raw: bytes) -> None:
+    """Deliver `raw` to `end` from an event-loop callback (no task running), as the
+    transport's protocol does, and let that callback run."""
+    asyncio.get_running_loop().call_soon(end.put, raw)
+    await asyncio.sleep(0)
+
+
+async def test_serve_connection_starts_requests_in_the_callback_as_its_own_task():
+    gate, events = asyncio.Event(), []
+    client_end, server_end, task = await start_serving(gated_dispatcher(gate, events))
+    events.clear()
+    # Delivered straight from a callback (no task running): the request runs at once,
+    # and asyncio sees it as the connection's task, so asyncio.timeout works in it.
+    await from_callback(server_end, frame(req("fast", {}, id=1)))
+    assert events == [("start", "fast", task)] and len(server_end.sent) == 2
+    assert asyncio.current_task() is not task   # and the callback left it properly
+    assert json.loads(await client_end.recv())["id"] == 1
+    await from_callback(server_end, frame(req("slow", {"timeout": 0.05}, id=2)))
+    assert events[-1] == ("start", "slow", task)
+    # It suspended in the callback; the connection's task went on with it, and its
+    # timeout (set in the callback) fired in that task.
+    assert json.loads(await client_end.recv()) == {"jsonrpc": "2.0", "id": 2,
+                                                   "result": {"slow": "timed out"}}
+    assert events[-1] == ("timeout", "slow", task)
+    await client_end.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_serve_connection_a_waiting_request_holds_the_next_one_back():
+    gate, events = asyncio.Event(), []
+    client_end, server_end, task = await start_serving(gated_dispatcher(gate, events))
+    events.clear()
+    await client_end.send(frame(req("slow", {}, id=1)))
+    await client_end.send(frame(req("fast", {}, id=2)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [e[:2] for e in events] == [("start", "slow")] and len(server_end.sent) == 1
+    gate.set()
+    answers = [json.loads(await client_end.recv()) for _ in range(2)]
+    assert [a["id"] for a in answers] == [1, 2]
+    assert [e[:2] for e in events] == [("start", "slow"), ("end", "slow"), ("start", "fast")]
+    await client_end.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_serve_connection_cancelled_cancels_the_request_it_waits_on():
+    gate, events = asyncio.Event(), []
+    client_end, server_end, task = await start_serving(gated_dispatcher(gate, events))
+    events.clear()
+    await from_callback(server_end, frame(req("slow", {}, id=1)))  # suspends there
+    assert [e[:2] for e in events] == [("start", "slow")]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [e[:2] for e in events] == [("start", "slow")] and server_end.closed
+
+
 # --- RpcClient ------------------------------------------------------------------------
 
 class PipeEnd:
-    """One end of an in-memory duplex connection with the NoiseConnection interface."""
+    """One end of an in-memory duplex connection with the NoiseConnection interface:
+    recv (a client's pull), or deliver_to and recv_nowait (serve_connection's push, with
+    ready() called synchronously as the transport's protocol callback does)."""
 
     def __init__(self, peer_public: bytes):
-        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.inbox: deque[bytes] = deque()
+        self.ended = False
         self.other: PipeEnd | None = None
         self.peer_public = peer_public
         self.closed = False
         self.sent: list[bytes] = []
+        self.ready = None
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: bytes | None) -> None:
+        """What the other end sent (None: it closed)."""
+        if item is None:
+            self.ended = True
+        else:
+            self.inbox.append(item)
+        if self.ready is not None:
+            self.ready()
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def send(self, plaintext: bytes) -> None:
         if self.closed:
             raise ConnectionClosed("closed")
         self.sent.append(bytes(plaintext))
-        self.other.inbox.put_nowait(bytes(plaintext))
+        # Delivered from a callback, as a socket's data would be.
+        asyncio.get_running_loop().call_soon(self.other.put, bytes(plaintext))
 
-    async def recv(self, timeout: float | None = None) -> bytes:
-        if self.closed:
-            raise ConnectionClosed("closed")
-        item = await self.inbox.get()
-        if item is None:
+    def deliver_to(self, ready) -> None:
+        self.ready = ready
+        if self.receivable:
+            ready()
+
+    @property
+    def receivable(self) -> bool:
+        return bool(self.inbox) or self.ended or self.closed
+
+    def recv_nowait(self) -> bytes | None:
+        if self.inbox and not self.closed:
+            return self.inbox.popleft()
+        if self.ended or self.closed:
             self.closed = True
             raise ConnectionClosed("eof")
-        return item
+        return None
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        while True:
+            if self.closed:
+                raise ConnectionClosed("closed")
+            if self.inbox:
+                return self.inbox.popleft()
+            if self.ended:
+                self.closed = True
+                raise ConnectionClosed("eof")
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
 
     async def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.other.inbox.put_nowait(None)
-            self.inbox.put_nowait(None)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.other.put, None)
+            loop.call_soon(self.put, None)
 
 
 def pipe() -> tuple[PipeEnd, PipeEnd]:
@@ -620,7 +770,7 @@ async def test_client_timeout_closes_connection():
 async def test_client_refuses_mismatched_id():
     client_end, server_end = pipe()
     client = RpcClient(client_end)
-    server_end.other.inbox.put_nowait(b'{"jsonrpc":"2.0","result":{},"id":99}')
+    server_end.other.put(b'{"jsonrpc":"2.0","result":{},"id":99}')
     with pytest.raises(rpc.ProtocolError):
         await client.call("get_spend_requests", {})
     assert client.closed
@@ -635,7 +785,7 @@ async def test_client_refuses_mismatched_id():
 async def test_client_refuses_answers_to_another_request(reply):
     client_end, server_end = pipe()
     client = RpcClient(client_end)
-    server_end.other.inbox.put_nowait(reply)
+    server_end.other.put(reply)
     with pytest.raises(rpc.ProtocolError):
         await client.call("get_spend_requests", {})
     assert client.closed
@@ -644,7 +794,7 @@ async def test_client_refuses_answers_to_another_request(reply):
 async def test_client_accepts_null_id_error_as_the_answer():
     client_end, server_end = pipe()
     client = RpcClient(client_end)
-    server_end.other.inbox.put_nowait(
+    server_end.other.put(
         b'{"jsonrpc":"2.0","error":{"code":-32700,"message":"parse error: not JSON"},"id":null}')
     with pytest.raises(RpcError) as info:
         await client.call("get_spend_requests", {})

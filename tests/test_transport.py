@@ -485,6 +485,7 @@ async def test_handler_return_closes_connection():
 
     async with running(one_shot) as server:
         conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        await conn.send(b"hello")  # the handler starts with the peer's first frame
         assert await conn.recv(timeout=BOUND) == b"bye"
         with pytest.raises(ConnectionClosed):
             await conn.recv(timeout=BOUND)
@@ -496,6 +497,7 @@ async def test_handler_return_closes_connection():
 
 async def test_explicit_recv_timeout_keeps_connection():
     async def patient(conn):
+        assert await conn.recv() == b"hello"
         with pytest.raises(asyncio.TimeoutError):
             await conn.recv(timeout=0.05)
         await conn.send(b"still here")
@@ -503,6 +505,7 @@ async def test_explicit_recv_timeout_keeps_connection():
 
     async with running(patient) as server:
         conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        await conn.send(b"hello")
         assert await conn.recv(timeout=BOUND) == b"still here"
         await conn.send(b"ping")
         assert await conn.recv(timeout=BOUND) == b"ping"
@@ -765,6 +768,84 @@ async def test_idle_timeout_closes_connection():
         await conn.close()
 
 
+def push_echo(ended: list):
+    """A handler in deliver_to mode: echoes each message from the transport's callback,
+    records how the connection ended."""
+
+    async def handler(conn):
+        done = asyncio.get_running_loop().create_future()
+
+        def ready():
+            try:
+                while (message := conn.recv_nowait()) is not None:
+                    conn.send_nowait(message)
+            except ConnectionClosed as e:
+                if not done.done():
+                    done.set_result(str(e))
+
+        conn.deliver_to(ready)
+        ended.append(await done)
+
+    return handler
+
+
+async def test_deliver_to_pushes_messages_in_order_then_the_end():
+    ended = []
+    async with running(push_echo(ended)) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        for i in range(20):
+            await conn.send(b"m%d" % i)
+        assert [await conn.recv(timeout=BOUND) for _ in range(20)] == [b"m%d" % i
+                                                                      for i in range(20)]
+        await conn.close()
+        await wait_until(lambda: len(ended) == 1)
+        assert ended[0] in ("peer closed the connection", "connection lost")
+        await wait_until(lambda: server.connection_count == 0)
+
+
+@pytest.mark.parametrize("delivery", ["recv", "deliver_to"])
+async def test_idle_timeout_counts_from_the_last_wait_not_the_first(delivery):
+    # One idle timer per connection, re-armed when it fires: traffic spread over several
+    # idle periods keeps the connection; silence after it still closes it in time.
+    ended = []
+    handler = echo if delivery == "recv" else push_echo(ended)
+    async with running(handler, ServerLimits(idle_timeout=0.3)) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        started = time.monotonic()
+        while True:
+            await conn.send(b"ping")
+            assert await conn.recv(timeout=BOUND) == b"ping"
+            quiet = time.monotonic()
+            if quiet - started >= 1.0:
+                break
+            await asyncio.sleep(0.1)
+        assert ended == []
+        with pytest.raises(ConnectionClosed):
+            await conn.recv(timeout=BOUND)
+        assert 0.25 <= time.monotonic() - quiet < BOUND
+        if delivery == "deliver_to":
+            await wait_until(lambda: ended == ["idle timeout"])
+        await conn.close()
+
+
+async def test_deliver_to_takes_what_was_queued_before_and_excludes_recv():
+    async def handler(conn):
+        got = []
+        conn.deliver_to(lambda: got.append(conn.recv_nowait()))
+        assert got == [b"first"]   # the frame that started the handler
+        with pytest.raises(RuntimeError):
+            await conn.recv()
+        with pytest.raises(RuntimeError):
+            conn.deliver_to(lambda: None)
+        assert conn.send_nowait(b"seen")
+
+    async with running(handler) as server:
+        conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+        await conn.send(b"first")
+        assert await conn.recv(timeout=BOUND) == b"seen"
+        await conn.close()
+
+
 async def test_max_connections_counts_handshakes_and_refuses_at_once():
     limits = ServerLimits(max_connections=2, max_handshakes=2, max_handshakes_per_address=2)
     async with running(limits=limits) as server:
@@ -811,7 +892,9 @@ async def test_liveness_probes_are_harmless(caplog):
         await conn.send(b"alive")
         assert await conn.recv(timeout=BOUND) == b"alive"
         await conn.close()
-    assert len(handled) == 21
+    # A handler starts with the peer's first frame: the 20 sessions that only shook
+    # hands (as a replayed act one could) never got one.
+    assert handled == [public_key(BOB)]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -848,6 +931,7 @@ async def test_server_close_closes_everything():
     cancelled = []
 
     async def waiting(conn):
+        assert await conn.recv() == b"hello"
         entered.set()
         try:
             await conn.recv()
@@ -857,6 +941,7 @@ async def test_server_close_closes_everything():
 
     server = await start_server(HOST, 0, SERVER, PEERS, waiting)
     conn = await connect(HOST, server.port, ALICE, SERVER_PUB)
+    await conn.send(b"hello")
     await asyncio.wait_for(entered.wait(), BOUND)
     raw_reader, raw_writer = await asyncio.open_connection(HOST, server.port)
     await wait_until(lambda: server.connection_count == 2)
