@@ -690,24 +690,9 @@ def sign_opinion(private_key: bytes, vault_id: str, accept: bool, reason: str,
 def verify_opinion(params: SpendOpinionParams) -> bool:
     """Whether params.sig is params.pubkey's signature over opinion_signing_bytes(params)."""
     try:
-        return _verify_signature(params.pubkey, params.sig, opinion_signing_bytes(params))
-    except (ValueError, TypeError):  # members of the wrong type, unhashable ones included
-        return False
-
-
-# Checking a signature costs about 40 us, more than all the rest of a spend_opinion. An
-# opinion sent again (a watchtower resuming re-sends what it sent, as wallets do) has
-# the same outcome: it is remembered, as Bitcoin Core's signature cache does, keyed by
-# exactly what the outcome depends on (the key's and the signature's text, the signed
-# bytes), for a bounded number of opinions (each key at most ~5 KB).
-_VERIFIED_CACHE = 1024
-
-
-@functools.lru_cache(maxsize=_VERIFIED_CACHE)
-def _verify_signature(pubkey_hex: str, sig_hex: str, message: bytes) -> bool:
-    try:
-        _, pubkey = _checked_public_key("pubkey", pubkey_hex)
-        sig = check_der_low_s("sig", sig_hex)
-        return pubkey.verify(sig, hashlib.sha256(message).digest(), hasher=None)
+        _, pubkey = _checked_public_key("pubkey", params.pubkey)
+        sig = check_der_low_s("sig", params.sig)
+        digest = hashlib.sha256(opinion_signing_bytes(params)).digest()
+        return pubkey.verify(sig, digest, hasher=None)
     except (InvalidParams, ValueError, TypeError):
         return False
