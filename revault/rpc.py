@@ -570,7 +570,8 @@ class _ConnectionServer:
         coro, yielded, raised = self._suspended
         self._suspended = None
         if raised is not None:
-            raise raised
+            # It ended at once; a cancellation meant for it is this task's to take.
+            raise raised if cancelled is None else cancelled
         await _resume(coro, throw=cancelled, yielded=yielded)
 
     async def run(self) -> None:
