@@ -17,6 +17,7 @@ from pathlib import Path
 from embit.bip32 import HDKey
 from embit.networks import NETWORKS as EMBIT_NETWORKS
 
+from revault.bitcoind import BitcoindError
 from revault.keys import create_key_file
 from revault.rpc import RpcClient
 from revault.deployment import Deployment, p2wpkh, script_pubkey_to_address
@@ -338,7 +339,15 @@ async def fill_mempool(node: RegtestNode, feerate_sat_vb: int, *, until_sat_vb: 
         tx = CMutableTransaction([CTxIn(COutPoint(lx(coin["txid"]), coin["vout"]))], outputs)
         signed = await node.rpc("signrawtransactionwithwallet", tx.serialize().hex(),
                                 wallet=miner)
-        await node.rpc("sendrawtransaction", signed["hex"], 0)
+        try:
+            await node.rpc("sendrawtransaction", signed["hex"], 0)
+        except BitcoindError as e:
+            # Between getmempoolinfo and here the minimum rose past this transaction's
+            # feerate (other transactions, a cancel among them, pushed it up): what this
+            # helper is after. The next turn of the loop reads the new minimum.
+            if e.message != "mempool full":
+                raise
+            continue
         sent += 1
     raise AssertionError(f"the mempool minimum feerate did not reach {until_sat_vb} sat/vB "
                          f"after {sent} transactions")
