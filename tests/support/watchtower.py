@@ -302,7 +302,12 @@ class Network:
             txid = await self.mempool_spender(vault.unvault_coin.outpoint)
             if txid is None:
                 return None
-            tx = await self.node.rpc("getrawtransaction", txid, True)
+            try:
+                tx = await self.node.rpc("getrawtransaction", txid, True)
+            except BitcoindError as e:
+                if e.code != -5:
+                    raise
+                return None  # replaced in between (by the cancel, say): look again
             if bytes.fromhex(tx["vout"][0]["scriptPubKey"]["hex"]) == cancel_spk:
                 return tx
             return None
