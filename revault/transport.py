@@ -714,11 +714,6 @@ class NoiseConnection:
         self._closing = True
         self._transport.close()
 
-    @property
-    def pending(self) -> bool:
-        """Whether a received message is waiting to be taken by recv."""
-        return bool(self._messages)
-
     def _cancel_write_timer(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
