@@ -438,6 +438,15 @@ def fmt_rate(x: float) -> str:
     return f"{x:>12,.0f}"
 
 
+def print_echo_ceilings(name: str, figures: dict[tuple[int, int], Figure]) -> None:
+    """One line per connection count and payload size of an echo ceiling."""
+    for conns in CONNECTIONS:
+        for label, size in SIZES:
+            fig = figures[conns, size]
+            print(f"  {f'{name} {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
+                  f"  server {fig.cpu_us:6.1f} us CPU per rt")
+
+
 def row(name: str, fig: Figure, unit: str, ceilings: list[tuple[str, float, float]]) -> str:
     """Wall rate and its ratio to each ceiling's rate; then server CPU per operation and the
     ratio of the ceiling's CPU per operation to it (1.00 = the server is as cheap as the
@@ -535,19 +544,11 @@ async def main(quick: bool) -> None:
     for label, size in SIZES:
         print(f"  {'(c) FrameCodec round trip ' + label:<38}{fmt_rate(codec[size])} rt/s"
               f"    (both ends' crypto)")
-    for conns in CONNECTIONS:
-        for label, size in SIZES:
-            fig = plain_rtt[conns, size]
-            print(f"  {f'(d) plain TCP echo {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
-                  f"  server {fig.cpu_us:6.1f} us CPU per rt")
+    print_echo_ceilings("(d) plain TCP echo", plain_rtt)
     print("peer baseline: mutually authenticated TLS 1.3, P-256 (Python ssl)")
     print(f"  {f'(e) mTLS connect+handshake+close':<38}{fmt_rate(mtls_hs.rate)} /s  "
           f"  server {mtls_hs.cpu_us:6.1f} us CPU each")
-    for conns in CONNECTIONS:
-        for label, size in SIZES:
-            fig = mtls_rtt[conns, size]
-            print(f"  {f'(e) mTLS echo {conns} conn, {label}':<38}{fmt_rate(fig.rate)} rt/s"
-                  f"  server {fig.cpu_us:6.1f} us CPU per rt")
+    print_echo_ceilings("(e) mTLS echo", mtls_rtt)
 
     print()
     print(f"  {'':<34}{'wall rate':>12} {'':<5} {'wall rate / ceiling':<24}|"
