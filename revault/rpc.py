@@ -8,6 +8,7 @@ bytes out) so it can be tested and fuzzed without sockets; `serve_connection` an
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from revault.errors import (
 )
 from revault.log_limit import LimitedLog
 from revault.metrics import COMMON as METRICS
+from revault.resumable_future import ResumableFuture
 from revault.storage import storage_error_cause
 
 log = logging.getLogger("revault.rpc")
@@ -502,10 +504,12 @@ class _ConnectionServer:
     there until it first suspends: a read served from memory or from SQLite answers at
     once, without the event-loop turn a task needs to wake (what Python 3.12 calls an
     eager start). It runs as the connection's own task (asyncio.current_task() is that
-    task), and if it suspends, that task drives it on from there, so timeouts and
-    cancellation behave exactly as if the task had run it from the start. Requests
-    queued behind one take one event-loop turn each: a peer that pipelines does not
-    hold the loop. The task also answers what arrives while it is busy.
+    task). If it suspends on a `ResumableFuture` (a write waiting for its group's
+    COMMIT), it is resumed right where that future is resolved, again as the task and
+    without a turn; if it suspends on anything else, the task drives it on from there.
+    Either way timeouts and cancellation behave exactly as if the task had run it from
+    the start. Requests queued behind one take one event-loop turn each: a peer that
+    pipelines does not hold the loop. The task also answers what arrives while it is busy.
     """
 
     def __init__(self, conn: transport.NoiseConnection, dispatcher: Dispatcher,
@@ -516,10 +520,13 @@ class _ConnectionServer:
         self._pacer = pacer
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self._busy = True            # the task answers a request, or is about to
-        # A request begun in the callback, for the task to finish: (coroutine, what it
-        # yielded when it suspended, or the exception it raised at once).
+        self._busy = True            # a request is under way, or the task is about to look
+        # A request begun outside the task, for the task to finish: (coroutine, what it
+        # yielded when it suspended, or the exception it raised).
         self._suspended: tuple[Coroutine, Any, BaseException | None] | None = None
+        # A request begun outside the task and waiting for a ResumableFuture, which
+        # resumes it: (coroutine, that future). The task sleeps meanwhile.
+        self._parked: tuple[Coroutine, ResumableFuture] | None = None
         self._waiter: asyncio.Future | None = None
 
     def ready(self) -> None:
@@ -537,21 +544,47 @@ class _ConnectionServer:
             return
         if raw is None:
             return
-        coro = self._answer(raw)
+        self._busy = True
+        self._step(self._answer(raw))
+
+    def _step(self, coro: Coroutine) -> None:
+        """Send `coro` on, as the connection's task, until it ends or suspends.
+        Only while the task sleeps on its waiter, and no task is current."""
         asyncio.tasks._enter_task(self._loop, self._task)
         try:
-            self._suspended = (coro, coro.send(None), None)
+            yielded = coro.send(None)
         except StopIteration:
+            yielded = _ENDED
+        except BaseException as e:
+            self._suspended = (coro, None, e)
+            yielded = _RAISED
+        finally:
+            asyncio.tasks._leave_task(self._loop, self._task)
+        if yielded is _ENDED:
             if self._conn.receivable:
                 self._wake()               # the next request, on the next turn
             else:
                 self._conn.recv_nowait()   # None: the idle clock starts from now
+                self._busy = False
             return
-        except BaseException as e:
-            self._suspended = (coro, None, e)
-        finally:
-            asyncio.tasks._leave_task(self._loop, self._task)
+        if (yielded is not _RAISED and type(yielded) is ResumableFuture
+                and yielded.resume_with(functools.partial(self._resumed, coro, yielded))):
+            self._parked = (coro, yielded)
+            return
+        if yielded is not _RAISED:
+            self._suspended = (coro, yielded, None)
         self._wake()
+
+    def _resumed(self, coro: Coroutine, future: ResumableFuture) -> None:
+        """The future a parked request waits for is done (called inside its setter)."""
+        if self._parked is None or self._parked[1] is not future:
+            return                         # the task took the request over (cancelled)
+        if asyncio.current_task() is not None:
+            # Resolved from inside a task, which cannot run another: on the next turn.
+            self._loop.call_soon(self._resumed, coro, future)
+            return
+        self._parked = None
+        self._step(coro)
 
     def _wake(self) -> None:
         self._busy = True
@@ -592,14 +625,25 @@ class _ConnectionServer:
                 await self._waiter
             except asyncio.CancelledError as e:
                 self._busy = True
+                if self._parked is not None:
+                    # The request waits for its future no more: it gets the
+                    # cancellation where it waits, from this task.
+                    coro, future = self._parked
+                    self._parked = None
+                    future.resume_with(None)
+                    self._suspended = (coro, future, None)
                 if self._suspended is None:
                     raise
-                # Meant for the request that began in the callback (a timeout of its
+                # Meant for the request that began outside the task (a timeout of its
                 # own, or the server closing): it gets it where it waits.
                 await self._drive(cancelled=e)
             finally:
                 self._waiter = None
                 self._busy = True
+
+
+_ENDED = object()   # _step's outcomes other than a yielded value
+_RAISED = object()
 
 
 async def serve_connection(conn: transport.NoiseConnection, dispatcher: Dispatcher,

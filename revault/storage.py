@@ -11,9 +11,12 @@ policy (quotas, sign-once), the writer owns batching, savepoints and durable com
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -21,6 +24,7 @@ from typing import Callable, Sequence, TypeVar
 import aiosqlite
 
 from revault.metrics import COMMON as METRICS
+from revault.resumable_future import ResumableFuture
 
 log = logging.getLogger("revault.storage")
 
@@ -170,9 +174,12 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return db
 
 
-async def run_in_database_thread(db: aiosqlite.Connection, function, *args):
-    """Run `function(sqlite3_connection, *args)` on aiosqlite's own database thread."""
-    return await db._execute(function, db._conn, *args)
+def submit_to_database_thread(db: aiosqlite.Connection, function) -> None:
+    """Queue `function(sqlite3_connection)` on aiosqlite's database thread and return at
+    once; `function` reports its own outcome (aiosqlite drops what it returns)."""
+    if not db._running or db._connection is None:
+        raise ValueError("Connection closed")
+    db._tx.put_nowait((None, functools.partial(function, db._conn)))
 
 
 def sqlite_connection(db: aiosqlite.Connection) -> sqlite3.Connection:
@@ -183,9 +190,9 @@ def sqlite_connection(db: aiosqlite.Connection) -> sqlite3.Connection:
     waits for the GIL (up to the 5 ms switch interval when the loop is busy): a group of
     writes runs its statements here and sends only the COMMIT (the fsync) to the thread.
 
-    aiosqlite has no public way to do either; its private `_execute`/`_conn` are used
-    in these two functions only, with the version pinned in pyproject.toml (0.22.1):
-    check them when upgrading aiosqlite.
+    aiosqlite has no public way to do any of this; its private `_conn`/`_tx`/`_running`/
+    `_connection` are used in these two functions only, with the version
+    pinned in pyproject.toml (0.22.1): check them when upgrading aiosqlite.
     """
     return db._conn
 
@@ -196,14 +203,15 @@ class WriterClosed(RuntimeError):
 
 MAX_BATCH = 256  # jobs per transaction: bounds the wait of the jobs queued behind them
 
-_CLOSE = object()  # queued by close(): everything queued before it is still committed
+_Outcomes = list[tuple[Exception | None, object]]
 
 
 class GroupCommitWriter:
     """Every write to one database, committed in groups: one fsync shared by many writers.
 
-    `await writer.run(job)` queues `job`; the writer task takes everything queued (up to
-    `max_batch` jobs) as one batch and runs it as one transaction:
+    `await writer.run(job)` queues `job`. While no batch is in flight, the writer takes
+    everything queued (up to `max_batch` jobs) as one batch and runs it as one
+    transaction:
 
         BEGIN IMMEDIATE
         for each job, in arrival order:  SAVEPOINT job; job(conn); RELEASE (or ROLLBACK TO)
@@ -218,13 +226,13 @@ class GroupCommitWriter:
       every job of it raises that error.
     - A caller that is cancelled (its peer went away) changes nothing: its job still
       runs and commits with its batch, and the outcome is dropped.
-    - Once a batch starts nothing can interleave with it, whatever happens to the writer
-      task or to any caller: the jobs run one after the other without yielding, and the
-      COMMIT is queued on the database thread before the writer first yields. Only the
+    - Once a batch starts nothing can interleave with it, whatever happens to any
+      caller: the jobs run one after the other in one event-loop callback, and the
+      COMMIT is queued on the database thread before that callback returns. Only the
       writer uses the connection. So a job may read, decide and write (sign-once,
       quota admission) and know that the state it read is the state it commits on.
     - `close()` commits every job already queued, refuses new ones with
-      `closed_error()` (default `WriterClosed`), stops the task and closes the connection.
+      `closed_error()` (default `WriterClosed`) and closes the connection.
 
     The jobs run on the event loop thread, on the connection aiosqlite holds (see
     sqlite_connection), and only the COMMIT (the fsync) goes to the database thread, in
@@ -232,9 +240,20 @@ class GroupCommitWriter:
     database thread would wait for the GIL held by the busy event loop. Jobs must
     therefore be short and must not block on anything but SQLite (no network, no sleep).
 
+    There is no writer task. A batch starts in a callback of its own on the turn of the
+    event loop after its first job was queued (so every write of a turn joins it), and
+    the loop waits for its COMMIT up to COMMIT_WAIT: within that, the callers are
+    settled in that same callback, and the callers' futures are `ResumableFuture`s,
+    which a connection server resumes right there, so a write is answered in the turn
+    it was committed in, as a read is. A slower COMMIT is settled by a callback from the
+    database thread when it returns, and the loop goes on meanwhile. Under load a turn
+    of the loop is most of a request's latency: a writer task cost each write two or
+    three more of them, and writes set the server's p99.
+
     `after_batch(committed)` runs on the event loop once per batch, after COMMIT (True)
-    or after the batch was rolled back (False), before any caller resumes: a store that
-    keeps in-memory state derived from its jobs (row counts) makes it follow the file.
+    or after the batch was rolled back (False), before any caller resumes and before the
+    next batch's jobs run: a store that keeps in-memory state derived from its jobs (row
+    counts) makes it follow the file.
     """
 
     def __init__(self, db: aiosqlite.Connection, *, name: str = "storage writer",
@@ -248,108 +267,113 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._closed_error = closed_error
         self._after_batch = after_batch
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._batch: list | None = None     # the batch in its transaction
-        # The last batch whose callers were answered (kept until the next one, so that
-        # a second _settle of it does nothing whichever of the two comes first).
-        self._settled: list | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: collections.deque[tuple[Callable, ResumableFuture]] = collections.deque()
+        self._in_flight = False       # a batch's transaction is open or committing
+        self._start_scheduled = False
         self._closing = False
-        self._task = asyncio.get_running_loop().create_task(self._write_loop(), name=name)
+        self._closed = False
+        self._drained: list[asyncio.Future] = []   # close() waits on these
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """`job(conn)` in its own SAVEPOINT of the next batch; its result once committed."""
         if self._closing:
             raise self._closed_error()
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, future))
+        future = ResumableFuture(loop=self._loop)
+        self._queue.append((job, future))
+        if not self._in_flight and not self._start_scheduled:
+            # On the next turn: the writes that arrive in this one join the batch.
+            self._start_scheduled = True
+            self._loop.call_soon(self._start_batch)
         # No shield: a caller cancelled here cancels only this future, which the writer
         # then leaves alone (it resolves futures that are not done); the job is queued
-        # and runs with its batch all the same. A shield would cost every write one more
-        # turn of the event loop before its caller resumes, which under load is what a
-        # write waits longest for after the fsync.
+        # and runs with its batch all the same.
         return await future
 
     async def close(self) -> None:
-        """Commit what is queued, refuse new jobs, stop, close the connection."""
-        if not self._closing:
-            self._closing = True
-            self._queue.put_nowait(_CLOSE)
-        await self._task
-        await self._close_database()
+        """Commit what is queued, refuse new jobs, close the connection."""
+        self._closing = True
+        while self._in_flight or self._queue:
+            drained = self._loop.create_future()
+            self._drained.append(drained)
+            await drained
+        if not self._closed:
+            self._closed = True
+            await self._close_database()
 
     async def _close_database(self) -> None:
         await self.db.close()
 
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = await self._queue.get()
-            if item is _CLOSE:
-                break
-            batch = [item]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is _CLOSE:
-                    stopping = True
-                    break
-                batch.append(item)
-            await self._commit_batch(batch)
+    def _start_batch(self) -> None:
+        self._start_scheduled = False
+        if self._in_flight:
+            return              # the batch in flight starts the next one when it is done
+        if not self._queue:
+            self._wake_closers()
+            return
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+        self._in_flight = True
+        self._begin(batch)
 
-    async def _transaction(self, jobs: list[Callable]) -> list[tuple[Exception | None, object]]:
-        """Run `jobs` as one committed transaction; each job's (error, result).
+    def _begin(self, batch: list[tuple[Callable, ResumableFuture]]) -> None:
+        """Run `batch` as one transaction; `_batch_done` once it committed or failed.
 
         The one part that knows the database: another backend's writer (the sync
         server's PostgreSQL store) overrides it and `_close_database`, and keeps the
-        batching, the acknowledgements and the closing above. Each backend times its
-        COMMIT alone into the commit metrics (`METRICS.commit_done`).
+        batching, the acknowledgements and the closing. Each backend times its COMMIT
+        alone into the commit metrics (`METRICS.commit_done`).
         """
-        outcomes = self._run_jobs(sqlite_connection(self.db), jobs)
-        batch = self._batch
-        loop = asyncio.get_running_loop()
-
-        def commit(conn: sqlite3.Connection) -> None:
-            self._finish_transaction(conn, len(jobs))
-            # Straight from the database thread: the callers resume one turn of the event
-            # loop sooner than if this task woke first to settle them (under load a turn
-            # is what a write waits longest for after the fsync).
-            loop.call_soon_threadsafe(self._settle, batch, outcomes)
-
-        await run_in_database_thread(self.db, commit)
-        return outcomes
-
-    async def _commit_batch(self, batch: list[tuple[Callable, asyncio.Future]]) -> None:
-        self._batch = batch
+        loop = self._loop
         try:
-            outcomes = await self._transaction([job for job, _ in batch])
+            outcomes = self._run_jobs(sqlite_connection(self.db), [job for job, _ in batch])
         except Exception as e:
+            # Settled on the next turn, not from inside this one: a database that fails
+            # every BEGIN must not recurse through batch after batch.
+            loop.call_soon(self._batch_done, batch, None, e)
+            return
+        commit = _CommitOnThread(self, batch, outcomes)
+        try:
+            submit_to_database_thread(self.db, commit.run)
+        except Exception as e:
+            _roll_back(sqlite_connection(self.db))
+            loop.call_soon(self._batch_done, batch, None, e)
+            return
+        if commit.wait(COMMIT_WAIT):
+            self._batch_done(batch, *commit.outcome)
+
+    def _batch_done(self, batch: list[tuple[Callable, ResumableFuture]],
+                    outcomes: _Outcomes | None, error: Exception | None) -> None:
+        """After the COMMIT of `batch` (or its failure): after_batch, then every
+        caller's outcome; the jobs queued meanwhile start on the next turn."""
+        self._in_flight = False
+        if error is not None:
             # Nothing of this batch is durable: every job in it fails, none is acknowledged.
-            log.error("%s: transaction of %d jobs failed: %s", self._name, len(batch), e)
-            if self._after_batch is not None:
-                self._after_batch(False)
+            log.error("%s: transaction of %d jobs failed: %s", self._name, len(batch), error)
+        if self._after_batch is not None:
+            self._after_batch(error is None)
+        if error is not None:
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(e)
-            return
-        finally:
-            self._batch = None
-        self._settle(batch, outcomes)
+                    future.set_exception(error)
+        else:
+            for (_, future), (job_error, result) in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if job_error is not None:
+                    future.set_exception(job_error)
+                else:
+                    future.set_result(result)
+        if not self._queue:
+            self._wake_closers()
+        elif not self._start_scheduled:
+            self._start_scheduled = True
+            self._loop.call_soon(self._start_batch)
 
-    def _settle(self, batch: list[tuple[Callable, asyncio.Future]],
-                outcomes: list[tuple[Exception | None, object]]) -> None:
-        """After the COMMIT of `batch`: after_batch(True), then every caller's outcome.
-        Called once or twice per batch (see _transaction); only the first call acts."""
-        if self._settled is batch:
-            return
-        self._settled = batch
-        if self._after_batch is not None:
-            self._after_batch(True)
-        for (_, future), (error, result) in zip(batch, outcomes):
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+    def _wake_closers(self) -> None:
+        drained, self._drained = self._drained, []
+        for future in drained:
+            if not future.done():
+                future.set_result(None)
 
     @staticmethod
     def _run_jobs(conn: sqlite3.Connection,
@@ -392,6 +416,54 @@ class GroupCommitWriter:
     @staticmethod
     def _commit(conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
+
+
+# How long the event loop waits for a batch's COMMIT (the fsync) before it goes on
+# with other work. Within it, the batch's callers are answered in the same turn of the
+# loop, as a read is, instead of one or two turns later (under load, a turn is most of
+# a request's latency). Past it, a slow disk holds up the writes only: the loop goes on
+# and the batch is settled when the COMMIT returns.
+COMMIT_WAIT = 0.002
+
+
+class _CommitOnThread:
+    """One batch's COMMIT on the database thread, which the event loop may wait for."""
+
+    def __init__(self, writer: GroupCommitWriter, batch: list, outcomes: _Outcomes):
+        self._writer = writer
+        self._batch = batch
+        self._outcomes = outcomes
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._loop_waits = True
+        self.outcome: tuple[_Outcomes | None, Exception | None] = (None, None)
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        """On the database thread."""
+        try:
+            self._writer._finish_transaction(conn, len(self._batch))
+        except Exception as e:
+            outcome = (None, e)
+        else:
+            outcome = (self._outcomes, None)
+        with self._lock:
+            self.outcome = outcome
+            if self._loop_waits:
+                self._done.set()
+                return
+        self._writer._loop.call_soon_threadsafe(self._writer._batch_done, self._batch,
+                                                *outcome)
+
+    def wait(self, timeout: float) -> bool:
+        """On the event loop: True if the COMMIT returned within `timeout` (the loop
+        settles the batch), else False (the database thread will, when it returns)."""
+        if self._done.wait(timeout):
+            return True
+        with self._lock:
+            self._loop_waits = False
+            return self._done.is_set()
+
+
 
 
 def _roll_back(conn: sqlite3.Connection) -> None:

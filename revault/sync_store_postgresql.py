@@ -19,6 +19,7 @@ plans, the same the SQLite store runs, so a write means the same on both:
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Callable
 
@@ -191,6 +192,21 @@ class PostgresGroupCommit(GroupCommitWriter):
     """storage.GroupCommitWriter's batching on a PostgreSQL pool: each batch is one
     transaction holding the write lock, each job (a coroutine function of the
     connection) in its own SAVEPOINT."""
+
+    def _begin(self, batch: list) -> None:
+        # asyncpg is asynchronous all through: the transaction is a task of its own, and
+        # its end settles the batch from a plain callback (where callers resume at once).
+        self._transaction_task = task = self._loop.create_task(
+            self._transaction([job for job, _ in batch]), name=self._name)
+        task.add_done_callback(functools.partial(self._transaction_done, batch))
+
+    def _transaction_done(self, batch: list, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self._batch_done(batch, None, RuntimeError("the transaction was cancelled"))
+        elif task.exception() is not None:
+            self._batch_done(batch, None, task.exception())
+        else:
+            self._batch_done(batch, task.result(), None)
 
     async def _transaction(self, jobs: list) -> list[tuple[Exception | None, object]]:
         outcomes: list[tuple[Exception | None, object]] = []

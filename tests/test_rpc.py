@@ -13,6 +13,7 @@ import pytest
 
 from revault import messages as m
 from revault import rpc, transport
+from revault.resumable_future import ResumableFuture
 from revault.rpc import (FORBIDDEN, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST,
                          METHOD_NOT_FOUND, PARSE_ERROR, REFUSED, Caller, Dispatcher, RpcClient,
                          RpcError, serve_connection)
@@ -638,6 +639,81 @@ async def test_serve_connection_cancelled_cancels_the_request_it_waits_on():
     for _ in range(5):
         await asyncio.sleep(0)
     assert [e[:2] for e in events] == [("start", "slow")] and server_end.closed
+
+
+def parking_dispatcher(futures: list, events: list) -> rpc.Dispatcher:
+    """"write" waits for a ResumableFuture it appends to `futures` (as a store's write
+    waits for its group's COMMIT), under its own timeout; it logs which task resumed it."""
+    dispatcher = rpc.Dispatcher()
+
+    @dispatcher.method("write", AnyParams, ["manager"])
+    async def write(caller, params):
+        future = ResumableFuture()
+        futures.append(future)
+        try:
+            async with asyncio.timeout(params.value.get("timeout", 30)):
+                result = await future
+        except TimeoutError:
+            events.append(("timeout", asyncio.current_task()))
+            return {"write": "timed out"}
+        except asyncio.CancelledError:
+            events.append(("cancelled", asyncio.current_task()))
+            raise
+        events.append(("resumed", asyncio.current_task()))
+        return {"write": result}
+
+    @dispatcher.method("fast", AnyParams, ["manager"])
+    async def fast(caller, params):
+        return {"fast": True}
+
+    return dispatcher
+
+
+async def test_serve_connection_resumes_a_parked_request_inside_the_futures_setter():
+    futures, events = [], []
+    client_end, server_end, task = await start_serving(parking_dispatcher(futures, events))
+    await from_callback(server_end, frame(req("write", {}, id=1)))
+    assert len(futures) == 1 and len(server_end.sent) == 1
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(server_end.sent) == 1          # parked: nothing drives it but the future
+    # Resolved from a plain callback, as the writer's COMMIT callback does: the answer
+    # is sent before set_result returns, by the connection's task.
+    sent_inside = []
+    asyncio.get_running_loop().call_soon(
+        lambda: (futures[0].set_result("ok"), sent_inside.append(len(server_end.sent))))
+    await asyncio.sleep(0)
+    assert sent_inside == [2] and events == [("resumed", task)]
+    assert json.loads(await client_end.recv())["result"] == {"write": "ok"}
+    # The connection takes its next request from the callback again.
+    await from_callback(server_end, frame(req("fast", {}, id=2)))
+    assert len(server_end.sent) == 3
+    assert json.loads(await client_end.recv())["id"] == 2
+    # Resolved from inside a task, it is resumed on a later turn all the same.
+    await from_callback(server_end, frame(req("write", {}, id=3)))
+    futures[1].set_result("later")
+    assert len(server_end.sent) == 3
+    assert json.loads(await client_end.recv())["result"] == {"write": "later"}
+    assert events[-1] == ("resumed", task)
+    await client_end.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_serve_connection_a_parked_requests_timeout_and_cancellation_reach_it():
+    futures, events = [], []
+    client_end, server_end, task = await start_serving(parking_dispatcher(futures, events))
+    await from_callback(server_end, frame(req("write", {"timeout": 0.05}, id=1)))
+    assert json.loads(await client_end.recv())["result"] == {"write": "timed out"}
+    assert events == [("timeout", task)]
+    futures[0].set_result("too late")       # the writer settles it later: no effect
+    await from_callback(server_end, frame(req("write", {}, id=2)))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events[-1] == ("cancelled", task) and server_end.closed
+    futures[1].set_result("after the end")  # nothing is left to resume
+    await asyncio.sleep(0)
+    assert len(server_end.sent) == 2
 
 
 # --- RpcClient ------------------------------------------------------------------------

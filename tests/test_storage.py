@@ -1,5 +1,6 @@
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -159,6 +160,29 @@ async def test_cancelled_caller_still_commits(writer, tmp_path):
         await task
     assert await writer.run(insert("b")) == "b"
     assert keys(tmp_path / "db.sqlite3") == ["a", "b"]
+
+
+async def test_a_slow_commit_lets_the_loop_go_on_and_settles_from_the_database_thread(
+        writer, tmp_path, monkeypatch):
+    # A COMMIT longer than the bounded wait: the event loop stops waiting for it and
+    # runs other work; the batch is settled when the database thread is done.
+    release = threading.Event()
+
+    def slow_commit(conn):
+        assert release.wait(5)
+        conn.execute("COMMIT")
+
+    monkeypatch.setattr(writer, "_commit", slow_commit)
+    queued = [asyncio.create_task(writer.run(insert(f"k{i}"))) for i in range(3)]
+    turns = 0
+    while turns < 20:           # the loop turns while the COMMIT is held
+        await asyncio.sleep(0)
+        turns += 1
+    assert not any(task.done() for task in queued)
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*queued), 5) == ["k0", "k1", "k2"]
+    assert keys(tmp_path / "db.sqlite3") == ["k0", "k1", "k2"]
+    assert await writer.run(insert("next")) == "next"
 
 
 async def test_close_commits_what_is_queued_and_refuses_new_jobs(tmp_path):
