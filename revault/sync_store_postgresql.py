@@ -188,6 +188,17 @@ def describe_dsn(dsn: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}@{host}" if at else dsn
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a connection it takes back: nothing beyond what asyncpg
+    always does first (roll back a transaction left open, drop listeners).
+
+    asyncpg's default also sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`, one more round trip to the database per read. This store changes none
+    of that session state: its only lock is transaction-scoped (pg_advisory_xact_lock),
+    it declares no cursor, listens to nothing and sets no setting.
+    """
+
+
 class PostgresGroupCommit(GroupCommitWriter):
     """storage.GroupCommitWriter's batching on a PostgreSQL pool: each batch is one
     transaction holding the write lock, each job (a coroutine function of the
@@ -259,7 +270,7 @@ class PostgresSyncStore(RulesStore):
         try:
             pool = await asyncpg.create_pool(
                 dsn, password=password, min_size=1, max_size=pool_size, timeout=10,
-                command_timeout=60,
+                command_timeout=60, reset=_keep_session,
                 # An ack promises the write survives a crash of the database server too.
                 server_settings={"synchronous_commit": "on",
                                  "application_name": "revault-sync-server"})

@@ -15,7 +15,7 @@ from revault.paging import Cursor, fill_page
 from revault.sync_store import (
     MIGRATIONS, QuotaExceeded, Quotas, Retention, Sharers, SqliteSyncStore, Taken,
 )
-from revault.sync_store_postgresql import POOL_SIZE, PostgresSyncStore
+from revault.sync_store_postgresql import POOL_SIZE, WRITE_LOCK, PostgresSyncStore
 
 ALICE = b"\xaa" * 32
 BOB = b"\xbb" * 32
@@ -563,6 +563,36 @@ async def test_postgresql_two_stores_one_truth(pg_dsn, clock):
         assert (await a.row_counts()) == (await b.row_counts())
     finally:
         await asyncio.gather(a.close(), b.close())
+
+
+async def test_postgresql_pool_hands_connections_back_clean_without_the_reset_query(
+        pg_dsn, clock):
+    # The pool skips asyncpg's reset query (a round trip per read); what it relies on
+    # instead: a transaction left open is still rolled back, and the write lock, being
+    # transaction-scoped, goes with it.
+    store = await open_at(pg_dsn, clock)
+    try:
+        await store.put_signature(ID1, PK1, "30aa", ALICE)
+        async with store._pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            held_by = await conn.fetchval("SELECT pg_backend_pid()")
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda loop, context: None)  # asyncpg's warning
+        loop.set_exception_handler(None)
+        other = await asyncpg.connect(pg_dsn)
+        try:
+            assert await other.fetchval("SELECT pg_try_advisory_lock($1)", WRITE_LOCK)
+        finally:
+            await other.close()
+        async with store._pool.acquire() as conn:
+            if await conn.fetchval("SELECT pg_backend_pid()") == held_by:
+                assert not conn.is_in_transaction()
+        await store.put_signature(ID1, PK2, "30bb", ALICE)
+        assert await store.get_signatures(ID1) == {PK1: "30aa", PK2: "30bb"}
+    finally:
+        await store.close()
 
 
 async def test_postgresql_newer_schema_is_refused(pg_dsn, clock):
