@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from typing import Callable
 
@@ -31,6 +32,8 @@ from revault.storage import GroupCommitWriter, StorageError
 from revault.sync_rules import (
     TABLES, Execute, Plan, Quotas, Retention, Rules, RulesStore, Sharers,
 )
+
+log = logging.getLogger("revault.sync_store_postgresql")
 
 # pg_advisory_xact_lock keys: one for writers, one for migrations ("revault" in ASCII).
 WRITE_LOCK = 0x7265_7661_756C_7401
@@ -199,6 +202,17 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+async def _roll_back(conn: asyncpg.Connection) -> None:
+    """End a batch's transaction that failed; a connection too broken for that is
+    closed by the pool when it takes it back."""
+    if conn.is_closed() or not conn.is_in_transaction():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        log.debug("rollback of a failed batch: %s", e)
+
+
 class PostgresGroupCommit(GroupCommitWriter):
     """storage.GroupCommitWriter's batching on a PostgreSQL pool: each batch is one
     transaction holding the write lock, each job (a coroutine function of the
@@ -220,27 +234,33 @@ class PostgresGroupCommit(GroupCommitWriter):
             self._batch_done(batch, task.result(), None)
 
     async def _transaction(self, jobs: list) -> list[tuple[Exception | None, object]]:
+        # A batch is a chain of round trips to the database, one after the other, and
+        # other processes' batches wait for its lock: statements without parameters go
+        # together as one simple query wherever the order allows (BEGIN with the lock and
+        # the first SAVEPOINT; each RELEASE with the next SAVEPOINT; the last RELEASE is
+        # the COMMIT's). Two round trips per batch and one per job fewer than one each.
         outcomes: list[tuple[Exception | None, object]] = []
         async with self.db.acquire() as conn:
-            transaction = conn.transaction()
-            await transaction.start()
+            await conn.execute(
+                f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK:d}); SAVEPOINT job")
             try:
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-                for job in jobs:
+                for i, job in enumerate(jobs):
                     try:
-                        async with conn.transaction():  # a SAVEPOINT
-                            outcomes.append((None, await job(conn)))
+                        outcomes.append((None, await job(conn)))
                     except Exception as e:
                         # As on SQLite, a refused or failed write rolls back alone; a
                         # broken connection fails the ROLLBACK TO, and so the batch.
                         outcomes.append((e, None))
+                        await conn.execute("ROLLBACK TO SAVEPOINT job")
+                    if i + 1 < len(jobs):
+                        await conn.execute("RELEASE SAVEPOINT job; SAVEPOINT job")
             except BaseException:
-                await transaction.rollback()
+                await _roll_back(conn)
                 raise
             # Timed alone, as on SQLite: the COMMIT is what every acknowledged write
             # waits for (the WAL flush on the database server).
             started = time.perf_counter()
-            await transaction.commit()
+            await conn.execute("COMMIT")
             METRICS.commit_done(time.perf_counter() - started, len(jobs))
         return outcomes
 

@@ -248,6 +248,23 @@ async def test_a_signature_belongs_to_who_posted_it_until_err_sig(open_store, cl
     assert await store.get_signatures(ID1) == {PK1: "30ee"}
 
 
+async def test_refused_writes_roll_back_alone_within_one_batch(store):
+    await store.put_signature(ID1, PK1, "30aa", ALICE)
+    # Queued together, so committed as one batch: the refused ones (the middle and the
+    # last) roll back alone, and the others commit around them.
+    results = await asyncio.gather(
+        store.put_signature(ID1, PK2, "30bb", BOB),
+        store.put_signature(ID1, PK1, "30cc", BOB),
+        store.put_signature(ID2, PK1, "30dd", ALICE),
+        store.put_signature(ID1, PK1, "30ee", BOB),
+        return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "Taken", "NoneType", "Taken"]
+    assert await store.get_signatures(ID1) == {PK1: "30aa", PK2: "30bb"}
+    assert await store.get_signatures(ID2) == {PK1: "30dd"}
+    await store.put_signature(ID3, PK3, "30ff", CAROL)   # and the writer goes on
+    assert await store.get_signatures(ID3) == {PK3: "30ff"}
+
+
 async def test_an_opinion_key_belongs_to_the_first_watchtower_that_used_it(open_store, clock):
     store = await open_store(retention=Retention(spend_opinions=10))
     await store.put_opinion(ID1, TXA, PK1, False, "no", "30aa", ALICE)
