@@ -567,11 +567,11 @@ class _ConnectionServer:
                 self._conn.recv_nowait()   # None: the idle clock starts from now
                 self._busy = False
             return
-        if (yielded is not _RAISED and type(yielded) is ResumableFuture
-                and yielded.resume_with(functools.partial(self._resumed, coro, yielded))):
-            self._parked = (coro, yielded)
-            return
         if yielded is not _RAISED:
+            if (type(yielded) is ResumableFuture and
+                    yielded.resume_with(functools.partial(self._resumed, coro, yielded))):
+                self._parked = (coro, yielded)
+                return
             self._suspended = (coro, yielded, None)
         self._wake()
 

@@ -307,7 +307,7 @@ class GroupCommitWriter:
     def _start_batch(self) -> None:
         self._start_scheduled = False
         if self._in_flight:
-            return              # the batch in flight starts the next one when it is done
+            return              # the batch in flight schedules the next one when done
         if not self._queue:
             self._wake_closers()
             return

@@ -228,8 +228,8 @@ class PostgresGroupCommit(GroupCommitWriter):
     def _transaction_done(self, batch: list, task: asyncio.Task) -> None:
         if task.cancelled():
             self._batch_done(batch, None, RuntimeError("the transaction was cancelled"))
-        elif task.exception() is not None:
-            self._batch_done(batch, None, task.exception())
+        elif (error := task.exception()) is not None:
+            self._batch_done(batch, None, error)
         else:
             self._batch_done(batch, task.result(), None)
 
