@@ -34,6 +34,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -209,9 +210,15 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     # The servers' own CPU over the window: on a busy machine wall rates move with the
     # other load, CPU per request much less.
     cpu = [cpu_seconds(pids)]
+    client_cpu = [time.process_time()]
     measure_from = loop.time()
     measure_until = measure_from + seconds
-    loop.call_at(measure_until, lambda: cpu.append(cpu_seconds(pids)))
+
+    def window_closed() -> None:
+        cpu.append(cpu_seconds(pids))
+        client_cpu.append(time.process_time())
+
+    loop.call_at(measure_until, window_closed)
     midway_result = None
     if midway is not None:
         await asyncio.sleep(seconds / 2)  # bounded: the load runs on meanwhile
@@ -221,6 +228,8 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     every = sorted(x for xs in latencies.values() for x in xs)
     return {
         "cpu_us": (cpu[1] - cpu[0]) / max(1, len(every)) * 1e6 if len(cpu) == 2 else 0.0,
+        "client_cpu_us": ((client_cpu[1] - client_cpu[0]) / max(1, len(every)) * 1e6
+                          if len(client_cpu) == 2 else 0.0),
         "rps": len(every) / seconds,
         "p50": percentile(every, 50),
         "p99": percentile(every, 99),
@@ -384,13 +393,13 @@ def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss, others: dict) -
     print()
     print(f"echo ceiling:        {ceiling['rps']:8.0f} req/s   p50 {ms(ceiling['p50'])}   "
           f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)   "
-          f"server CPU {ceiling['cpu_us']:.0f} us/request")
+          f"server CPU {ceiling['cpu_us']:.0f} us/request, client {ceiling['client_cpu_us']:.0f}")
     for name, result in {"sync server, mixed (sqlite, watchtowers with cursors)": mixed,
                          **{f"sync server, mixed ({k})": v for k, v in others.items()}}.items():
         print(f"{name}:")
         print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
               f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
-              f"server CPU {result['cpu_us']:.0f} us/request")
+              f"server CPU {result['cpu_us']:.0f} us/request, client {result['client_cpu_us']:.0f}")
         print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
               f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
               f"p99 {result['p99'] / ceiling['p99']:.2f}x   "
