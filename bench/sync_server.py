@@ -13,12 +13,13 @@ client can do, and the ratio shows what the sync server's handlers and storage c
 Measured: requests per second and p50/p99 latency of a mixed workload (sig with an id,
 so every one waits for a durable commit; get_sigs; request_spend; get_spend_requests,
 each watchtower polling with the cursor of its previous poll; spend_opinion;
-get_spend_opinions), and each daemon's resident memory (VmRSS) holding 1000 idle
-connections. Then the same workload with watchtowers polling without cursors (every
-poll lists every pending request), and on PostgreSQL (a throwaway server from
-tests/support/postgres.py) with one and with two sync-server processes sharing the
-database, the clients spread over both. Every phase has a deadline; the run stops by
-itself.
+get_spend_opinions), the CPU per request of the server(s) and of this client process
+(which can be what bounds the echo ceiling), and each daemon's resident memory (VmRSS)
+holding 1000 idle connections. Then the same workload with watchtowers polling
+without cursors (every poll lists every pending request), and on PostgreSQL (a
+throwaway server from tests/support/postgres.py) with one and with two sync-server
+processes sharing the database, the clients spread over both. Every phase has a
+deadline; the run stops by itself.
 
 Every daemon serves its Prometheus metrics (`metrics_listen`), so the instrumentation
 is measured as deployed; `--scrape FILE` saves the sync server's metrics as scraped
@@ -209,16 +210,11 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     await asyncio.wait_for(warm.wait(), PHASE_DEADLINE)
     # The servers' own CPU over the window: on a busy machine wall rates move with the
     # other load, CPU per request much less.
-    cpu = [cpu_seconds(pids)]
-    client_cpu = [time.process_time()]
+    # The client's too: the echo ceiling can be bound by this process, not its server.
+    cpu = [(cpu_seconds(pids), time.process_time())]
     measure_from = loop.time()
     measure_until = measure_from + seconds
-
-    def window_closed() -> None:
-        cpu.append(cpu_seconds(pids))
-        client_cpu.append(time.process_time())
-
-    loop.call_at(measure_until, window_closed)
+    loop.call_at(measure_until, lambda: cpu.append((cpu_seconds(pids), time.process_time())))
     midway_result = None
     if midway is not None:
         await asyncio.sleep(seconds / 2)  # bounded: the load runs on meanwhile
@@ -226,10 +222,15 @@ async def load(port: int | list[int], identities, server, clients: int, seconds:
     await asyncio.gather(*tasks)
     await close_all(conns)
     every = sorted(x for xs in latencies.values() for x in xs)
+
+    def us_per_request(side: int) -> float:  # 0: the servers, 1: this client
+        if len(cpu) != 2:
+            return 0.0
+        return (cpu[1][side] - cpu[0][side]) / max(1, len(every)) * 1e6
+
     return {
-        "cpu_us": (cpu[1] - cpu[0]) / max(1, len(every)) * 1e6 if len(cpu) == 2 else 0.0,
-        "client_cpu_us": ((client_cpu[1] - client_cpu[0]) / max(1, len(every)) * 1e6
-                          if len(client_cpu) == 2 else 0.0),
+        "cpu_us": us_per_request(0),
+        "client_cpu_us": us_per_request(1),
         "rps": len(every) / seconds,
         "p50": percentile(every, 50),
         "p99": percentile(every, 99),
@@ -399,7 +400,8 @@ def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss, others: dict) -
         print(f"{name}:")
         print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
               f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
-              f"server CPU {result['cpu_us']:.0f} us/request, client {result['client_cpu_us']:.0f}")
+              f"server CPU {result['cpu_us']:.0f} us/request, "
+              f"client {result['client_cpu_us']:.0f}")
         print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
               f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
               f"p99 {result['p99'] / ceiling['p99']:.2f}x   "
