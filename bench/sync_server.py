@@ -3,10 +3,10 @@
     .venv/bin/python bench/sync_server.py            # full run, well under two minutes
     .venv/bin/python bench/sync_server.py --quick    # smoke run, a few seconds
 
-Both servers are real daemon subprocesses started the same way (run_daemon, Noise KK on
+The servers are real daemon subprocesses started the same way (run_daemon, Noise KK on
 127.0.0.1, READY=1 over NOTIFY_SOCKET): the sync server with its SQLite store, and
 tests/support/echo_daemon.py, whose one method returns its params, as the ceiling. The
-same client process drives both with the same number of connections, each sending one
+same client process drives each with the same number of connections, each sending one
 request at a time; so the ceiling is what the transport, the JSON-RPC layer and this
 client can do, and the ratio shows what the sync server's handlers and storage cost.
 
@@ -15,10 +15,16 @@ so every one waits for a durable commit; get_sigs; request_spend; get_spend_requ
 each watchtower polling with the cursor of its previous poll; spend_opinion;
 get_spend_opinions), the CPU per request of the server(s) and of this client process
 (which can be what bounds the echo ceiling), and each daemon's resident memory (VmRSS)
-holding 1000 idle connections. Then the same workload with watchtowers polling
-without cursors (every poll lists every pending request), and on PostgreSQL (a
-throwaway server from tests/support/postgres.py) with one and with two sync-server
-processes sharing the database, the clients spread over both. Every phase has a
+holding 1000 idle connections. Then the same workload on a second SQLite server whose
+watchtowers poll without cursors (every poll lists every pending request), and on
+PostgreSQL (a throwaway server from tests/support/postgres.py) with one and with two
+sync-server processes sharing the database, the clients spread over both.
+
+The phases of a group take turns in windows of about a second (echo, then each
+server), each holding its own connections throughout, so that a ratio compares
+figures from the same stretch of time: measured one after the other, the echo ceiling
+and the sync server could land in stretches at different machine speeds, and the
+ratio moved from 0.26x to 0.47x between runs of the same code. Every phase has a
 deadline; the run stops by itself.
 
 Every daemon serves its Prometheus metrics (`metrics_listen`), so the instrumentation
@@ -162,84 +168,143 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
-async def load(port: int | list[int], identities, server, clients: int, seconds: float,
-               make_request, cursors: bool = True, pids: list[int] = (),
-               midway=None) -> dict:
-    """Requests from `clients` connections for `seconds` once warm; `midway()`, if given,
-    is awaited halfway through the measured time and its result returned."""
-    conns = await connect_many(port, identities, server, clients)
-    latencies: dict[str, list[float]] = defaultdict(list)
-    errors: dict[str, int] = defaultdict(int)
-    warmup = min(1.0, seconds / 4)
-    start = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # The window opens once every client has gone through the six calls once (a
-    # watchtower's first poll, which lists everything, belongs to its start-up, not to
-    # the steady state), and no sooner than `warmup`.
-    measure_from = measure_until = float("inf")
-    warm = asyncio.Event()
-    cold = set(range(clients))
+# Each phase is measured in windows that take turns with the other phases of its group
+# (the echo ceiling among them): on this machine one stretch of seconds can run at
+# two thirds the speed of the next, and a ceiling measured before a phase moved its
+# ratio by that much. A window's first SETTLE seconds are not counted (its clients
+# start together after the other phases' turn); every request started in the rest is.
+WINDOW_SETTLE = 0.2
+WINDOW_MEASURED = 0.8
 
-    async def run(i: int, rpc: RpcClient) -> None:
-        workload = Workload(i, cursors)
-        n = i  # clients start at different points of the mix
-        await start.wait()
+
+class Phase:
+    """One server (or several processes sharing a database) under the workload, from
+    its own `clients` connections, each sending one request at a time."""
+
+    def __init__(self, name: str, ports: list[int], pids: list[int], make_request,
+                 cursors: bool = True):
+        self.name = name
+        self.ports = ports
+        self.pids = pids
+        self.make_request = make_request
+        self.cursors = cursors
+        self.conns: list[RpcClient] = []
+        self.workloads: list[Workload] = []
+        self.next_n: list[int] = []
+        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.measured = 0.0            # seconds
+        self.server_cpu = 0.0          # seconds, over the measured time
+        self.client_cpu = 0.0
+        self.midway = None
+
+    async def open(self, identities, server, clients: int) -> None:
+        self.conns = await connect_many(self.ports, identities, server, clients)
+        self.workloads = [Workload(i, self.cursors) for i in range(clients)]
+        self.next_n = list(range(clients))  # clients start at different points of the mix
+
+    async def close(self) -> None:
+        await close_all(self.conns)
+        self.conns = []
+
+    async def _drive(self, i: int, until: float, record_from: float | None) -> None:
+        rpc, workload, loop = self.conns[i], self.workloads[i], asyncio.get_running_loop()
+        n = self.next_n[i]
         while True:
-            method, params = make_request(workload, n)
+            method, params = self.make_request(workload, n)
             t0 = loop.time()
-            if t0 >= measure_until:
-                return
+            if t0 >= until:
+                break
             try:
                 workload.answered(method, await rpc.call(method, params, timeout=30))
-                ok = True
+                if record_from is not None and t0 >= record_from:
+                    self.latencies[method].append(loop.time() - t0)
             except Exception as e:  # counted and reported: the bench must finish
-                errors[f"{method}: {type(e).__name__} {e}"[:120]] += 1
-                ok = False
-            t1 = loop.time()
-            if ok and t0 >= measure_from and t1 <= measure_until:
-                latencies[method].append(t1 - t0)
+                self.errors[f"{method}: {type(e).__name__} {e}"[:120]] += 1
             n += 1
-            if i in cold and n - i >= len(Workload.METHODS):
-                cold.discard(i)
-                if not cold:
-                    warm.set()
+        self.next_n[i] = n
 
-    tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(conns)]
-    start.set()
-    await asyncio.sleep(warmup)
-    await asyncio.wait_for(warm.wait(), PHASE_DEADLINE)
-    # The servers' own CPU over the window: on a busy machine wall rates move with the
-    # other load, CPU per request much less.
-    # The client's too: the echo ceiling can be bound by this process, not its server.
-    cpu = [(cpu_seconds(pids), time.process_time())]
-    measure_from = loop.time()
-    measure_until = measure_from + seconds
-    loop.call_at(measure_until, lambda: cpu.append((cpu_seconds(pids), time.process_time())))
-    midway_result = None
-    if midway is not None:
-        await asyncio.sleep(seconds / 2)  # bounded: the load runs on meanwhile
-        midway_result = await midway()
-    await asyncio.gather(*tasks)
-    await close_all(conns)
-    every = sorted(x for xs in latencies.values() for x in xs)
+    async def warm_up(self, seconds: float) -> None:
+        """Unmeasured: until every client has gone through the six calls once (a
+        watchtower's first poll, which lists everything, belongs to its start-up, not
+        to the steady state), and at least `seconds`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PHASE_DEADLINE
+        until = loop.time() + seconds
+        while True:
+            await asyncio.gather(*(self._drive(i, until, None) for i in range(len(self.conns))))
+            if min(n - i for i, n in enumerate(self.next_n)) >= len(Workload.METHODS):
+                return
+            if loop.time() > deadline:
+                raise RuntimeError(f"{self.name}: clients not warm after {PHASE_DEADLINE} s")
+            until = loop.time() + 0.1
 
-    def us_per_request(side: int) -> float:  # 0: the servers, 1: this client
-        if len(cpu) != 2:
-            return 0.0
-        return (cpu[1][side] - cpu[0][side]) / max(1, len(every)) * 1e6
+    async def window(self, measured: float, midway=None) -> None:
+        """One turn: WINDOW_SETTLE seconds of load, then `measured` seconds counted. The
+        servers' CPU and this client's are read at both ends of the counted part: on a
+        busy machine wall rates move with the other load, CPU per request much less,
+        and the echo ceiling can be bound by this client rather than its server."""
+        loop = asyncio.get_running_loop()
+        record_from = loop.time() + WINDOW_SETTLE
+        until = record_from + measured
+        samples = []
 
-    return {
-        "cpu_us": us_per_request(0),
-        "client_cpu_us": us_per_request(1),
-        "rps": len(every) / seconds,
-        "p50": percentile(every, 50),
-        "p99": percentile(every, 99),
-        "count": len(every),
-        "by_method": {m: (len(v) / seconds, percentile(sorted(v), 50), percentile(sorted(v), 99))
-                      for m, v in sorted(latencies.items())},
-        "errors": dict(errors),
-        "midway": midway_result,
-    }
+        def sample() -> None:
+            samples.append((cpu_seconds(self.pids), time.process_time()))
+
+        loop.call_at(record_from, sample)
+        loop.call_at(until, sample)
+        drivers = asyncio.gather(*(self._drive(i, until, record_from)
+                                   for i in range(len(self.conns))))
+        if midway is not None:
+            await asyncio.sleep(WINDOW_SETTLE + measured / 2)
+            self.midway = await midway()  # bounded: the load runs on meanwhile
+        await drivers
+        if len(samples) == 2:
+            self.measured += measured
+            self.server_cpu += samples[1][0] - samples[0][0]
+            self.client_cpu += samples[1][1] - samples[0][1]
+
+    def result(self) -> dict:
+        every = sorted(x for xs in self.latencies.values() for x in xs)
+        seconds = max(self.measured, 1e-9)
+
+        def us_per_request(cpu: float) -> float:
+            return cpu / max(1, len(every)) * 1e6
+
+        return {
+            "cpu_us": us_per_request(self.server_cpu),
+            "client_cpu_us": us_per_request(self.client_cpu),
+            "rps": len(every) / seconds,
+            "p50": percentile(every, 50),
+            "p99": percentile(every, 99),
+            "count": len(every),
+            "by_method": {m: (len(v) / seconds, percentile(sorted(v), 50),
+                              percentile(sorted(v), 99))
+                          for m, v in sorted(self.latencies.items())},
+            "errors": dict(self.errors),
+            "midway": self.midway,
+        }
+
+
+async def take_turns(phases: list[Phase], identities, server, clients: int, seconds: float,
+                     midway: tuple[Phase, object] | None = None) -> list[dict]:
+    """Each phase measured for `seconds` in all, in windows taking turns with the others;
+    `midway = (phase, coroutine function)`: awaited in that phase's middle window."""
+    for phase in phases:
+        await phase.open(identities, server, clients)
+    try:
+        for phase in phases:
+            await phase.warm_up(min(1.0, seconds / 4))
+        rounds = max(2, round(seconds / WINDOW_MEASURED))
+        for r in range(rounds):
+            for phase in phases:
+                scrape_now = midway is not None and midway[0] is phase and r == rounds // 2
+                await phase.window(seconds / rounds, midway[1] if scrape_now else None)
+        return [phase.result() for phase in phases]
+    finally:
+        for phase in phases:
+            await phase.close()
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -303,13 +368,15 @@ async def start_daemons(tmp: Path) -> tuple[DaemonProcess, DaemonProcess, NoiseI
     return sync, echo, server, identities
 
 
-async def postgres_phases(tmp: Path, ids, server, args) -> dict[str, dict]:
-    """The mixed workload on PostgreSQL: one process, then two sharing the database."""
+async def postgres_phases(tmp: Path, ids, server, echo: DaemonProcess,
+                          args) -> tuple[dict, dict[str, dict]]:
+    """The mixed workload on PostgreSQL, one process, and two sharing a database (the
+    clients spread over both), taking turns with an echo ceiling of their own."""
     keys = [i.public.hex() for i in ids]
-    results = {}
     postgres = PostgresServer.start()
     daemons: list[DaemonProcess] = []
     try:
+        phases = [Phase("echo", [echo.port], [echo.proc.pid], echo_request)]
         for processes in (1, 2):
             storage = {"storage": {"backend": "postgresql", "dsn": postgres.new_database()}}
             group = [sync_daemon(tmp, f"pg{processes}-{i}", keys, storage)
@@ -317,25 +384,26 @@ async def postgres_phases(tmp: Path, ids, server, args) -> dict[str, dict]:
             daemons += group
             for daemon in group:
                 await daemon.start()
-            midway = None
-            if processes == 1 and args.scrape:
-                midway = lambda port=group[0].metrics_port: scrape(port)  # noqa: E731
-            result = await load([d.port for d in group], ids, server, args.clients,
-                                args.seconds, lambda w, n: w.request(n),
-                                pids=[d.proc.pid for d in group], midway=midway)
-            if midway is not None:
-                save_scrape(f"{args.scrape}.postgresql", result["midway"])
-            results[f"postgresql, {processes} process{'es' if processes > 1 else ''}"] = result
-            for daemon in group:
-                status = await daemon.stop()
-                if status != 0:
-                    raise RuntimeError(f"sync server on PostgreSQL exited with {status}:\n"
-                                       f"{daemon.stderr()}")
+            phases.append(Phase(f"postgresql, {processes} process{'es' if processes > 1 else ''}",
+                                [d.port for d in group], [d.proc.pid for d in group],
+                                lambda w, n: w.request(n)))
+        midway = None
+        if args.scrape:
+            midway = (phases[1], lambda port=daemons[0].metrics_port: scrape(port))
+        ceiling, *results = await take_turns(phases, ids, server, args.clients, args.seconds,
+                                             midway)
+        if midway is not None:
+            save_scrape(f"{args.scrape}.postgresql", results[0]["midway"])
+        for daemon in daemons:
+            status = await daemon.stop()
+            if status != 0:
+                raise RuntimeError(f"sync server on PostgreSQL exited with {status}:\n"
+                                   f"{daemon.stderr()}")
+        return ceiling, {phase.name: result for phase, result in zip(phases[1:], results)}
     finally:
         for daemon in daemons:
             daemon.ensure_dead()
         postgres.stop()
-    return results
 
 
 def save_scrape(path: str, scraped) -> None:
@@ -354,71 +422,81 @@ async def main_async(args) -> int:
         sys.exit(str(e))
     with tempfile.TemporaryDirectory(prefix="revault-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        sync = echo = None
+        sync = echo = uncursored = None
         try:
             async with asyncio.timeout(PHASE_DEADLINE * 4):
                 sync, echo, server, ids = await start_daemons(tmp)
                 print(f"loopback, {args.clients} concurrent clients, one request in flight "
-                      f"per connection, {args.seconds:g} s measured after warm-up; both "
-                      f"servers are daemon subprocesses; the client is one asyncio process")
-                ceiling = await load(echo.port, ids, server, args.clients, args.seconds,
-                                     echo_request, pids=[echo.proc.pid])
-                mixed = await load(sync.port, ids, server, args.clients, args.seconds,
-                                   lambda w, n: w.request(n), pids=[sync.proc.pid],
-                                   midway=(lambda: scrape(sync.metrics_port))
-                                   if args.scrape else None)
+                      f"per connection, {args.seconds:g} s measured per server after warm-up, in "
+                      f"windows taking turns; the servers are daemon subprocesses; the "
+                      f"client is one asyncio process")
+                # Its own server: phases sharing one would each find, at every turn, the
+                # other's changes waiting for its watchtowers' cursors.
+                uncursored = sync_daemon(tmp, "sqlite-uncursored",
+                                         [i.public.hex() for i in ids], {})
+                await uncursored.start()
+                phases = [
+                    Phase("echo", [echo.port], [echo.proc.pid], echo_request),
+                    Phase("sqlite, watchtowers with cursors", [sync.port], [sync.proc.pid],
+                          lambda w, n: w.request(n)),
+                    Phase("sqlite, watchtowers polling without cursors", [uncursored.port],
+                          [uncursored.proc.pid], lambda w, n: w.request(n), cursors=False)]
+                midway = (phases[1], lambda: scrape(sync.metrics_port)) if args.scrape else None
+                ceiling, *results = await take_turns(phases, ids, server, args.clients,
+                                                     args.seconds, midway)
                 if args.scrape:
-                    save_scrape(args.scrape, mixed["midway"])
-                others = {"sqlite, watchtowers polling without cursors": await load(
-                    sync.port, ids, server, args.clients, args.seconds,
-                    lambda w, n: w.request(n), cursors=False, pids=[sync.proc.pid])}
+                    save_scrape(args.scrape, results[0]["midway"])
+                groups = [(ceiling, {p.name: r for p, r in zip(phases[1:], results)})]
                 echo_rss = await idle_rss(echo, ids, server, args.idle)
                 sync_rss = await idle_rss(sync, ids, server, args.idle)
                 if not args.no_postgresql:
-                    others.update(await postgres_phases(tmp, ids, server, args))
-            report(args, ceiling, mixed, echo_rss, sync_rss, others)
-            failed = any(r["errors"] for r in (ceiling, mixed, *others.values()))
-            for name, daemon in (("sync server", sync), ("echo", echo)):
+                    groups.append(await postgres_phases(tmp, ids, server, echo, args))
+            report(args, groups, echo_rss, sync_rss)
+            failed = any(r["errors"] for c, rs in groups for r in (c, *rs.values()))
+            for name, daemon in (("sync server", sync), ("echo", echo),
+                                 ("sync server without cursors", uncursored)):
                 status = await daemon.stop()
                 if status != 0:
                     print(f"{name} exited with {status}:\n{daemon.stderr()}")
                     failed = True
             return 1 if failed else 0
         finally:
-            for daemon in (sync, echo):
+            for daemon in (sync, echo, uncursored):
                 if daemon is not None:
                     daemon.ensure_dead()
 
 
-def report(args, ceiling: dict, mixed: dict, echo_rss, sync_rss, others: dict) -> None:
-    print()
-    print(f"echo ceiling:        {ceiling['rps']:8.0f} req/s   p50 {ms(ceiling['p50'])}   "
-          f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)   "
-          f"server CPU {ceiling['cpu_us']:.0f} us/request, client {ceiling['client_cpu_us']:.0f}")
-    for name, result in {"sync server, mixed (sqlite, watchtowers with cursors)": mixed,
-                         **{f"sync server, mixed ({k})": v for k, v in others.items()}}.items():
-        print(f"{name}:")
-        print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
-              f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
-              f"server CPU {result['cpu_us']:.0f} us/request, "
-              f"client {result['client_cpu_us']:.0f}")
-        print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
-              f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
-              f"p99 {result['p99'] / ceiling['p99']:.2f}x   "
-              f"CPU per request (ceiling's / ours) {ceiling['cpu_us'] / result['cpu_us']:.2f}x")
-        print("  per method:          req/s        p50          p99")
-        for method, (rps, p50, p99) in result["by_method"].items():
-            print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")
+def report(args, groups: list[tuple[dict, dict[str, dict]]], echo_rss, sync_rss) -> None:
+    """Each group: its echo ceiling, then the phases that took turns with it."""
+    for ceiling, results in groups:
+        print()
+        print(f"echo ceiling:        {ceiling['rps']:8.0f} req/s   p50 {ms(ceiling['p50'])}   "
+              f"p99 {ms(ceiling['p99'])}   ({ceiling['count']} requests)   "
+              f"server CPU {ceiling['cpu_us']:.0f} us/request, "
+              f"client {ceiling['client_cpu_us']:.0f}")
+        for name, result in results.items():
+            print(f"sync server, mixed ({name}):")
+            print(f"                     {result['rps']:8.0f} req/s   p50 {ms(result['p50'])}   "
+                  f"p99 {ms(result['p99'])}   ({result['count']} requests)   "
+                  f"server CPU {result['cpu_us']:.0f} us/request, "
+                  f"client {result['client_cpu_us']:.0f}")
+            print(f"  ratio to ceiling:  throughput {result['rps'] / ceiling['rps']:.2f}x   "
+                  f"p50 {result['p50'] / ceiling['p50']:.2f}x   "
+                  f"p99 {result['p99'] / ceiling['p99']:.2f}x   CPU per request "
+                  f"(ceiling's / ours) {ceiling['cpu_us'] / result['cpu_us']:.2f}x")
+            print("  per method:          req/s        p50          p99")
+            for method, (rps, p50, p99) in result["by_method"].items():
+                print(f"    {method:20s} {rps:7.0f}   {ms(p50):>10s}   {ms(p99):>10s}")
     mib = 1024
     print(f"RSS with {args.idle} idle connections:")
-    print(f"  echo ceiling:      {echo_rss[1] / mib:7.1f} MiB (at rest {echo_rss[0] / mib:.1f} MiB,"
-          f" {(echo_rss[1] - echo_rss[0]) / args.idle:.1f} KiB per connection)")
-    print(f"  sync server:       {sync_rss[1] / mib:7.1f} MiB (at rest {sync_rss[0] / mib:.1f} MiB,"
-          f" {(sync_rss[1] - sync_rss[0]) / args.idle:.1f} KiB per connection)")
+    for name, (rest, held) in (("echo ceiling", echo_rss), ("sync server", sync_rss)):
+        print(f"  {name + ':':18s} {held / mib:7.1f} MiB (at rest {rest / mib:.1f} MiB, "
+              f"{(held - rest) / args.idle:.1f} KiB per connection)")
     print(f"  ratio to ceiling:  {sync_rss[1] / echo_rss[1]:.2f}x")
-    for name, result in (("echo", ceiling), ("sync server", mixed), *others.items()):
-        for error, count in result["errors"].items():
-            print(f"ERROR {name}: {count} x {error}")
+    for ceiling, results in groups:
+        for name, result in (("echo", ceiling), *results.items()):
+            for error, count in result["errors"].items():
+                print(f"ERROR {name}: {count} x {error}")
 
 
 def main() -> int:
