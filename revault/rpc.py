@@ -344,7 +344,8 @@ class Dispatcher:
             request = decode_request(raw)
             if isinstance(request, WireError):
                 return self._envelope_error(caller, request, started)
-            log.debug("request %r from %s", _echo(request.method), caller.describe())
+            if log.isEnabledFor(logging.DEBUG):  # describe() costs, even when not logged
+                log.debug("request %r from %s", _echo(request.method), caller.describe())
             outcome = await self._run(caller, request)
             if isinstance(outcome, WireError):
                 code = outcome.code
@@ -533,7 +534,9 @@ class _ConnectionServer:
         """The transport's callback: a message is queued, or the connection ended."""
         if self._busy:
             return
-        if self._waiter is None or asyncio.current_task() is not None:
+        # The loop given: current_task() alone asks get_running_loop(), which on 3.11
+        # costs a getpid() system call, and this runs for every request.
+        if self._waiter is None or asyncio.current_task(self._loop) is not None:
             # Called from inside a task (a close, say): the connection's task sees to it.
             self._wake()
             return
@@ -579,7 +582,7 @@ class _ConnectionServer:
         """The future a parked request waits for is done (called inside its setter)."""
         if self._parked is None or self._parked[1] is not future:
             return                         # the task took the request over (cancelled)
-        if asyncio.current_task() is not None:
+        if asyncio.current_task(self._loop) is not None:
             # Resolved from inside a task, which cannot run another: on the next turn.
             self._loop.call_soon(self._resumed, coro, future)
             return
