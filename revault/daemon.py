@@ -17,6 +17,7 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import gc
 import os
 import resource
 import signal
@@ -389,6 +390,7 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
     if listener is not None:
         log.info("metrics on http://%s:%d/metrics", common.metrics_listen[0], listener.port)
         ready += f"; metrics on {common.metrics_listen[0]}:{listener.port}"
+    _settle_garbage_collector()
     sd_notify(ready)
     await stop.wait()
     log.info("%s stopping", name)
@@ -399,6 +401,31 @@ async def _serve(name: str, config: HasCommon, noise_private: bytes,
     await service.close()
     log.info("%s stopped", name)
     return 0
+
+
+# Net allocations of container objects between two collections of the youngest
+# generation; Python's default is 700.
+GC_GEN0_THRESHOLD = 10_000
+
+
+def _settle_garbage_collector() -> None:
+    """Once serving: what start-up built (modules, config, method tables) lives as long
+    as the process, so the collector stops scanning it (gc.freeze), and the youngest
+    generation is collected after GC_GEN0_THRESHOLD net allocations instead of 700.
+
+    Measured on the sync server under bench/sync_server.py's mixed load (200 clients):
+    with Python's defaults, about 1,100 young and 9 full collections per 11 s of CPU
+    (2% of it), each full one a 20 ms pause of the event loop that every request in
+    flight waits out; with these, one young collection in the same run. Requests
+    leave no cyclic garbage behind (a collect() after 150,000 of them found 4,000
+    objects, from the 2,000 connections closed meanwhile), so collecting less often
+    does not let memory grow: connections closing still trigger a collection every
+    few thousand.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
 # --- status ----------------------------------------------------------------------------
