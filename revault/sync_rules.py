@@ -372,7 +372,7 @@ class Rules:
             f"ORDER BY seq LIMIT ?", (cursor.watermark, self.cutoff("spend_requests"),
                                       fetch + 1))
         if len(rows) <= fetch:
-            return _streams(cursor, rows, lambda r: StoredSpendRequest._make(r[2:]))
+            return _streams(cursor, rows, _stored_request)
         top = (yield Query("SELECT value FROM sequences WHERE name = ?",
                            ("spend_requests",)))[0][0]
         submitters = yield Query("SELECT submitter FROM rows_by_submitter WHERE tbl = ?",
@@ -387,7 +387,7 @@ class Rules:
                 (submitter, cursor.start_of(name), top, self.cutoff("spend_requests"),
                  fetch + 1))
             if rows:
-                streams.append(Stream(name, [(r[0], StoredSpendRequest._make(r[2:]))
+                streams.append(Stream(name, [(r[0], _stored_request(r))
                                              for r in rows[:fetch]], more=len(rows) > fetch))
         return streams
 
@@ -462,18 +462,29 @@ def _streams(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Str
     """Rows of (seq, submitter, ...) in storage order as one stream per submitter,
     leaving out what the cursor says that submitter's stream has listed already."""
     positions = dict(cursor.positions)
-    names: dict[bytes, str] = {}
+    # submitter -> (its stream's items, the cursor's position in that stream): looked up
+    # once per submitter rather than per row (a poll's rows come from a few submitters).
+    by_submitter: dict[bytes, tuple[list, int]] = {}
     streams: dict[str, Stream] = {}
     for r in rows:
-        name = names.get(r[1])
-        if name is None:
-            name = names[r[1]] = stream_name(bytes(r[1]))
-        if r[0] > positions.get(name, 0):  # rows are above the watermark already
+        seen = by_submitter.get(r[1])
+        if seen is None:
+            name = stream_name(bytes(r[1]))
             stream = streams.get(name)
             if stream is None:
                 stream = streams[name] = Stream(name, [])
-            stream.items.append((r[0], item(r)))
-    return list(streams.values())
+            seen = by_submitter[r[1]] = (stream.items, positions.get(name, 0))
+        if r[0] > seen[1]:  # rows are above the watermark already
+            seen[0].append((r[0], item(r)))
+    return [stream for stream in streams.values() if stream.items]
+
+
+def _stored_request(r) -> StoredSpendRequest:
+    # tuple.__new__ directly: _make is a Python-level call with a length check, per row.
+    return _new_tuple(StoredSpendRequest, r[2:])
+
+
+_new_tuple = tuple.__new__
 
 
 def _stored_opinion(r) -> StoredOpinion:
