@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.metadata
 import json
 import logging
-import gc
 import os
 import resource
 import signal

@@ -479,12 +479,13 @@ def _streams(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Str
     return [stream for stream in streams.values() if stream.items]
 
 
-def _stored_request(r) -> StoredSpendRequest:
-    # tuple.__new__ directly: _make is a Python-level call with a length check, per row.
-    return _new_tuple(StoredSpendRequest, r[2:])
-
-
 _new_tuple = tuple.__new__
+
+
+def _stored_request(r) -> StoredSpendRequest:
+    # tuple.__new__ directly: _make is a Python-level call with a length check, per row
+    # (the columns are the SELECT's, written next to where this is called).
+    return _new_tuple(StoredSpendRequest, r[2:])
 
 
 def _stored_opinion(r) -> StoredOpinion:
