@@ -386,7 +386,7 @@ async def postgres_phases(tmp: Path, ids, server, echo: DaemonProcess,
                 await daemon.start()
             phases.append(Phase(f"postgresql, {processes} process{'es' if processes > 1 else ''}",
                                 [d.port for d in group], [d.proc.pid for d in group],
-                                lambda w, n: w.request(n)))
+                                Workload.request))
         midway = None
         if args.scrape:
             midway = (phases[1], lambda port=daemons[0].metrics_port: scrape(port))
@@ -438,9 +438,9 @@ async def main_async(args) -> int:
                 phases = [
                     Phase("echo", [echo.port], [echo.proc.pid], echo_request),
                     Phase("sqlite, watchtowers with cursors", [sync.port], [sync.proc.pid],
-                          lambda w, n: w.request(n)),
+                          Workload.request),
                     Phase("sqlite, watchtowers polling without cursors", [uncursored.port],
-                          [uncursored.proc.pid], lambda w, n: w.request(n), cursors=False)]
+                          [uncursored.proc.pid], Workload.request, cursors=False)]
                 midway = (phases[1], lambda: scrape(sync.metrics_port)) if args.scrape else None
                 ceiling, *results = await take_turns(phases, ids, server, args.clients,
                                                      args.seconds, midway)
