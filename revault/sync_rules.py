@@ -120,6 +120,12 @@ class Taken(Refused):
         super().__init__(f"{field}: {reason}")
 
 
+# The columns of a spend request's and an opinion's row as the streams read them (and
+# as `Stored` carries them): the sequence number and the submitter first.
+REQUEST_COLUMNS = "seq, submitter, vault_id, txid, tx, request_timestamp, stored_at"
+OPINION_COLUMNS = "seq, submitter, vault_id, txid, pubkey, accepted, reason, sig, stored_at"
+
+
 # Named tuples: a request runs several statements, and a tuple is built several times
 # faster than a frozen dataclass.
 class Query(NamedTuple):
@@ -154,6 +160,21 @@ class StoredOpinion(NamedTuple):
     accepted: bool
     reason: str
     sig: str
+    stored_at: int
+
+
+class Stored(NamedTuple):
+    """What a spend request or opinion write stored (a write plan's result): the row as
+    the streams queries select it, for a backend that keeps those rows in memory
+    (revault/sync_mirror.py)."""
+    table: str                  # "spend_requests" or "opinions"
+    row: tuple                  # the columns of REQUEST_COLUMNS or OPINION_COLUMNS
+
+
+class Refreshed(NamedTuple):
+    """A write that only refreshed the age of the row at `key` (the same row sent again)."""
+    table: str
+    key: tuple                  # (vault_id, txid) or (vault_id, txid, pubkey)
     stored_at: int
 
 
@@ -289,7 +310,7 @@ class Rules:
             "spend_requests", key, {"tx": transaction, "request_timestamp": timestamp},
             submitter)
         if same:
-            return
+            return Refreshed("spend_requests", (vault_id, txid), self.now)
         yield from self._admit("spend_requests", key, submitter, existing)
         seq = yield from self._next_seq("spend_requests")
         yield Execute(
@@ -300,6 +321,8 @@ class Rules:
             "submitter = excluded.submitter, stored_at = excluded.stored_at, "
             "seq = excluded.seq",
             (vault_id, txid, transaction, timestamp, submitter, self.now, seq))
+        return Stored("spend_requests",
+                      (seq, submitter, vault_id, txid, transaction, timestamp, self.now))
 
     def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool, reason: str,
                     sig: str, submitter: bytes) -> Plan:
@@ -314,7 +337,7 @@ class Rules:
         if same:
             yield Execute("UPDATE opinion_keys SET stored_at = ? WHERE pubkey = ?",
                           (self.now, pubkey))
-            return
+            return Refreshed("opinions", (vault_id, txid, pubkey), self.now)
         yield from self._admit("opinions", key, submitter, existing)
         seq = yield from self._next_seq("opinions")
         yield Execute(
@@ -332,6 +355,8 @@ class Rules:
             "INSERT INTO opinion_keys (pubkey, submitter, stored_at) VALUES (?, ?, ?) "
             "ON CONFLICT (pubkey) DO UPDATE SET submitter = excluded.submitter, "
             "stored_at = excluded.stored_at", (pubkey, submitter, self.now))
+        return Stored("opinions", (seq, submitter, vault_id, txid, pubkey, accepted,
+                                   reason.encode("utf-8"), sig, self.now))
 
     def purge_batch(self, table: str, batch: int) -> Plan:
         """Delete up to `batch` expired rows of `table` (or of opinion_keys); returns how many."""
@@ -366,13 +391,13 @@ class Rules:
         sequence number read first, which gives them one consistent view without a read
         transaction (a number visible means every lower one is committed).
         """
-        columns = "seq, submitter, vault_id, txid, tx, request_timestamp, stored_at"
+        columns = REQUEST_COLUMNS
         rows = yield Query(
             f"SELECT {columns} FROM spend_requests WHERE seq > ? AND stored_at > ? "
             f"ORDER BY seq LIMIT ?", (cursor.watermark, self.cutoff("spend_requests"),
                                       fetch + 1))
         if len(rows) <= fetch:
-            return _streams(cursor, rows, _stored_request)
+            return streams_of_rows(cursor, rows, stored_request)
         top = (yield Query("SELECT value FROM sequences WHERE name = ?",
                            ("spend_requests",)))[0][0]
         submitters = yield Query("SELECT submitter FROM rows_by_submitter WHERE tbl = ?",
@@ -387,17 +412,17 @@ class Rules:
                 (submitter, cursor.start_of(name), top, self.cutoff("spend_requests"),
                  fetch + 1))
             if rows:
-                streams.append(Stream(name, [(r[0], _stored_request(r))
+                streams.append(Stream(name, [(r[0], stored_request(r))
                                              for r in rows[:fetch]], more=len(rows) > fetch))
         return streams
 
     def opinion_streams(self, vault_id: str, cursor: Cursor) -> Plan:
         """Each watchtower's unseen opinions on `vault_id` (bounded by opinions_per_vault)."""
         rows = yield Query(
-            "SELECT seq, submitter, vault_id, txid, pubkey, accepted, reason, sig, stored_at "
+            f"SELECT {OPINION_COLUMNS} "
             "FROM opinions WHERE vault_id = ? AND seq > ? AND stored_at > ? ORDER BY seq",
             (vault_id, cursor.watermark, self.cutoff("opinions")))
-        return _streams(cursor, rows, _stored_opinion)
+        return streams_of_rows(cursor, rows, stored_opinion)
 
     @staticmethod
     def epoch() -> Plan:
@@ -458,7 +483,7 @@ class Rules:
         }
 
 
-def _streams(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Stream]:
+def streams_of_rows(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Stream]:
     """Rows of (seq, submitter, ...) in storage order as one stream per submitter,
     leaving out what the cursor says that submitter's stream has listed already."""
     positions = dict(cursor.positions)
@@ -482,13 +507,13 @@ def _streams(cursor: Cursor, rows: list, item: Callable[[Any], Any]) -> list[Str
 _new_tuple = tuple.__new__
 
 
-def _stored_request(r) -> StoredSpendRequest:
+def stored_request(r) -> StoredSpendRequest:
     # tuple.__new__ directly: _make is a Python-level call with a length check, per row
     # (the columns are the SELECT's, written next to where this is called).
     return _new_tuple(StoredSpendRequest, r[2:])
 
 
-def _stored_opinion(r) -> StoredOpinion:
+def stored_opinion(r) -> StoredOpinion:
     # Rows written before SQLite migration 3 hold the reason as TEXT.
     reason = r[6] if isinstance(r[6], str) else bytes(r[6]).decode("utf-8")
     return StoredOpinion(vault_id=r[2], txid=r[3], pubkey=r[4], accepted=bool(r[5]),

@@ -33,6 +33,7 @@ import aiosqlite
 from revault.errors import Refused
 from revault.paging import Cursor, Stream
 from revault.storage import GroupCommitWriter, open_database, open_read_only
+from revault.sync_mirror import DEFAULT_BUDGET, Mirror
 from revault.sync_rules import (
     TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, RulesStore, Sharers,
     StoredOpinion, StoredSpendRequest, Taken,
@@ -238,17 +239,21 @@ class SqliteSyncStore(RulesStore):
 
     def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection, epoch: str,
                  retention: Retention, quotas: Quotas, sharers: Sharers,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], mirror: Mirror):
         self._reader = reader
         self._configure(epoch, retention, quotas, sharers, clock)
+        self._mirror = mirror
+        self._stored_in_batch: list = []    # write plans' results, for the mirror
         self._writer = GroupCommitWriter(
             writer, name="sync-store",
-            closed_error=lambda: Refused("sync server is shutting down"))
+            closed_error=lambda: Refused("sync server is shutting down"),
+            after_batch=self._batch_committed)
 
     @classmethod
     async def open(cls, path: Path, retention: Retention = Retention(),
                    quotas: Quotas = Quotas(), clock: Callable[[], float] = time.time, *,
-                   sharers: Sharers = Sharers()) -> SqliteSyncStore:
+                   sharers: Sharers = Sharers(),
+                   mirror_budget: int = DEFAULT_BUDGET) -> SqliteSyncStore:
         writer = await open_database(path, MIGRATIONS)
         try:
             reader = open_read_only(path)
@@ -257,18 +262,58 @@ class SqliteSyncStore(RulesStore):
             raise
         try:
             epoch = run_plan(reader, Rules.epoch())
+            mirror = Mirror(mirror_budget)
+            mirror.load(reader)
         except BaseException:
             reader.close()
             await writer.close()
             raise
-        return cls(writer, reader, epoch, retention, quotas, sharers, clock)
+        return cls(writer, reader, epoch, retention, quotas, sharers, clock, mirror)
 
     async def _read(self, make_plan: Callable[[Rules], Plan]):
         return run_plan(self._reader, make_plan(self._rules()))
 
     async def _write(self, make_plan: Callable[[Rules], Plan]) -> object:
         """Run the plan atomically and return once it is durably committed."""
-        return await self._writer.run(lambda conn: run_plan(conn, make_plan(self._rules())))
+        return await self._writer.run(self._job(make_plan))
+
+    def _job(self, make_plan: Callable[[Rules], Plan]) -> Callable[[sqlite3.Connection], object]:
+        def job(conn: sqlite3.Connection) -> object:
+            result = run_plan(conn, make_plan(self._rules()))
+            # Only a plan that finished is kept: one that raised rolled back alone.
+            self._stored_in_batch.append(result)
+            return result
+        return job
+
+    def _batch_committed(self, committed: bool) -> None:
+        """The writer's after_batch: the mirror follows what the batch committed."""
+        results, self._stored_in_batch = self._stored_in_batch, []
+        if committed:
+            for result in results:
+                self._mirror.apply(result)
+
+    async def spend_request_streams(self, cursor: Cursor,
+                                    fetch: int) -> list[Stream[StoredSpendRequest]]:
+        if self._mirror.active:
+            return self._mirror.spend_request_streams(cursor, fetch, self._rules())
+        return await super().spend_request_streams(cursor, fetch)
+
+    async def opinion_streams(self, vault_id: str,
+                              cursor: Cursor) -> list[Stream[StoredOpinion]]:
+        if self._mirror.active:
+            return self._mirror.opinion_streams(vault_id, cursor, self._rules())
+        return await super().opinion_streams(vault_id, cursor)
+
+    async def purge_expired(self) -> int:
+        rules = self._rules()
+        purged = await super().purge_expired()
+        # Every row expired at `rules.now` is now gone from the file.
+        if self._mirror.active:
+            self._mirror.drop_expired(rules)
+        else:
+            # It outgrew its budget: purged, the rows may fit again.
+            self._mirror.load(self._reader)
+        return purged
 
     async def close(self) -> None:
         # The reader first: the writer's connection, closing last, checkpoints the WAL
