@@ -234,7 +234,9 @@ class SqliteSyncStore(RulesStore):
     write is queued or committing changes nothing for that write or the others. Each job
     drives one sync_rules plan. Reads use their own read-only connection on the event
     loop thread (see storage.open_read_only), so in WAL mode they never wait for a
-    commit's fsync nor for the GIL.
+    commit's fsync nor for the GIL. The spend requests and opinions that pollers list
+    are read from memory instead (revault/sync_mirror.py), which follows what each
+    batch's plans stored once its COMMIT returned.
     """
 
     def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection, epoch: str,
@@ -263,7 +265,7 @@ class SqliteSyncStore(RulesStore):
         try:
             epoch = run_plan(reader, Rules.epoch())
             mirror = Mirror(mirror_budget)
-            mirror.load(reader)
+            await mirror.load(reader)
         except BaseException:
             reader.close()
             await writer.close()
@@ -312,7 +314,7 @@ class SqliteSyncStore(RulesStore):
             self._mirror.drop_expired(rules)
         else:
             # It outgrew its budget: purged, the rows may fit again.
-            self._mirror.load(self._reader)
+            await self._mirror.load(self._reader)
         return purged
 
     async def close(self) -> None:

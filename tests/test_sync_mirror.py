@@ -4,6 +4,7 @@ streams, whatever the cursor, the fetch size, the clock, the purge or the budget
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 
@@ -159,6 +160,35 @@ async def test_mirror_ignores_a_batch_whose_commit_failed(tmp_path, monkeypatch)
         monkeypatch.undo()
         streams = await store.spend_request_streams(Cursor(store.epoch), 50)
         assert [r.vault_id for s in streams for _, r in s.items] == [VAULTS[0]]
+        await assert_same_reads(store, [Cursor(store.epoch)])
+    finally:
+        await store.close()
+
+
+async def test_writes_committed_while_the_mirror_loads_are_not_missed(tmp_path):
+    """A load reads a few rows per turn of the loop; the writes of those turns (new rows,
+    replaced rows, refreshed rows, in chunks read already or not yet) all end up in it."""
+    rng = random.Random(11)
+    clock = Clock()
+    store = await SqliteSyncStore.open(tmp_path / "sync.sqlite3", clock=clock)
+    try:
+        for _ in range(80):
+            await random_write(store, rng)
+        loading = asyncio.get_running_loop().create_task(store._mirror.load(store._reader,
+                                                                            chunk=2))
+        await asyncio.sleep(0)
+        assert not store._mirror.active           # reads go to SQLite meanwhile
+        writes = 0
+        while not loading.done():
+            clock.now += rng.randrange(2)
+            await random_write(store, rng)
+            writes += 1
+        assert loading.result() is True
+        assert writes > 5
+        await assert_same_reads(store, [Cursor(store.epoch)])
+        # And it goes on following writes once loaded.
+        for _ in range(20):
+            await random_write(store, rng)
         await assert_same_reads(store, [Cursor(store.epoch)])
     finally:
         await store.close()
