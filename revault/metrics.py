@@ -198,6 +198,8 @@ class _QuotaSource(Protocol):
 
     async def quota_use(self) -> dict[str, tuple[int, int]]: ...
 
+    def memory_bytes(self) -> int: ...
+
 
 class SyncServerMetrics:
     """Exported by the sync server: its tables, their quotas, the purge."""
@@ -211,6 +213,9 @@ class SyncServerMetrics:
              "quotas.", ("quota",)),
             ("revault_sync_quota_limit_rows", "Each quota's configured bound.",
              ("quota",)),
+            ("revault_sync_memory_bytes", "Bytes of spend requests and opinions the "
+             "SQLite backend holds in memory (an estimate); 0 while it reads them from "
+             "the database (past its budget) and on PostgreSQL.", ()),
         ])
         registry.register(self.tables)
         self.purged_rows = Counter(
@@ -235,6 +240,7 @@ class SyncServerMetrics:
                 "revault_sync_rows": {(t,): n for t, n in (await store.row_counts()).items()},
                 "revault_sync_quota_used_rows": {(q,): u for q, (u, _) in use.items()},
                 "revault_sync_quota_limit_rows": {(q,): b for q, (_, b) in use.items()},
+                "revault_sync_memory_bytes": {(): store.memory_bytes()},
             }
 
         self.tables.read = values

@@ -603,3 +603,6 @@ class RulesStore:
 
     async def quota_use(self) -> dict[str, tuple[int, int]]:
         return await self._read(lambda r: r.quota_use())
+
+    def memory_bytes(self) -> int:
+        return 0    # a backend that holds rows in memory says how much

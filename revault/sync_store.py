@@ -84,6 +84,9 @@ class SyncStore(Protocol):
         """Quota name -> (rows counted against it, its bound), for the table-wide and
         per-peer quotas (sync_rules.Rules.quota_use); read at each metrics scrape."""
 
+    def memory_bytes(self) -> int:
+        """Bytes of rows held in memory besides the database (an estimate); 0 for none."""
+
     async def close(self) -> None: ...
 
 
@@ -305,6 +308,9 @@ class SqliteSyncStore(RulesStore):
         if self._mirror.active:
             return self._mirror.opinion_streams(vault_id, cursor, self._rules())
         return await super().opinion_streams(vault_id, cursor)
+
+    def memory_bytes(self) -> int:
+        return self._mirror.bytes if self._mirror.active else 0
 
     async def purge_expired(self) -> int:
         rules = self._rules()
