@@ -76,8 +76,9 @@ class _InSequence:
         if not numbers or seq > numbers[-1]:
             numbers.append(seq)
         else:
-            # Only when a write is applied twice (see Mirror.load): its number may still
-            # be listed, left by the removal of the row it replaces.
+            # A write kept aside during a load (Mirror.load) comes after rows numbered
+            # above it, and may be applied a second time: then its number can still be
+            # listed, left by the removal of the row it replaces.
             i = bisect_left(numbers, seq)
             if i == len(numbers) or numbers[i] != seq:
                 numbers.insert(i, seq)

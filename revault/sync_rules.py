@@ -18,6 +18,9 @@ The rules:
   key that first posted it until `err_sig` erases it (or it expires); an opinion key
   belongs to the first watchtower that used it while any of its opinions is kept.
   Another peer's attempt to replace either raises `Taken`.
+- What was stored: a spend request's or opinion's write plan returns it (`Stored`, or
+  `Refreshed` for the same row sent again), for a backend that also keeps those rows
+  in memory (revault/sync_mirror.py); the others ignore it.
 - Sequence numbers: every stored or replaced spend request and opinion takes the next
   number of its table's sequence, inside the write transaction. Writers are serialized
   (SQLite has one writer; PostgreSQL takes one lock per transaction), so numbers grow in
@@ -391,9 +394,8 @@ class Rules:
         sequence number read first, which gives them one consistent view without a read
         transaction (a number visible means every lower one is committed).
         """
-        columns = REQUEST_COLUMNS
         rows = yield Query(
-            f"SELECT {columns} FROM spend_requests WHERE seq > ? AND stored_at > ? "
+            f"SELECT {REQUEST_COLUMNS} FROM spend_requests WHERE seq > ? AND stored_at > ? "
             f"ORDER BY seq LIMIT ?", (cursor.watermark, self.cutoff("spend_requests"),
                                       fetch + 1))
         if len(rows) <= fetch:
@@ -407,7 +409,7 @@ class Rules:
             submitter = bytes(submitter)
             name = stream_name(submitter)
             rows = yield Query(
-                f"SELECT {columns} FROM spend_requests WHERE submitter = ? AND seq > ? "
+                f"SELECT {REQUEST_COLUMNS} FROM spend_requests WHERE submitter = ? AND seq > ? "
                 f"AND seq <= ? AND stored_at > ? ORDER BY seq LIMIT ?",
                 (submitter, cursor.start_of(name), top, self.cutoff("spend_requests"),
                  fetch + 1))
@@ -509,7 +511,7 @@ _new_tuple = tuple.__new__
 
 def stored_request(r) -> StoredSpendRequest:
     # tuple.__new__ directly: _make is a Python-level call with a length check, per row
-    # (the columns are the SELECT's, written next to where this is called).
+    # (the row's columns are REQUEST_COLUMNS: the item's, after seq and submitter).
     return _new_tuple(StoredSpendRequest, r[2:])
 
 
