@@ -185,7 +185,6 @@ class _Row(NamedTuple):
     """What a write needs of the row it would replace."""
     submitter: bytes
     live: bool                  # not expired
-    values: tuple               # the other columns asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,15 +235,14 @@ class Rules:
         if (yield from self._used(table, submitter)) >= limit:
             raise QuotaExceeded(quota, limit)
 
-    def _existing(self, table: str, key: dict[str, Any], columns: tuple[str, ...] = ()) -> Plan:
+    def _existing(self, table: str, key: dict[str, Any]) -> Plan:
         """The row of `table` at `key`, live or expired, as a `_Row`, or None."""
         where = " AND ".join(f"{column} = ?" for column in key)
-        rows = yield Query(f"SELECT submitter, stored_at{''.join(', ' + c for c in columns)} "
-                           f"FROM {table} WHERE {where}", tuple(key.values()))
+        rows = yield Query(f"SELECT submitter, stored_at FROM {table} WHERE {where}",
+                           tuple(key.values()))
         if not rows:
             return None
-        row = rows[0]
-        return _Row(bytes(row[0]), row[1] > self.cutoff(table), tuple(row[2:]))
+        return _Row(bytes(rows[0][0]), rows[0][1] > self.cutoff(table))
 
     def _admit(self, table: str, key: dict[str, str], submitter: bytes,
                existing: _Row | None) -> Plan:
@@ -292,28 +290,30 @@ class Rules:
         return live[0][0]
 
     def _refresh_if_same(self, table: str, key: dict[str, Any], values: dict[str, Any],
-                         submitter: bytes) -> Plan:
-        """(True, row) with the row's age refreshed when the live row at `key` already
-        holds `values` from `submitter`: sent again, it is not stored anew, so a poller's
-        cursor does not bring it back (a wallet resuming re-sends what it sent).
-        Otherwise (False, the row as `_existing` read it)."""
-        existing = yield from self._existing(table, key, tuple(values))
-        if (existing is None or not existing.live or existing.submitter != submitter
-                or existing.values != tuple(values.values())):
-            return False, existing
-        where = " AND ".join(f"{column} = ?" for column in key)
-        yield Execute(f"UPDATE {table} SET stored_at = ? WHERE {where}",
-                      (self.now, *key.values()))
-        return True, existing
+                         submitter: bytes, unless: tuple[str, tuple] = ("", ())) -> Plan:
+        """True, with the row's age refreshed, when the live row at `key` already holds
+        `values` from `submitter` (and the SQL condition `unless`, with its arguments,
+        does not hold): sent again, it is not stored anew, so a poller's cursor does not
+        bring it back (a wallet resuming re-sends what it sent). One statement: the
+        UPDATE compares the row itself, so a re-sent row costs one statement, and on
+        PostgreSQL one round trip."""
+        columns = {**key, **values}
+        where = " AND ".join(f"{column} = ?" for column in columns)
+        condition, arguments = unless
+        refreshed = yield Execute(
+            f"UPDATE {table} SET stored_at = ? WHERE {where} AND submitter = ? "
+            f"AND stored_at > ?{' AND NOT ' + condition if condition else ''}",
+            (self.now, *columns.values(), submitter, self.cutoff(table), *arguments))
+        return refreshed > 0
 
     def put_spend_request(self, vault_id: str, txid: str, transaction: str, timestamp: int,
                           submitter: bytes) -> Plan:
         key = {"vault_id": vault_id, "txid": txid}
-        same, existing = yield from self._refresh_if_same(
-            "spend_requests", key, {"tx": transaction, "request_timestamp": timestamp},
-            submitter)
-        if same:
+        if (yield from self._refresh_if_same(
+                "spend_requests", key, {"tx": transaction, "request_timestamp": timestamp},
+                submitter)):
             return Refreshed("spend_requests", (vault_id, txid), self.now)
+        existing = yield from self._existing("spend_requests", key)
         yield from self._admit("spend_requests", key, submitter, existing)
         seq = yield from self._next_seq("spend_requests")
         yield Execute(
@@ -329,18 +329,23 @@ class Rules:
 
     def put_opinion(self, vault_id: str, txid: str, pubkey: str, accepted: bool, reason: str,
                     sig: str, submitter: bytes) -> Plan:
-        owner = yield Query("SELECT submitter FROM opinion_keys WHERE pubkey = ? "
-                            "AND stored_at > ?", (pubkey, self.cutoff("opinions")))
-        if owner and bytes(owner[0][0]) != submitter:
-            raise Taken("pubkey", "this opinion key is used by another watchtower")
+        cutoff = self.cutoff("opinions")
         key = {"vault_id": vault_id, "txid": txid, "pubkey": pubkey}
-        same, existing = yield from self._refresh_if_same(
-            "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
-                              "sig": sig}, submitter)
-        if same:
+        # The same opinion sent again is refreshed only where the binding below would let
+        # it through: the key is not another watchtower's.
+        if (yield from self._refresh_if_same(
+                "opinions", key, {"accepted": accepted, "reason": reason.encode("utf-8"),
+                                  "sig": sig}, submitter,
+                unless=("EXISTS (SELECT 1 FROM opinion_keys WHERE pubkey = ? "
+                        "AND submitter <> ? AND stored_at > ?)", (pubkey, submitter, cutoff)))):
             yield Execute("UPDATE opinion_keys SET stored_at = ? WHERE pubkey = ?",
                           (self.now, pubkey))
             return Refreshed("opinions", (vault_id, txid, pubkey), self.now)
+        owner = yield Query("SELECT submitter FROM opinion_keys WHERE pubkey = ? "
+                            "AND stored_at > ?", (pubkey, cutoff))
+        if owner and bytes(owner[0][0]) != submitter:
+            raise Taken("pubkey", "this opinion key is used by another watchtower")
+        existing = yield from self._existing("opinions", key)
         yield from self._admit("opinions", key, submitter, existing)
         seq = yield from self._next_seq("opinions")
         yield Execute(

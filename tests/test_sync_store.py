@@ -379,6 +379,28 @@ async def test_sqlite_migration_from_version_1_counts_existing_rows(tmp_path, cl
         await store.close()
 
 
+async def test_sqlite_opinions_from_before_bindings_keep_the_key_to_its_last_user(tmp_path,
+                                                                                clock):
+    """Before migration 3 two watchtowers could sign with one key; the key went to the
+    latest. The other one sending its own opinion again is refused, not refreshed."""
+    from revault.storage import open_database
+    path = tmp_path / "sync.sqlite3"
+    db = await open_database(path, MIGRATIONS[:2])
+    now = int(clock())
+    await db.executemany(
+        "INSERT INTO opinions (vault_id, txid, pubkey, accepted, reason, sig, submitter, "
+        "stored_at) VALUES (?, ?, ?, 1, X'', ?, ?, ?)",  # the reason as migration 3 writes it
+        [(ID1, TXA, PK1, "30aa", ALICE, now - 10), (ID1, TXB, PK1, "30bb", BOB, now)])
+    await db.close()
+    store = await SqliteSyncStore.open(path, Retention(), Quotas(), clock)
+    try:
+        with pytest.raises(Taken):
+            await store.put_opinion(ID1, TXA, PK1, True, "", "30aa", ALICE)
+        await store.put_opinion(ID1, TXB, PK1, True, "", "30bb", BOB)
+    finally:
+        await store.close()
+
+
 async def test_total_quota_purges_expired_before_refusing(open_store, clock):
     store = await open_store(Quotas(total_signatures=2), Retention(signatures=10))
     await store.put_signature(ID1, PK1, "30aa", ALICE)
