@@ -213,9 +213,10 @@ class SyncServerMetrics:
              "quotas.", ("quota",)),
             ("revault_sync_quota_limit_rows", "Each quota's configured bound.",
              ("quota",)),
-            ("revault_sync_memory_bytes", "Bytes of spend requests and opinions the "
-             "SQLite backend holds in memory (an estimate); 0 while it reads them from "
-             "the database (past its budget) and on PostgreSQL.", ()),
+            ("revault_sync_memory_bytes", "Bytes of rows (spend requests, opinions, "
+             "signatures) the SQLite backend holds in memory to answer polls (an "
+             "estimate); those past their budget are read from the database and not "
+             "counted; 0 on PostgreSQL.", ()),
         ])
         registry.register(self.tables)
         self.purged_rows = Counter(

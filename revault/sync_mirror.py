@@ -1,24 +1,26 @@
-"""The spend requests and opinions of a SQLite sync store, held in memory as committed.
+"""What a SQLite sync store's pollers read, held in memory as committed.
 
-Pollers ask for them far more often than they change: every watchtower polls
-`get_spend_requests`, every manager `get_spend_opinions`. Read from SQLite, each poll
-ran its queries and rebuilt every row it listed (under the bench's mixed load, 14% of
-the server's busy time went to those two reads' SQL). The mirror holds those rows as built
-items, in sequence order, and answers the same reads with the same result
-(tests/test_sync_mirror.py holds it to the SQL plans of revault/sync_rules.py, which
-stay the one statement of the rules: writes still run them, and the mirror only
-follows what they stored).
+Pollers ask for it far more often than it changes: every watchtower polls
+`get_spend_requests`, every manager `get_spend_opinions`, every wallet `get_sigs`. Read
+from SQLite, each poll ran its queries and rebuilt every row it listed (under the
+bench's mixed load, 14% of the server's busy time went to the first two reads' SQL, 4%
+to the third's; SQLite's page cache does not help a reader after another connection's
+commit). `Mirror` holds the spend requests and opinions as built items, in sequence
+order; `SignatureMirror` the signatures by tx uid. They answer the same reads with the
+same results (tests/test_sync_mirror.py holds them to the SQL plans of
+revault/sync_rules.py, which stay the one statement of the rules: writes still run
+them, and the mirrors only follow what they stored).
 
-- It follows commits, never writes in flight: a write plan returns what it stored
-  (`sync_rules.Stored` or `Refreshed`), the store collects those per batch and applies
-  them once the batch's COMMIT returned (`GroupCommitWriter`'s after_batch), before any
-  caller resumes. A batch that fails changes nothing here.
+- They follow commits, never writes in flight: a write plan returns what it stored
+  (`sync_rules.Stored`, `Refreshed`, `Erased`), the store collects those per batch and
+  applies them once the batch's COMMIT returned (`GroupCommitWriter`'s after_batch),
+  before any caller resumes. A batch that fails changes nothing here.
 - Expired rows stay until the store's purge has deleted them from the file, and reads
   filter them with the same cutoff as SQL's.
-- It is bounded: past `budget` bytes (the rows' text plus an estimate of their objects)
-  it empties itself and the store reads SQLite again, as it did before; each purge
-  tries to load it again, a chunk of rows per turn of the event loop, and stops as
-  soon as the budget is passed.
+- Each is bounded: past `budget` bytes (the rows' text plus an estimate of their
+  objects) it empties itself and the store reads SQLite again, as it did before; each
+  purge tries to load it again, a chunk of rows per turn of the event loop, and stops
+  as soon as the budget is passed.
 
 One process only: with PostgreSQL other processes write too, and reads stay in SQL.
 """
@@ -34,11 +36,11 @@ from typing import Iterator
 
 from revault.paging import Cursor, Stream, stream_name
 from revault.sync_rules import (
-    OPINION_COLUMNS, REQUEST_COLUMNS, Refreshed, Rules, Stored, StoredOpinion,
-    StoredSpendRequest, stored_opinion, stored_request, streams_of_rows,
+    OPINION_COLUMNS, REQUEST_COLUMNS, SIGNATURE_COLUMNS, Erased, Refreshed, Rules, Stored,
+    StoredOpinion, StoredSpendRequest, stored_opinion, stored_request, streams_of_rows,
 )
 
-__all__ = ["Mirror", "DEFAULT_BUDGET", "LOAD_CHUNK", "ROW_BYTES"]
+__all__ = ["Mirror", "SignatureMirror", "DEFAULT_BUDGET", "LOAD_CHUNK", "ROW_BYTES"]
 
 log = logging.getLogger("revault.sync_mirror")
 
@@ -49,7 +51,8 @@ LOAD_CHUNK = 2_000
 # What one row costs besides its text: the item's tuple, its strings' headers, its key,
 # its entries in the dicts and lists below. Measured with tracemalloc over 20,000 rows:
 # ~330 bytes for a spend request; ~1,070 for an opinion when each is alone in its vault
-# (the vault's own index counted in), the most an opinion row can cost.
+# (the vault's own index counted in), the most an opinion row can cost. A signature:
+# ~300 bytes when four share a tx uid, ~540 alone (SignatureMirror.ROW_BYTES).
 ROW_BYTES = 1_100
 
 # A mirrored row: (seq, submitter, item, stored_at), the first two as streams_of_rows
@@ -100,8 +103,18 @@ class _InSequence:
                 yield row
 
 
-class Mirror:
-    """The rows `SqliteSyncStore` lists, in memory; `active` says whether it holds them."""
+class _InMemory:
+    """Rows of some tables in memory, as committed, within a budget of bytes.
+
+    A subclass says which rows (`_SOURCES`), how it keeps them (`_clear`, `_store`,
+    `_follow` for the other kinds of writes) and what `_kind` of rows they are for the
+    log; this class loads them and follows the writes."""
+
+    # (table, a SELECT of its rows numbered above ? in that order, LIMIT ?, each row
+    # preceded by its number): the rows a load reads, one chunk at a time.
+    _SOURCES: tuple[tuple[str, str], ...] = ()
+    _kind = "rows"
+    ROW_BYTES = ROW_BYTES
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = budget
@@ -112,13 +125,12 @@ class Mirror:
 
     def _clear(self) -> None:
         self.bytes = 0
-        self._requests = _InSequence()
-        self._requests_by_key: dict[tuple, tuple] = {}
-        self._requests_by_submitter: dict[bytes, _InSequence] = {}
-        self._opinions_by_key: dict[tuple, tuple] = {}
-        self._opinions_by_vault: dict[str, _InSequence] = {}
 
-    # --- following the store ----------------------------------------------------------
+    def _store(self, effect: Stored) -> None:
+        raise NotImplementedError
+
+    def _follow(self, effect: object) -> None:
+        """A committed write that is not a `Stored` row (ignored unless it concerns these rows)."""
 
     async def load(self, db: sqlite3.Connection, chunk: int = LOAD_CHUNK) -> bool:
         """Read every row from `db` (live or not yet purged), `chunk` rows per turn of the
@@ -128,21 +140,20 @@ class Mirror:
         Writes go on meanwhile: what they commit is kept aside and applied once every
         row is read. A row read in one chunk and changed before the load ends is
         changed again by that; a row changed before its chunk is read comes in changed;
-        applying a write twice leaves the row as it was (a row is replaced by key, and
-        a refresh sets its age). Reads go to SQLite until the load ends.
+        applying a write twice leaves the rows as they were (a row is replaced by key, a
+        refresh sets its age, an erasure removes what is there). Reads go to SQLite
+        until the load ends.
         """
         self.active = False
         self._clear()
         self._loading = True
         try:
-            for table, columns in (("spend_requests", REQUEST_COLUMNS),
-                                   ("opinions", OPINION_COLUMNS)):
+            for table, select in self._SOURCES:
                 after = 0
                 while True:
-                    rows = db.execute(f"SELECT {columns} FROM {table} WHERE seq > ? "
-                                      f"ORDER BY seq LIMIT ?", (after, chunk)).fetchall()
+                    rows = db.execute(select, (after, chunk)).fetchall()
                     for row in rows:
-                        self._store(Stored(table, row))
+                        self._store(Stored(table, row[1:]))
                         if not self._loading:
                             return False    # past the budget: _grow emptied it
                     if len(rows) < chunk:
@@ -157,8 +168,7 @@ class Mirror:
             self._loading = False
             self._held_aside = []
         if self.active:
-            log.info("%d spend requests and %d opinions held in memory (%d KiB)",
-                     len(self._requests_by_key), len(self._opinions_by_key), self.bytes >> 10)
+            log.info("%s held in memory (%d KiB)", self._kind, self.bytes >> 10)
         return self.active
 
     def apply(self, effect: object) -> None:
@@ -167,19 +177,52 @@ class Mirror:
             if self._loading:
                 self._held_aside.append(effect)
             return
-        if isinstance(effect, Stored):
-            self._store(effect)
-        elif isinstance(effect, Refreshed):
-            try:
-                self._refresh(effect)
-            except KeyError:
-                # A refreshed row is a live row, so it is here, unless this copy has
-                # gone wrong: then the reads go back to SQLite rather than miss rows.
-                log.error("sync mirror: refreshed row missing from memory; reading "
-                          "spend requests and opinions from the database until the "
-                          "next purge reloads them")
-                self.active = False
-                self._clear()
+        try:
+            if isinstance(effect, Stored):
+                self._store(effect)
+            else:
+                self._follow(effect)
+        except KeyError:
+            # A refreshed row is a live row, so it is here, unless this copy has gone
+            # wrong: then the reads go back to SQLite rather than miss rows.
+            log.error("%s in memory: a refreshed row is missing; reading them from the "
+                      "database until the next purge reloads them", self._kind)
+            self.active = False
+            self._clear()
+
+    def _grow(self, text: int) -> None:
+        self.bytes += text + self.ROW_BYTES
+        if self.bytes > self.budget:
+            log.warning("%s take more than %d MiB: reading them from the database until "
+                        "a purge makes room", self._kind, self.budget >> 20)
+            self.active = False
+            self._loading = False
+            self._clear()
+
+
+class Mirror(_InMemory):
+    """The spend requests and opinions `SqliteSyncStore` lists, in memory; `active`
+    says whether it holds them."""
+
+    _SOURCES = (
+        ("spend_requests", f"SELECT seq, {REQUEST_COLUMNS} FROM spend_requests "
+                           f"WHERE seq > ? ORDER BY seq LIMIT ?"),
+        ("opinions", f"SELECT seq, {OPINION_COLUMNS} FROM opinions "
+                     f"WHERE seq > ? ORDER BY seq LIMIT ?"),
+    )
+    _kind = "spend requests and opinions"
+
+    def _clear(self) -> None:
+        self.bytes = 0
+        self._requests = _InSequence()
+        self._requests_by_key: dict[tuple, tuple] = {}
+        self._requests_by_submitter: dict[bytes, _InSequence] = {}
+        self._opinions_by_key: dict[tuple, tuple] = {}
+        self._opinions_by_vault: dict[str, _InSequence] = {}
+
+    def _follow(self, effect: object) -> None:
+        if isinstance(effect, Refreshed):
+            self._refresh(effect)
 
     def drop_expired(self, rules: Rules) -> None:
         """Forget the rows expired at `rules.now`, once the purge deleted them from the file."""
@@ -196,6 +239,8 @@ class Mirror:
 
     def _store(self, effect: Stored) -> None:
         r = effect.row
+        if effect.table == "signatures":
+            return
         if effect.table == "spend_requests":
             key = (r[2], r[3])
             self._remove_request(key)
@@ -248,15 +293,6 @@ class Mirror:
             del self._opinions_by_vault[key[0]]
         self.bytes -= len(row[2].reason) + len(row[2].sig) + ROW_BYTES
 
-    def _grow(self, text: int) -> None:
-        self.bytes += text + ROW_BYTES
-        if self.bytes > self.budget:
-            log.warning("spend requests and opinions take more than %d MiB: reading them "
-                        "from the database until a purge makes room", self.budget >> 20)
-            self.active = False
-            self._loading = False
-            self._clear()
-
     # --- reads: the results of sync_rules.Rules.spend_request_streams and opinion_streams
 
     def spend_request_streams(self, cursor: Cursor, fetch: int,
@@ -294,3 +330,55 @@ class Mirror:
         cutoff = rules.cutoff("opinions")
         return streams_of_rows(cursor, [row for row in of_vault.after(cursor.watermark)
                                         if row[3] > cutoff], _ITEM)
+
+
+class SignatureMirror(_InMemory):
+    """The signatures `SqliteSyncStore` returns for get_sigs, in memory, by tx uid."""
+
+    _SOURCES = (("signatures", f"SELECT rowid, {SIGNATURE_COLUMNS} FROM signatures "
+                               f"WHERE rowid > ? ORDER BY rowid LIMIT ?"),)
+    _kind = "signatures"
+    ROW_BYTES = 576
+
+    def _clear(self) -> None:
+        self.bytes = 0
+        # tx uid -> pubkey -> (signature, stored_at)
+        self._by_id: dict[str, dict[str, tuple[str, int]]] = {}
+
+    def _store(self, effect: Stored) -> None:
+        if effect.table != "signatures":
+            return
+        tx_id, pubkey, signature, stored_at = effect.row
+        of_id = self._by_id.setdefault(tx_id, {})
+        replaced = of_id.get(pubkey)
+        if replaced is not None:
+            self.bytes -= len(replaced[0]) + self.ROW_BYTES
+        of_id[pubkey] = (signature, stored_at)
+        self._grow(len(signature))
+
+    def _follow(self, effect: object) -> None:
+        if isinstance(effect, Erased):
+            for signature, _ in self._by_id.pop(effect.tx_id, {}).values():
+                self.bytes -= len(signature) + self.ROW_BYTES
+
+    def drop_expired(self, rules: Rules) -> None:
+        """Forget the signatures expired at `rules.now`, once the purge deleted them."""
+        if not self.active:
+            return
+        cutoff = rules.cutoff("signatures")
+        for tx_id, of_id in list(self._by_id.items()):
+            for pubkey, (signature, stored_at) in list(of_id.items()):
+                if stored_at <= cutoff:
+                    del of_id[pubkey]
+                    self.bytes -= len(signature) + self.ROW_BYTES
+            if not of_id:
+                del self._by_id[tx_id]
+
+    def get_signatures(self, tx_id: str, rules: Rules) -> dict[str, str]:
+        """The result of sync_rules.Rules.get_signatures: live ones, by pubkey."""
+        of_id = self._by_id.get(tx_id)
+        if not of_id:
+            return {}
+        cutoff = rules.cutoff("signatures")
+        return {pubkey: signature for pubkey, (signature, stored_at) in sorted(of_id.items())
+                if stored_at > cutoff}

@@ -18,9 +18,9 @@ The rules:
   key that first posted it until `err_sig` erases it (or it expires); an opinion key
   belongs to the first watchtower that used it while any of its opinions is kept.
   Another peer's attempt to replace either raises `Taken`.
-- What was stored: a spend request's or opinion's write plan returns it (`Stored`, or
-  `Refreshed` for the same row sent again), for a backend that also keeps those rows
-  in memory (revault/sync_mirror.py); the others ignore it.
+- What was stored: a write plan returns it (`Stored`; `Refreshed` for the same spend
+  request or opinion sent again; `Erased` for err_sig), for a backend that also keeps
+  the rows in memory (revault/sync_mirror.py); the others ignore it.
 - Sequence numbers: every stored or replaced spend request and opinion takes the next
   number of its table's sequence, inside the write transaction. Writers are serialized
   (SQLite has one writer; PostgreSQL takes one lock per transaction), so numbers grow in
@@ -123,8 +123,10 @@ class Taken(Refused):
         super().__init__(f"{field}: {reason}")
 
 
-# The columns of a spend request's and an opinion's row as the streams read them (and
-# as `Stored` carries them): the sequence number and the submitter first.
+# The columns of a row as the reads select it and as `Stored` carries it: a signature's
+# as get_signatures reads it; a spend request's and an opinion's as the streams read
+# them, the sequence number and the submitter first.
+SIGNATURE_COLUMNS = "tx_id, pubkey, signature, stored_at"
 REQUEST_COLUMNS = "seq, submitter, vault_id, txid, tx, request_timestamp, stored_at"
 OPINION_COLUMNS = "seq, submitter, vault_id, txid, pubkey, accepted, reason, sig, stored_at"
 
@@ -167,11 +169,16 @@ class StoredOpinion(NamedTuple):
 
 
 class Stored(NamedTuple):
-    """What a spend request or opinion write stored (a write plan's result): the row as
-    the streams queries select it, for a backend that keeps those rows in memory
-    (revault/sync_mirror.py)."""
-    table: str                  # "spend_requests" or "opinions"
-    row: tuple                  # the columns of REQUEST_COLUMNS or OPINION_COLUMNS
+    """What a write stored (a write plan's result): the row as the reads select it, for
+    a backend that keeps those rows in memory (revault/sync_mirror.py)."""
+    table: str                  # "signatures", "spend_requests" or "opinions"
+    row: tuple                  # SIGNATURE_COLUMNS, REQUEST_COLUMNS or OPINION_COLUMNS
+
+
+class Erased(NamedTuple):
+    """What err_sig's write did: every signature for `tx_id` erased, `live` of them live."""
+    tx_id: str
+    live: int
 
 
 class Refreshed(NamedTuple):
@@ -282,12 +289,13 @@ class Rules:
             "signature = excluded.signature, submitter = excluded.submitter, "
             "stored_at = excluded.stored_at",
             (tx_id, pubkey, signature, submitter, self.now))
+        return Stored("signatures", (tx_id, pubkey, signature, self.now))
 
     def erase_signatures(self, tx_id: str) -> Plan:
         live = yield Query("SELECT COUNT(*) FROM signatures WHERE tx_id = ? AND stored_at > ?",
                            (tx_id, self.cutoff("signatures")))
         yield Execute("DELETE FROM signatures WHERE tx_id = ?", (tx_id,))
-        return live[0][0]
+        return Erased(tx_id, live[0][0])
 
     def _refresh_if_same(self, table: str, key: dict[str, Any], values: dict[str, Any],
                          submitter: bytes, unless: tuple[str, tuple] = ("", ())) -> Plan:
@@ -582,7 +590,8 @@ class RulesStore:
         return await self._read(lambda r: r.get_signatures(tx_id))
 
     async def erase_signatures(self, tx_id: str) -> int:
-        return await self._write(lambda r: r.erase_signatures(tx_id))
+        erased = await self._write(lambda r: r.erase_signatures(tx_id))
+        return erased.live
 
     async def put_spend_request(self, vault_id: str, txid: str, transaction: str,
                                 timestamp: int, submitter: bytes) -> None:

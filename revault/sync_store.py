@@ -33,7 +33,7 @@ import aiosqlite
 from revault.errors import Refused
 from revault.paging import Cursor, Stream
 from revault.storage import GroupCommitWriter, open_database, open_read_only
-from revault.sync_mirror import DEFAULT_BUDGET, Mirror
+from revault.sync_mirror import DEFAULT_BUDGET, Mirror, SignatureMirror
 from revault.sync_rules import (
     TABLES, Execute, Plan, QuotaExceeded, Quotas, Retention, Rules, RulesStore, Sharers,
     StoredOpinion, StoredSpendRequest, Taken,
@@ -237,17 +237,18 @@ class SqliteSyncStore(RulesStore):
     write is queued or committing changes nothing for that write or the others. Each job
     drives one sync_rules plan. Reads use their own read-only connection on the event
     loop thread (see storage.open_read_only), so in WAL mode they never wait for a
-    commit's fsync nor for the GIL. The spend requests and opinions that pollers list
-    are read from memory instead (revault/sync_mirror.py), which follows what each
-    batch's plans stored once its COMMIT returned.
+    commit's fsync nor for the GIL. What pollers read (spend requests, opinions,
+    signatures) comes from memory instead (revault/sync_mirror.py), which follows what
+    each batch's plans stored once its COMMIT returned.
     """
 
     def __init__(self, writer: aiosqlite.Connection, reader: sqlite3.Connection, epoch: str,
                  retention: Retention, quotas: Quotas, sharers: Sharers,
-                 clock: Callable[[], float], mirror: Mirror):
+                 clock: Callable[[], float], mirror: Mirror, signatures: SignatureMirror):
         self._reader = reader
         self._configure(epoch, retention, quotas, sharers, clock)
         self._mirror = mirror
+        self._signatures = signatures
         self._stored_in_batch: list = []    # write plans' results, for the mirror
         self._writer = GroupCommitWriter(
             writer, name="sync-store",
@@ -269,11 +270,13 @@ class SqliteSyncStore(RulesStore):
             epoch = run_plan(reader, Rules.epoch())
             mirror = Mirror(mirror_budget)
             await mirror.load(reader)
+            signatures = SignatureMirror(mirror_budget)
+            await signatures.load(reader)
         except BaseException:
             reader.close()
             await writer.close()
             raise
-        return cls(writer, reader, epoch, retention, quotas, sharers, clock, mirror)
+        return cls(writer, reader, epoch, retention, quotas, sharers, clock, mirror, signatures)
 
     async def _read(self, make_plan: Callable[[Rules], Plan]):
         return run_plan(self._reader, make_plan(self._rules()))
@@ -296,6 +299,12 @@ class SqliteSyncStore(RulesStore):
         if committed:
             for result in results:
                 self._mirror.apply(result)
+                self._signatures.apply(result)
+
+    async def get_signatures(self, tx_id: str) -> dict[str, str]:
+        if self._signatures.active:
+            return self._signatures.get_signatures(tx_id, self._rules())
+        return await super().get_signatures(tx_id)
 
     async def spend_request_streams(self, cursor: Cursor,
                                     fetch: int) -> list[Stream[StoredSpendRequest]]:
@@ -310,17 +319,19 @@ class SqliteSyncStore(RulesStore):
         return await super().opinion_streams(vault_id, cursor)
 
     def memory_bytes(self) -> int:
-        return self._mirror.bytes if self._mirror.active else 0
+        return sum(mirror.bytes for mirror in (self._mirror, self._signatures)
+                   if mirror.active)
 
     async def purge_expired(self) -> int:
         rules = self._rules()
         purged = await super().purge_expired()
         # Every row expired at `rules.now` is now gone from the file.
-        if self._mirror.active:
-            self._mirror.drop_expired(rules)
-        else:
-            # It outgrew its budget: purged, the rows may fit again.
-            await self._mirror.load(self._reader)
+        for mirror in (self._mirror, self._signatures):
+            if mirror.active:
+                mirror.drop_expired(rules)
+            else:
+                # It outgrew its budget: purged, the rows may fit again.
+                await mirror.load(self._reader)
         return purged
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """The SQLite sync store's in-memory rows (revault/sync_mirror.py) against the SQL plans
 of revault/sync_rules.py: the same writes, then the same reads must give the same
-streams, whatever the cursor, the fetch size, the clock, the purge or the budget."""
+streams and signatures, whatever the cursor, the fetch size, the clock, the purge, an
+erasure or the budget."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ MANAGERS = [bytes([m]) * 32 for m in (0xA1, 0xA2, 0xA3)]
 MANAGERS.append(b"\xa1" * 8 + b"\x00" * 24)
 WATCHTOWERS = [bytes([w]) * 32 for w in (0xB1, 0xB2)]
 VAULTS = [f"{v:02x}" * 32 for v in range(1, 5)]
+STAKEHOLDERS = [bytes([s]) * 32 for s in (0xC1, 0xC2)]
+TX_IDS = [f"{t:02x}" * 32 for t in range(0x20, 0x24)]
+PUBKEYS = ["02" + f"{k:02x}" * 32 for k in (0x33, 0x31, 0x34, 0x30)]
 TXIDS = [f"{t:02x}" * 32 for t in range(0x10, 0x16)]
 
 
@@ -44,7 +48,11 @@ def sql_opinions(store: SqliteSyncStore, vault_id: str, cursor: Cursor) -> list:
 
 
 async def assert_same_reads(store: SqliteSyncStore, cursors: list[Cursor]) -> None:
-    assert store._mirror.active
+    assert store._mirror.active and store._signatures.active
+    for tx_id in TX_IDS:
+        # In the same order too: it is the order of the get_sigs result's members.
+        assert list((await store.get_signatures(tx_id)).items()) == list(run_plan(
+            store._reader, store._rules().get_signatures(tx_id)).items())
     for cursor in cursors:
         for fetch in (1, 3, 50):
             mirrored = await store.spend_request_streams(cursor, fetch)
@@ -56,7 +64,15 @@ async def assert_same_reads(store: SqliteSyncStore, cursors: list[Cursor]) -> No
 
 async def random_write(store: SqliteSyncStore, rng: random.Random) -> None:
     try:
-        if rng.random() < 0.6:
+        roll = rng.random()
+        if roll < 0.3:
+            stakeholder = rng.randrange(len(STAKEHOLDERS))
+            await store.put_signature(rng.choice(TX_IDS), rng.choice(PUBKEYS),
+                                      rng.choice(["3001", "3002", "3003"]),
+                                      STAKEHOLDERS[stakeholder])
+        elif roll < 0.35:
+            await store.erase_signatures(rng.choice(TX_IDS))
+        elif roll < 0.75:
             await store.put_spend_request(
                 rng.choice(VAULTS), rng.choice(TXIDS), "tx" * rng.randrange(1, 4),
                 rng.randrange(3), rng.choice(MANAGERS))
@@ -75,8 +91,9 @@ async def test_mirror_reads_equal_the_sql_plans(tmp_path, seed):
     rng = random.Random(seed)
     clock = Clock()
     quotas = Quotas(spend_requests_per_vault=5, spend_requests_per_manager=9,
-                    total_spend_requests=20, opinions_per_vault=6, total_opinions=18)
-    retention = Retention(spend_requests=50, spend_opinions=80)
+                    total_spend_requests=20, opinions_per_vault=6, total_opinions=18,
+                    signatures_per_id=3, total_signatures=10)
+    retention = Retention(signatures=60, spend_requests=50, spend_opinions=80)
     store = await SqliteSyncStore.open(tmp_path / "sync.sqlite3", retention, quotas, clock)
     try:
         cursors = [Cursor(store.epoch)]
