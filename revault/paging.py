@@ -132,20 +132,21 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
               budget: int) -> Page[Item]:
     """What one frame lists after `cursor`: submitters in turns, each in storage order.
 
-    `size(item)` is the item's encoded size and `budget` what a JSON array of the page
-    may take (brackets and commas included). The first item always fits (callers bound
-    an item's size below the budget), so a page never comes back empty while something
-    is pending, and a poller always makes progress.
+    `streams` has one stream per name (`merge_streams`). `size(item)` is the item's
+    encoded size and `budget` what a JSON array of the page may take (brackets and
+    commas included). The first item always fits (callers bound an item's size below
+    the budget), so a page never comes back empty while something is pending, and a
+    poller always makes progress.
     """
     tracked = {name for name, _ in cursor.positions}
-    everything = [(seq, s.name, item) for s in streams for seq, item in s.items]
-    if (sum(map(size, [item for _, _, item in everything])) + len(everything) + 1 <= budget
-            and len(tracked | {s.name for s in streams}) <= MAX_CURSOR_STREAMS):
+    everything = [entry for s in streams for entry in s.items]
+    if (sum([size(item) for _, item in everything]) + len(everything) + 1 <= budget
+            and len(tracked.union([s.name for s in streams])) <= MAX_CURSOR_STREAMS):
         # All of it fits (a poller keeping up, or a short queue): no turns to take.
-        everything.sort(key=_SEQ)
-        return Page(items=[item for _, _, item in everything],
-                    cursor=_advance(cursor, streams, {s.name: len(s.items) for s in streams},
-                                    everything))
+        if len(streams) > 1:
+            everything.sort(key=_SEQ)
+        return Page(items=[item for _, item in everything],
+                    cursor=_advance(cursor, streams, {s.name: len(s.items) for s in streams}))
     # Round k offers every stream's k-th unlisted item; a round is served in storage
     # order. So the order of consideration is (k, seq), and each stream's listed items
     # are a prefix of its items. The page ends at the first item that does not fit.
@@ -165,27 +166,32 @@ def fill_page(cursor: Cursor, streams: Sequence[Stream[Item]], size: Callable[[I
         heads[name] += 1
     listed.sort(key=_SEQ)
     return Page(items=[item for _, _, item in listed],
-                cursor=_advance(cursor, streams, heads, listed),
+                cursor=_advance(cursor, streams, heads),
                 left=sum(len(s.items) - heads[s.name] for s in streams))
 
 
-def _advance(cursor: Cursor, streams: Sequence[Stream], heads: dict[str, int],
-             listed: list[tuple[int, str, object]]) -> Cursor:
-    """The cursor after listing `listed`: the watermark moves up to the first unseen
-    item left out (or, for a stream cut short by the fetch, its last fetched item)."""
+def _advance(cursor: Cursor, streams: Sequence[Stream], heads: dict[str, int]) -> Cursor:
+    """The cursor after listing the first `heads[name]` items of each stream: the
+    watermark moves up to the first unseen item left out (or, for a stream cut short
+    by the fetch, its last fetched item)."""
     bound = MAX_POSITION
+    last_listed = None
+    positions = dict(cursor.positions)
     for s in streams:
-        if heads[s.name] < len(s.items):
-            bound = min(bound, s.items[heads[s.name]][0] - 1)
+        head = heads[s.name]
+        if head:
+            # A stream's items ascend: the last one listed is its largest.
+            seq = s.items[head - 1][0]
+            positions[s.name] = max(positions.get(s.name, 0), seq)
+            last_listed = seq if last_listed is None else max(last_listed, seq)
+        if head < len(s.items):
+            bound = min(bound, s.items[head][0] - 1)
         elif s.more and s.items:
             bound = min(bound, s.items[-1][0])
         elif s.more:
             bound = min(bound, cursor.start_of(s.name))
-    last_listed = listed[-1][0] if listed else cursor.watermark
+    if last_listed is None:
+        last_listed = cursor.watermark
     watermark = max(cursor.watermark, min(bound, last_listed))
-    positions = dict(cursor.positions)
-    # `listed` ascends: the last entry of a name is its largest.
-    for name, seq in {name: seq for seq, name, _ in listed}.items():
-        positions[name] = max(positions.get(name, 0), seq)
     kept = tuple(sorted((name, p) for name, p in positions.items() if p > watermark))
     return Cursor(cursor.epoch, watermark, kept)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from typing import Iterator
@@ -103,7 +104,7 @@ class _InSequence:
                 yield row
 
 
-class _InMemory:
+class _InMemory(ABC):
     """Rows of some tables in memory, as committed, within a budget of bytes.
 
     A subclass says which rows (`_SOURCES`), how it keeps them (`_clear`, `_store`,
@@ -123,14 +124,17 @@ class _InMemory:
         self._held_aside: list = []     # writes committed while loading
         self._clear()
 
+    @abstractmethod
     def _clear(self) -> None:
-        self.bytes = 0
+        """Hold nothing (and set `bytes` to 0)."""
 
+    @abstractmethod
     def _store(self, effect: Stored) -> None:
-        raise NotImplementedError
+        """Hold the row a write stored, if it is of these tables (through `_grow`)."""
 
+    @abstractmethod
     def _follow(self, effect: object) -> None:
-        """A committed write that is not a `Stored` row (ignored unless it concerns these rows)."""
+        """A committed write that is not a `Stored` row, if it concerns these rows."""
 
     async def load(self, db: sqlite3.Connection, chunk: int = LOAD_CHUNK) -> bool:
         """Read every row from `db` (live or not yet purged), `chunk` rows per turn of the

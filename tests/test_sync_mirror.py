@@ -107,7 +107,8 @@ async def test_mirror_reads_equal_the_sql_plans(tmp_path, seed):
             if step % 10 == 0:
                 # Cursors as pollers hold them: from pages of several sizes.
                 cursor = rng.choice(cursors)
-                streams = await store.spend_request_streams(cursor, rng.choice((1, 3, 50)))
+                streams = merge_streams(
+                    await store.spend_request_streams(cursor, rng.choice((1, 3, 50))))
                 cursors.append(fill_page(cursor, streams, lambda r: len(r.transaction),
                                          rng.choice((5, 20, 1000))).cursor)
                 cursors = cursors[-6:]
