@@ -285,7 +285,7 @@ class Mirror(_InMemory):
         of_submitter.remove(row[0])
         if not of_submitter.rows:
             del self._requests_by_submitter[row[1]]
-        self.bytes -= len(row[2].transaction) + ROW_BYTES
+        self.bytes -= len(row[2].transaction) + self.ROW_BYTES
 
     def _remove_opinion(self, key: tuple) -> None:
         row = self._opinions_by_key.pop(key, None)
@@ -295,7 +295,7 @@ class Mirror(_InMemory):
         of_vault.remove(row[0])
         if not of_vault.rows:
             del self._opinions_by_vault[key[0]]
-        self.bytes -= len(row[2].reason) + len(row[2].sig) + ROW_BYTES
+        self.bytes -= len(row[2].reason) + len(row[2].sig) + self.ROW_BYTES
 
     # --- reads: the results of sync_rules.Rules.spend_request_streams and opinion_streams
 
