@@ -249,7 +249,7 @@ class SqliteSyncStore(RulesStore):
         self._configure(epoch, retention, quotas, sharers, clock)
         self._mirror = mirror
         self._signatures = signatures
-        self._stored_in_batch: list = []    # write plans' results, for the mirror
+        self._stored_in_batch: list = []    # write plans' results, for the mirrors
         self._writer = GroupCommitWriter(
             writer, name="sync-store",
             closed_error=lambda: Refused("sync server is shutting down"),
@@ -294,7 +294,7 @@ class SqliteSyncStore(RulesStore):
         return job
 
     def _batch_committed(self, committed: bool) -> None:
-        """The writer's after_batch: the mirror follows what the batch committed."""
+        """The writer's after_batch: the mirrors follow what the batch committed."""
         results, self._stored_in_batch = self._stored_in_batch, []
         if committed:
             for result in results:
