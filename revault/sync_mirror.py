@@ -32,6 +32,7 @@ import logging
 import sqlite3
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
+from itertools import islice
 from operator import itemgetter
 from typing import Iterator
 
@@ -59,6 +60,11 @@ ROW_BYTES = 1_100
 # A mirrored row: (seq, submitter, item, stored_at), the first two as streams_of_rows
 # reads them.
 _ITEM = itemgetter(2)
+
+
+def _live(rows: Iterator[tuple], cutoff: int, limit: int) -> list[tuple]:
+    """The first `limit` of `rows` stored after `cutoff` (not expired)."""
+    return list(islice((row for row in rows if row[3] > cutoff), limit))
 
 
 class _InSequence:
@@ -302,12 +308,7 @@ class Mirror(_InMemory):
     def spend_request_streams(self, cursor: Cursor, fetch: int,
                               rules: Rules) -> list[Stream[StoredSpendRequest]]:
         cutoff = rules.cutoff("spend_requests")
-        rows = []
-        for row in self._requests.after(cursor.watermark):
-            if row[3] > cutoff:
-                rows.append(row)
-                if len(rows) > fetch:
-                    break
+        rows = _live(self._requests.after(cursor.watermark), cutoff, fetch + 1)
         if len(rows) <= fetch:
             return streams_of_rows(cursor, rows, _ITEM)
         # More unseen than one fetch: each manager's own, as the plan's per-submitter
@@ -315,12 +316,7 @@ class Mirror(_InMemory):
         streams = []
         for submitter, of_submitter in self._requests_by_submitter.items():
             name = stream_name(submitter)
-            rows = []
-            for row in of_submitter.after(cursor.start_of(name)):
-                if row[3] > cutoff:
-                    rows.append(row)
-                    if len(rows) > fetch:
-                        break
+            rows = _live(of_submitter.after(cursor.start_of(name)), cutoff, fetch + 1)
             if rows:
                 streams.append(Stream(name, [(row[0], row[2]) for row in rows[:fetch]],
                                       more=len(rows) > fetch))
