@@ -22,9 +22,14 @@ Ceilings:
   (d+c) that echo plus the server's half of (c)'s crypto per round trip: the best a
       server with this framing could do over this event loop (wall rate scaled by CPU).
   (f) the event loop's own cost per connection: a plain asyncio server that reads act
-      one's 50 bytes, writes 48 and closes, no crypto, driven by the same client as the
+      one's 67 bytes, writes 48 and closes, no crypto, driven by the same client as the
       act one/act two figure; (a)+(f) is then the best a server doing X25519 in this
-      event loop could reach, however little else it did.
+      event loop could reach, however little else it did, and (b)+(f) the best a
+      server doing this handshake (its hashing and AEAD too) in this event loop could
+      reach with no bookkeeping at all (no slots, no deadline, no metrics).
+  (g) the sans-IO responder on bare non-blocking sockets (RawSocketHandshakeServer), no
+      asyncio transport and no bookkeeping, same client: what a handshake stage that
+      left asyncio's transports could reach at best.
 Peer baseline (what a user would pick instead of Noise):
   (e) JSON-RPC's usual secure channel: mutually authenticated TLS 1.3 (Python's ssl,
       P-256 certificates from a CA generated in this run, both ends verified), an
@@ -40,6 +45,7 @@ import collections
 import datetime
 import json
 import os
+import socket
 import ssl
 import struct
 import sys
@@ -178,6 +184,94 @@ class HandshakeShapedServer(asyncio.Protocol):
         if self.received >= t.ACT_ONE_LEN:
             self.received = -1 << 30  # answered once
             self.transport.write(bytes(t.ACT_TWO_LEN))
+
+
+class RawSocketHandshakeServer:
+    """Ceiling (g): the server side of the handshake on bare non-blocking sockets, with
+    no asyncio transport or protocol: accept, read act one, the sans-IO responder, send
+    act two, close on the peer's EOF. TCP_DEFER_ACCEPT has the kernel hand over a
+    connection only once act one has arrived, so it is mostly read at once. No slots,
+    no deadline, no metrics: what a handshake stage that left asyncio's transports
+    could reach at best, for comparison with (b)+(f)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, keys: t._ResponderKeys):
+        self.loop, self.keys = loop, keys
+        self.pending: dict[socket.socket, bytearray] = {}
+        self.open: set[socket.socket] = set()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        listener.bind((HOST, 0))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self.listener = listener
+        self.port = listener.getsockname()[1]
+        loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            self.open.add(sock)
+            self.pending[sock] = bytearray()
+            self._read_act_one(sock, registered=False)
+
+    def _read_act_one(self, sock: socket.socket, registered: bool = True) -> None:
+        buf = self.pending[sock]
+        try:
+            data = sock.recv(t.ACT_ONE_LEN - len(buf))
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data:
+            buf += data
+        if data is None or (data and len(buf) < t.ACT_ONE_LEN):
+            if not registered:
+                self.loop.add_reader(sock.fileno(), self._read_act_one, sock)
+            return
+        if registered:
+            self.loop.remove_reader(sock.fileno())
+        if not data:
+            self._close(sock)
+            return
+        del self.pending[sock]
+        handshake = t.ResponderHandshake._with_keys(self.keys)
+        try:
+            handshake.read_act_one(bytes(buf))
+            act_two, _ = handshake.act_two()
+            sock.send(act_two)
+        except (t.TransportError, OSError):
+            self._close(sock)
+            return
+        self.loop.add_reader(sock.fileno(), self._until_eof, sock)
+
+    def _until_eof(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(sock.fileno())
+            self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        self.pending.pop(sock, None)
+        self.open.discard(sock)
+        sock.close()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        for sock in list(self.open):
+            self.loop.remove_reader(sock.fileno())
+            self._close(sock)
 
 
 class PlainEchoServer(asyncio.Protocol):
@@ -488,6 +582,10 @@ async def main(quick: bool) -> None:
     plain_port = plain.sockets[0].getsockname()[1]
     shaped = await loop.create_server(HandshakeShapedServer, HOST, 0, backlog=1024)
     shaped_port = shaped.sockets[0].getsockname()[1]
+    raw_keys = t._ResponderKeys(server_key, peers)
+    for index in range(len(raw_keys.peers)):
+        raw_keys.ss(index)
+    bare = RawSocketHandshakeServer(loop, raw_keys)
     tls_dir = tempfile.TemporaryDirectory(prefix="revault-bench-tls-")
     tls_files = make_mtls_files(Path(tls_dir.name))
     mtls = await loop.create_server(PlainEchoServer, HOST, 0,
@@ -504,9 +602,10 @@ async def main(quick: bool) -> None:
         return figures
 
     try:
-        raw_hs, shaped_hs, full_hs, mtls_hs = await taking_turns([
+        raw_hs, shaped_hs, bare_hs, full_hs, mtls_hs = await taking_turns([
             {"kind": "raw", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
             {"kind": "raw", "port": shaped_port, "clients": HANDSHAKE_CLIENTS},
+            {"kind": "raw", "port": bare.port, "clients": HANDSHAKE_CLIENTS},
             {"kind": "full", "port": noise.port, "clients": HANDSHAKE_CLIENTS},
             {"kind": "mtls_full", "port": mtls_port, "clients": HANDSHAKE_CLIENTS}])
         noise_rtt, plain_rtt, mtls_rtt = {}, {}, {}
@@ -520,6 +619,7 @@ async def main(quick: bool) -> None:
                     {"kind": "mtls", "port": mtls_port, **shape}])
     finally:
         await noise.close()
+        bare.close()
         plain.close()
         shaped.close()
         mtls.close()
@@ -537,10 +637,16 @@ async def main(quick: bool) -> None:
     print(f"  {'(b) sans-IO responder handshake':<38}{fmt_rate(sans_io)} /s")
     floor_us = shaped_hs.cpu_us
     with_floor = 1e6 / (1e6 / x["handshakes"] + floor_us)
-    print(f"  {'(f) asyncio accept+50 B+48 B+close':<38}{fmt_rate(shaped_hs.rate)} /s  "
+    print(f"  {'(f) asyncio accept+67 B+48 B+close':<38}{fmt_rate(shaped_hs.rate)} /s  "
           f"  server {floor_us:6.1f} us CPU each, no crypto")
     print(f"  {'    (a)+(f): X25519 in this loop':<38}{fmt_rate(with_floor)} /s    "
           f"= {with_floor / x['handshakes']:.2f} x (a)")
+    sans_io_with_floor = 1e6 / (1e6 / sans_io + floor_us)
+    print(f"  {'    (b)+(f): this handshake in this loop':<38}{fmt_rate(sans_io_with_floor)} /s"
+          f"    = {sans_io_with_floor / x['handshakes']:.2f} x (a)")
+    print(f"  {'(g) bare sockets: (b), no transport':<38}{fmt_rate(bare_hs.rate)} /s  "
+          f"  server {bare_hs.cpu_us:6.1f} us CPU each = {1e6 / bare_hs.cpu_us / x['handshakes']:.2f}"
+          f" x (a) per CPU-second")
     for label, size in SIZES:
         print(f"  {'(c) FrameCodec round trip ' + label:<38}{fmt_rate(codec[size])} rt/s"
               f"    (both ends' crypto)")
@@ -553,10 +659,12 @@ async def main(quick: bool) -> None:
     print()
     print(f"  {'':<34}{'wall rate':>12} {'':<5} {'wall rate / ceiling':<24}|"
           f" {'server CPU/op':>11}  ceiling CPU/op / server CPU/op")
-    print("server-side handshakes (ceilings a, b; a+f)")
+    print("server-side handshakes (ceilings a, b; a+f, b+f; g)")
     hs_ceilings = [("/a", x["handshakes"], 1e6 / x["handshakes"]),
                    ("/b", sans_io, 1e6 / sans_io),
-                   ("/af", with_floor, 1e6 / with_floor)]
+                   ("/af", with_floor, 1e6 / with_floor),
+                   ("/bf", sans_io_with_floor, 1e6 / sans_io_with_floor),
+                   ("/g", bare_hs.rate, bare_hs.cpu_us)]
     print(row(f"act one/act two, {HANDSHAKE_CLIENTS} clients", raw_hs, "/s", hs_ceilings))
     print(row(f"connect()+close, {HANDSHAKE_CLIENTS} clients", full_hs, "/s",
               hs_ceilings + [("/e", mtls_hs.rate, mtls_hs.cpu_us)]))
