@@ -105,11 +105,17 @@ def ceiling_x25519(duration: float) -> dict:
     return {"dh": dh, "keygen": gen, "handshakes": 1.0 / per_handshake}
 
 
-def ceiling_sans_io_handshake(duration: float, server_private: bytes, client_private: bytes,
-                              peers: list[bytes]) -> float:
+def responder_keys(server_private: bytes, peers: list[bytes]) -> t._ResponderKeys:
+    """The responder's per-server precomputation, ss included, as start_server makes it."""
     keys = t._ResponderKeys(server_private, peers)
     for i in range(len(keys.peers)):
         keys.ss(i)
+    return keys
+
+
+def ceiling_sans_io_handshake(duration: float, server_private: bytes, client_private: bytes,
+                              peers: list[bytes]) -> float:
+    keys = responder_keys(server_private, peers)
     server_public = t.public_key(server_private)
     acts = [t.InitiatorHandshake(client_private, server_public).act_one() for _ in range(64)]
     state = {"i": 0}
@@ -228,9 +234,10 @@ class RawSocketHandshakeServer:
             data = None
         except OSError:
             data = b""
-        if data:
-            buf += data
-        if data is None or (data and len(buf) < t.ACT_ONE_LEN):
+        if data is None or (data and len(buf) + len(data) < t.ACT_ONE_LEN):
+            # Act one is not all here yet: wait for the rest.
+            if data:
+                buf += data
             if not registered:
                 self.loop.add_reader(sock.fileno(), self._read_act_one, sock)
             return
@@ -239,6 +246,7 @@ class RawSocketHandshakeServer:
         if not data:
             self._close(sock)
             return
+        buf += data
         del self.pending[sock]
         handshake = t.ResponderHandshake._with_keys(self.keys)
         try:
@@ -582,10 +590,7 @@ async def main(quick: bool) -> None:
     plain_port = plain.sockets[0].getsockname()[1]
     shaped = await loop.create_server(HandshakeShapedServer, HOST, 0, backlog=1024)
     shaped_port = shaped.sockets[0].getsockname()[1]
-    raw_keys = t._ResponderKeys(server_key, peers)
-    for index in range(len(raw_keys.peers)):
-        raw_keys.ss(index)
-    bare = RawSocketHandshakeServer(loop, raw_keys)
+    bare = RawSocketHandshakeServer(loop, responder_keys(server_key, peers))
     tls_dir = tempfile.TemporaryDirectory(prefix="revault-bench-tls-")
     tls_files = make_mtls_files(Path(tls_dir.name))
     mtls = await loop.create_server(PlainEchoServer, HOST, 0,
