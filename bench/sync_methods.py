@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.sync_server import Workload  # noqa: E402
-from revault.rpc import Caller  # noqa: E402
+from revault.rpc import Caller, decode_response, encode_request  # noqa: E402
 from revault.sync_rules import Quotas, Retention  # noqa: E402
 from revault.sync_server import SyncServer, SyncServerConfig  # noqa: E402
 from revault.sync_store import SqliteSyncStore  # noqa: E402
@@ -69,21 +68,14 @@ async def run(rounds: int, warmup: int) -> tuple[dict[str, Totals], Totals]:
                     for i in range(CLIENTS)]
     workloads = [Workload(i) for i in range(CLIENTS)]
     next_n = list(range(CLIENTS))
-    request_id = 0
 
-    def encode(method: str, params: dict) -> bytes:
-        nonlocal request_id
-        request_id += 1
-        return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
-                           "params": params}).encode()
-
-    def next_request(i: int, method: str) -> tuple[str, dict]:
-        """Client i's next request of `method` in its cycle."""
+    def next_params(i: int, method: str) -> dict:
+        """The params of client i's next request of `method` in its cycle."""
         while True:
             m, params = workloads[i].request(next_n[i])
             next_n[i] += 1
             if m == method:
-                return m, params
+                return params
 
     async def measure(dispatcher, who: list[Caller], requests: list[bytes]) -> tuple:
         responses: list[bytes | None] = [None] * len(requests)
@@ -100,19 +92,21 @@ async def run(rounds: int, warmup: int) -> tuple[dict[str, Totals], Totals]:
     try:
         for round_ in range(warmup + rounds):
             for method in Workload.METHODS:
-                params = [next_request(i, method)[1] for i in range(CLIENTS)]
+                params = [next_params(i, method) for i in range(CLIENTS)]
                 thread, process, responses = await measure(
-                    server.dispatcher, callers, [encode(method, p) for p in params])
+                    server.dispatcher, callers,
+                    [encode_request(method, p, i) for i, p in enumerate(params)])
                 for i, response in enumerate(responses):
-                    answer = json.loads(response)
-                    if "error" in answer:
-                        raise RuntimeError(f"{method} refused: {answer['error']}")
-                    workloads[i].answered(method, answer["result"])
+                    answer = decode_response(response)
+                    if answer.error is not None:
+                        raise RuntimeError(f"{method} refused: {answer.error}")
+                    workloads[i].answered(method, answer.result)
                 if round_ >= warmup:
                     totals[method].add(thread, process, CLIENTS)
                 # The echo handler, given the same params as this method's.
                 thread, process, _ = await measure(
-                    echo.dispatcher, echo_callers, [encode("echo", p) for p in params])
+                    echo.dispatcher, echo_callers,
+                    [encode_request("echo", p, i) for i, p in enumerate(params)])
                 if round_ >= warmup:
                     echo_totals.add(thread, process, CLIENTS)
     finally:
